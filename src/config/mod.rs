@@ -1,0 +1,600 @@
+//! Configuration: the YAML schema, its documented defaults, loading and whole-file validation.
+//!
+//! This module owns the shape of `popgate.yaml` and the rules a config must pass before any port is bound.
+//! It does no network I/O; it only reads the config file and checks that referenced certificate files load.
+//! Every struct refuses unknown fields and the YAML parser refuses duplicate keys, so a typo is an error
+//! with a line number rather than a silently ignored setting.
+
+mod duration;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+pub use duration::Seconds;
+
+/// Everything popgate needs to run, as read from one YAML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Ports popgate accepts POP3 clients on. At least one.
+    pub listeners: Vec<Spanned<ListenerConfig>>,
+    /// The default server certificate and key; tenants may add their own for SNI. When absent and a
+    /// listener needs TLS, popgate makes a self-signed certificate and warns.
+    #[serde(default)]
+    pub tls: Option<CertificateFiles>,
+    /// How login names are split into mailbox and domain.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// Timeouts for each phase of a session.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Bounds that protect popgate and the stores from misbehaving clients.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Tenants by name. The name is the metrics label and appears in logs.
+    pub tenants: BTreeMap<String, Spanned<TenantConfig>>,
+    /// Where relative paths in this file are resolved from (the file's directory); not read from YAML.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// A short name for logs and metrics, unique among listeners.
+    pub name: String,
+    /// Address and port to bind, e.g. `0.0.0.0:110` or `[::]:995`.
+    pub bind: SocketAddr,
+    /// `none` (plain POP3, no STLS), `starttls` (plain POP3 offering STLS), `implicit` (POP3S).
+    #[serde(default)]
+    pub tls: ListenerTls,
+    /// Only this tenant's users may log in here.
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+/// How a listener uses TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerTls {
+    /// Plain POP3 and no STLS.
+    None,
+    /// Plain POP3 that offers STLS (RFC 2595). The default.
+    #[default]
+    Starttls,
+    /// TLS from the first byte (POP3S, RFC 8314).
+    Implicit,
+}
+
+/// A certificate chain and its key, as PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM file with the leaf certificate first, then intermediates.
+    pub certificate: PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Login-name splitting.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Characters that separate mailbox and domain, in order of precedence; the last occurrence splits.
+    /// Default `["@", "+", "%"]` (`@` and the SDPS forms `john+example.com`, `john%example.com`).
+    #[serde(default = "default_separators")]
+    pub separators: Vec<char>,
+    /// Tenant for names without a known domain (or without a domain at all). Default: none.
+    #[serde(default)]
+    pub default_tenant: Option<String>,
+}
+
+/// Per-phase timeouts. Written as `30s`, `10m`, `1h30m` or plain seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Whole time a client has to finish TLS and log in. Default 60s.
+    pub pre_login: Seconds,
+    /// Time allowed for one TLS handshake with a client. Default 10s.
+    pub tls_handshake: Seconds,
+    /// After login: close a session that moved no bytes either way for this long. Default 10m (RFC 1939).
+    pub idle: Seconds,
+    /// Connecting to a store. Default 5s.
+    pub backend_connect: Seconds,
+    /// Waiting for a store's greeting or for its answer to a login command. Default 30s.
+    pub backend_reply: Seconds,
+    /// After the client's QUIT and its disconnect, how long to wait for the store to finish UPDATE. Default 30s.
+    pub quit_drain: Seconds,
+}
+
+/// Bounds on clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections open at once across all listeners; the rest get `-ERR [SYS/TEMP]`. Default 10000.
+    pub max_connections: usize,
+    /// Bad or out-of-state commands before a pre-login connection is closed. Default 10.
+    pub max_bad_commands: u32,
+    /// Failed logins on one connection before it is closed. Default 3.
+    pub max_failed_logins: u32,
+}
+
+/// One tenant: the domains it owns and the stores that hold their mail.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Domains, exact (`example.com`) or wildcard (`*.example.com`: any subdomain, not the domain itself).
+    #[serde(default)]
+    pub domains: Vec<Spanned<String>>,
+    /// Stores as `host:port`; sessions are spread over them round robin.
+    pub backends: Vec<Spanned<BackendAddr>>,
+    /// The name popgate logs in to the store with: `full` (`local@domain`, the default), `local`, or
+    /// `{template: "..."}` with `{local}`, `{domain}` and `{login}` placeholders.
+    #[serde(default)]
+    pub backend_username: UsernameForm,
+    /// `require_tls` (default): USER/PASS and SASL PLAIN/LOGIN only after TLS. `allow`: also in plaintext.
+    #[serde(default)]
+    pub plaintext_login: PlaintextLogin,
+    /// The tenant's own certificate, served when SNI names one of `server_names`.
+    #[serde(default)]
+    pub tls: Option<TenantTls>,
+}
+
+/// A tenant certificate and the names it is served for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantTls {
+    /// PEM certificate chain.
+    pub certificate: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// SNI names (exact or `*.wildcard`) that select this certificate. Default: each domain `d` as `d` and `*.d`.
+    #[serde(default)]
+    pub server_names: Vec<String>,
+}
+
+/// The backend login name form.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsernameForm {
+    /// `local@domain`, with the domain normalised, whatever separator the client used.
+    #[default]
+    Full,
+    /// The local part alone.
+    Local,
+    /// A template with `{local}`, `{domain}` and `{login}` (the name exactly as the client sent it).
+    Template(String),
+}
+
+/// Whether plaintext logins are allowed before TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlaintextLogin {
+    /// Only over TLS (implicit or after STLS). The default.
+    #[default]
+    RequireTls,
+    /// Also on plain connections.
+    Allow,
+}
+
+/// A store address: `host:port`, where host is an IP address or a DNS name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendAddr {
+    /// IP address or host name (brackets removed from IPv6).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+/// Why a config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// YAML syntax, a wrong type, an unknown field or a duplicate key; the message names the line.
+    #[error("{0}")]
+    Parse(String),
+    /// The file parsed but breaks a rule; each problem names the field and, where known, the line.
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+/// One validation problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path of the field, e.g. `tenants.acme.backends[1]`.
+    pub field: String,
+    /// 1-based line in the file, when known.
+    pub line: Option<u64>,
+    /// What is wrong.
+    pub message: String,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads and validates a config file; relative paths inside it resolve from its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::from_yaml_str(&text, &base).map_err(|e| match e {
+            ConfigError::Parse(msg) => ConfigError::Parse(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses and validates YAML text; `base_dir` resolves relative certificate paths.
+    pub fn from_yaml_str(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let options = serde_saphyr::options! {
+            duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+            strict_booleans: true,
+        };
+        let mut config: Config = serde_saphyr::from_str_with_options(text, options)
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.base_dir = base_dir.to_path_buf();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Resolves a path from the config against the config file's directory.
+    pub fn resolve_path(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// Checks the rules that span fields: unique names, domains owned once, tenants that exist,
+    /// non-empty backend lists, readable certificates. Collects every problem, not just the first.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut push = |field: String, line: Option<u64>, message: String| {
+            problems.push(Problem {
+                field,
+                line,
+                message,
+            })
+        };
+
+        if self.listeners.is_empty() {
+            push(
+                "listeners".into(),
+                None,
+                "at least one listener is required".into(),
+            );
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let line = Some(l.defined.line());
+            let field = format!("listeners[{i}]");
+            if l.value.name.is_empty() {
+                push(format!("{field}.name"), line, "must not be empty".into());
+            }
+            if let Some(first) = names.insert(&l.value.name, i) {
+                push(
+                    format!("{field}.name"),
+                    line,
+                    format!("`{}` is already used by listeners[{first}]", l.value.name),
+                );
+            }
+            // Port 0 (the OS picks a free port) is how tests bind; it never collides.
+            if l.value.bind.port() != 0
+                && let Some(first) = binds.insert(l.value.bind, i)
+            {
+                push(
+                    format!("{field}.bind"),
+                    line,
+                    format!("{} is already bound by listeners[{first}]", l.value.bind),
+                );
+            }
+            if let Some(t) = &l.value.tenant
+                && !self.tenants.contains_key(t)
+            {
+                push(
+                    format!("{field}.tenant"),
+                    line,
+                    format!("no tenant named `{t}`"),
+                );
+            }
+        }
+
+        if self.routing.separators.is_empty() {
+            push(
+                "routing.separators".into(),
+                None,
+                "at least one separator is required".into(),
+            );
+        }
+        for c in &self.routing.separators {
+            if c.is_alphanumeric() || c.is_whitespace() || *c == '.' || *c == '-' {
+                push(
+                    "routing.separators".into(),
+                    None,
+                    format!("`{c}` cannot separate a mailbox from a domain"),
+                );
+            }
+        }
+        if let Some(t) = &self.routing.default_tenant
+            && !self.tenants.contains_key(t)
+        {
+            push(
+                "routing.default_tenant".into(),
+                None,
+                format!("no tenant named `{t}`"),
+            );
+        }
+
+        if self.limits.max_connections == 0 {
+            push(
+                "limits.max_connections".into(),
+                None,
+                "must be at least 1".into(),
+            );
+        }
+        if self.limits.max_failed_logins == 0 {
+            push(
+                "limits.max_failed_logins".into(),
+                None,
+                "must be at least 1".into(),
+            );
+        }
+        for (field, value) in [
+            ("timeouts.pre_login", self.timeouts.pre_login),
+            ("timeouts.tls_handshake", self.timeouts.tls_handshake),
+            ("timeouts.idle", self.timeouts.idle),
+            ("timeouts.backend_connect", self.timeouts.backend_connect),
+            ("timeouts.backend_reply", self.timeouts.backend_reply),
+        ] {
+            if value.get().is_zero() {
+                push(field.into(), None, "must be longer than zero".into());
+            }
+        }
+
+        if self.tenants.is_empty() {
+            push(
+                "tenants".into(),
+                None,
+                "at least one tenant is required".into(),
+            );
+        }
+        let mut owners: HashMap<String, &str> = HashMap::new();
+        for (name, tenant) in &self.tenants {
+            let t = &tenant.value;
+            let line = Some(tenant.defined.line());
+            let field = format!("tenants.{name}");
+            if !is_label_safe(name) {
+                push(
+                    field.clone(),
+                    line,
+                    "tenant names may use letters, digits, `-`, `_` and `.` only".into(),
+                );
+            }
+            if t.backends.is_empty() {
+                push(
+                    format!("{field}.backends"),
+                    line,
+                    "at least one backend is required".into(),
+                );
+            }
+            if t.domains.is_empty() && self.routing.default_tenant.as_deref() != Some(name) {
+                push(
+                    format!("{field}.domains"),
+                    line,
+                    "a tenant needs at least one domain unless it is routing.default_tenant".into(),
+                );
+            }
+            for (i, d) in t.domains.iter().enumerate() {
+                let dline = Some(d.defined.line());
+                match normalize_domain_pattern(&d.value) {
+                    Ok(norm) => {
+                        if let Some(other) = owners.insert(norm.clone(), name) {
+                            push(
+                                format!("{field}.domains[{i}]"),
+                                dline,
+                                format!("`{norm}` is also claimed by tenant `{other}`"),
+                            );
+                        }
+                    }
+                    Err(why) => push(format!("{field}.domains[{i}]"), dline, why),
+                }
+            }
+            if let UsernameForm::Template(tpl) = &t.backend_username
+                && !tpl.contains('{')
+            {
+                push(
+                    format!("{field}.backend_username.template"),
+                    line,
+                    "a template needs at least one of {local}, {domain}, {login}".into(),
+                );
+            }
+            if let Some(tls) = &t.tls {
+                check_cert_files(
+                    self,
+                    &tls.certificate,
+                    &tls.key,
+                    &format!("{field}.tls"),
+                    line,
+                    &mut push,
+                );
+                for n in &tls.server_names {
+                    if let Err(why) = normalize_domain_pattern(n) {
+                        push(format!("{field}.tls.server_names"), line, why);
+                    }
+                }
+            }
+        }
+        if let Some(files) = &self.tls {
+            check_cert_files(self, &files.certificate, &files.key, "tls", None, &mut push);
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+fn check_cert_files(
+    config: &Config,
+    cert: &Path,
+    key: &Path,
+    field: &str,
+    line: Option<u64>,
+    push: &mut impl FnMut(String, Option<u64>, String),
+) {
+    if let Err(e) =
+        crate::tls::load_certified_key(&config.resolve_path(cert), &config.resolve_path(key))
+    {
+        push(format!("{field}.certificate"), line, e.to_string());
+    }
+}
+
+/// Names used as metric labels must stay printable and short.
+fn is_label_safe(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Lowercases and IDNA-normalises a domain or `*.domain` pattern.
+pub fn normalize_domain_pattern(pattern: &str) -> Result<String, String> {
+    let (wild, rest) = match pattern.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, pattern),
+    };
+    let norm = crate::router::normalize_domain(rest)
+        .ok_or_else(|| format!("`{pattern}` is not a valid domain name"))?;
+    Ok(if wild { format!("*.{norm}") } else { norm })
+}
+
+// === defaults ===
+
+fn default_separators() -> Vec<char> {
+    vec!['@', '+', '%']
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            separators: default_separators(),
+            default_tenant: None,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            pre_login: Seconds::from_secs(60),
+            tls_handshake: Seconds::from_secs(10),
+            idle: Seconds::from_secs(600),
+            backend_connect: Seconds::from_secs(5),
+            backend_reply: Seconds::from_secs(30),
+            quit_drain: Seconds::from_secs(30),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_bad_commands: 10,
+            max_failed_logins: 3,
+        }
+    }
+}
+
+// === impl BackendAddr ===
+
+impl FromStr for BackendAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` is not host:port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`{port}` in `{s}` is not a port number (1-65535)"))?;
+        if port == 0 {
+            return Err(format!(
+                "port 0 in `{s}` is not a port a store can listen on"
+            ));
+        }
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() {
+            return Err(format!("`{s}` has no host"));
+        }
+        if host.parse::<std::net::IpAddr>().is_err()
+            && crate::router::normalize_domain(host).is_none()
+        {
+            return Err(format!("`{host}` is neither an IP address nor a host name"));
+        }
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{} (line {line}): {}", self.field, self.message),
+            None => write!(f, "{}: {}", self.field, self.message),
+        }
+    }
+}
+
+impl Timeouts {
+    /// The post-login idle timeout as a `Duration`.
+    pub fn idle(&self) -> Duration {
+        self.idle.get()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,150 @@
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use super::*;
+
+const GOOD: &str = r#"
+listeners:
+  - name: pop3
+    bind: 127.0.0.1:1110
+tenants:
+  acme:
+    domains: [example.com]
+    backends: ["127.0.0.1:1100"]
+"#;
+
+fn parse(yaml: &str) -> Result<Config, ConfigError> {
+    Config::from_yaml_str(yaml, Path::new("."))
+}
+
+#[test]
+fn defaults_are_documented_values() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.routing.separators, vec!['@', '+', '%']);
+    assert_eq!(c.timeouts.pre_login.get(), Duration::from_secs(60));
+    assert_eq!(c.timeouts.idle.get(), Duration::from_secs(600));
+    assert_eq!(c.listeners[0].value.tls, ListenerTls::Starttls);
+    let acme = &c.tenants["acme"].value;
+    assert_eq!(acme.plaintext_login, PlaintextLogin::RequireTls);
+    assert_eq!(acme.backend_username, UsernameForm::Full);
+}
+
+#[test]
+fn durations_accept_units_and_seconds() {
+    let c = parse(&format!("{GOOD}timeouts:\n  idle: 15m\n  pre_login: 30\n")).unwrap();
+    assert_eq!(c.timeouts.idle.get(), Duration::from_secs(900));
+    assert_eq!(c.timeouts.pre_login.get(), Duration::from_secs(30));
+    let err = parse(&format!("{GOOD}timeouts:\n  idle: soon\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("idle") && err.contains("line 10"), "{err}");
+}
+
+#[test]
+fn unknown_field_names_field_and_line() {
+    let yaml = GOOD.replace("    backends:", "    backend:");
+    let err = parse(&yaml).unwrap_err().to_string();
+    assert!(err.contains("backend") && err.contains("line 8"), "{err}");
+}
+
+#[test]
+fn duplicate_tenant_key_names_line() {
+    let yaml =
+        format!("{GOOD}  acme:\n    domains: [example.org]\n    backends: [\"127.0.0.1:1\"]\n");
+    let err = parse(&yaml).unwrap_err().to_string();
+    assert!(
+        err.contains("duplicate") && err.contains("acme") && err.contains("line 9"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_ports_name_field_and_line() {
+    let err = parse(&GOOD.replace("127.0.0.1:1110", "127.0.0.1:99999"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bind") && err.contains("line 4"), "{err}");
+    let err = parse(&GOOD.replace("127.0.0.1:1100", "127.0.0.1:0"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("backends") || err.contains("port 0"), "{err}");
+    assert!(err.contains("line 8"), "{err}");
+}
+
+#[test]
+fn validation_collects_every_problem_with_lines() {
+    let yaml = r#"
+listeners:
+  - name: a
+    bind: 127.0.0.1:1110
+    tenant: ghost
+  - name: a
+    bind: 127.0.0.1:1110
+tenants:
+  one:
+    domains: [example.com]
+    backends: []
+  two:
+    domains: [EXAMPLE.com, "bad domain"]
+    backends: ["store:110"]
+"#;
+    let Err(ConfigError::Invalid(problems)) = parse(yaml) else {
+        panic!("expected validation problems");
+    };
+    let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    let has = |needle: &str| text.iter().any(|p| p.contains(needle));
+    assert!(has("listeners[0].tenant (line 3)"), "{text:?}");
+    assert!(has("listeners[1].name (line 6)"), "{text:?}");
+    assert!(has("listeners[1].bind"), "{text:?}");
+    assert!(has("tenants.one.backends"), "{text:?}");
+    assert!(
+        has("tenants.two.domains[0] (line 13)") && has("also claimed by tenant `one`"),
+        "{text:?}"
+    );
+    assert!(has("tenants.two.domains[1]"), "{text:?}");
+}
+
+#[test]
+fn unreadable_certificate_is_reported() {
+    let yaml =
+        format!("{GOOD}tls:\n  certificate: /nonexistent/cert.pem\n  key: /nonexistent/key.pem\n");
+    let err = parse(&yaml).unwrap_err().to_string();
+    assert!(
+        err.contains("tls.certificate") && err.contains("/nonexistent/cert.pem"),
+        "{err}"
+    );
+}
+
+#[test]
+fn booleans_and_enums_are_strict() {
+    let err = parse(&GOOD.replace("bind: 127.0.0.1:1110", "bind: 127.0.0.1:1110\n    tls: yes"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 5"), "{err}");
+}
+
+/// Every YAML config shipped in the repository must load (certificate paths relative to the file).
+#[test]
+fn every_shipped_config_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut found = 0;
+    let mut stack = vec![root.join("deploy"), root.join("helm")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+                && path.to_string_lossy().contains("config")
+            {
+                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                found += 1;
+            }
+        }
+    }
+    assert!(found >= 1, "no shipped config found");
+}

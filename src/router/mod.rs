@@ -1,0 +1,208 @@
+//! The tenant table: login name → mailbox → tenant, and the name a store expects.
+//!
+//! Pure lookups built once per config snapshot; no I/O. The table knows tenants by index so the proxy can
+//! keep per-tenant runtime state (backend groups, counters) in a parallel vector.
+
+use std::collections::HashMap;
+
+use crate::config::{Config, UsernameForm};
+
+/// Index of a tenant in [`TenantTable::tenants`].
+pub type TenantId = usize;
+
+/// A login name split into its parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mailbox {
+    /// The part before the separator, as the client wrote it.
+    pub local: String,
+    /// The domain, lowercased and IDNA-normalised; empty when the name had none.
+    pub domain: String,
+    /// The login name exactly as sent.
+    pub login: String,
+}
+
+/// The routing facts of one tenant.
+#[derive(Debug, Clone)]
+pub struct TenantRoute {
+    /// The configured name (metrics label).
+    pub name: String,
+    /// How to build the store login name.
+    pub username: UsernameForm,
+}
+
+/// Where a login goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The parsed login name.
+    pub mailbox: Mailbox,
+    /// The name to log in to the store with.
+    pub backend_user: String,
+}
+
+/// Why a login name has no route. Both answer the client with the same `-ERR [AUTH]`, so that names
+/// and domains cannot be probed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No tenant owns the domain and there is no default tenant.
+    #[error("unknown domain")]
+    UnknownDomain,
+    /// The domain belongs to another tenant than the one this listener or SNI name is bound to.
+    #[error("domain belongs to another tenant than this connection's")]
+    WrongTenant,
+    /// The name is empty or unusable.
+    #[error("malformed login name")]
+    Malformed,
+}
+
+/// Domain → tenant lookups for one config snapshot.
+#[derive(Debug, Clone)]
+pub struct TenantTable {
+    separators: Vec<char>,
+    exact: HashMap<String, TenantId>,
+    /// `(".example.com", id)`, longest suffix first.
+    wildcard: Vec<(String, TenantId)>,
+    default: Option<TenantId>,
+    tenants: Vec<TenantRoute>,
+}
+
+impl TenantTable {
+    /// Builds the table from a validated config. Tenant ids follow the config's (sorted) tenant order.
+    pub fn new(config: &Config) -> Self {
+        let mut exact = HashMap::new();
+        let mut wildcard = Vec::new();
+        let mut tenants = Vec::new();
+        let mut default = None;
+        for (id, (name, tenant)) in config.tenants.iter().enumerate() {
+            for d in &tenant.value.domains {
+                let Ok(norm) = crate::config::normalize_domain_pattern(&d.value) else {
+                    continue;
+                };
+                match norm.strip_prefix('*') {
+                    Some(suffix) => wildcard.push((suffix.to_string(), id)),
+                    None => {
+                        exact.insert(norm, id);
+                    }
+                }
+            }
+            if config.routing.default_tenant.as_deref() == Some(name) {
+                default = Some(id);
+            }
+            tenants.push(TenantRoute {
+                name: name.clone(),
+                username: tenant.value.backend_username.clone(),
+            });
+        }
+        wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
+        Self {
+            separators: config.routing.separators.clone(),
+            exact,
+            wildcard,
+            default,
+            tenants,
+        }
+    }
+
+    /// The tenants, indexed by [`TenantId`].
+    pub fn tenants(&self) -> &[TenantRoute] {
+        &self.tenants
+    }
+
+    /// The tenant with this configured name.
+    pub fn tenant_by_name(&self, name: &str) -> Option<TenantId> {
+        self.tenants.iter().position(|t| t.name == name)
+    }
+
+    /// Splits a login name on the configured separators: the first separator (in configured order) that
+    /// occurs splits at its last occurrence, so `john+tag@example.com` and `john+tag+example.com` both
+    /// give `john+tag` at `example.com`.
+    pub fn split(&self, login: &str) -> Result<Mailbox, RouteError> {
+        if login.is_empty() || login.chars().any(char::is_control) {
+            return Err(RouteError::Malformed);
+        }
+        for sep in &self.separators {
+            if let Some((local, domain)) = login.rsplit_once(*sep) {
+                if local.is_empty() {
+                    return Err(RouteError::Malformed);
+                }
+                let domain = normalize_domain(domain).ok_or(RouteError::Malformed)?;
+                return Ok(Mailbox {
+                    local: local.to_string(),
+                    domain,
+                    login: login.to_string(),
+                });
+            }
+        }
+        Ok(Mailbox {
+            local: login.to_string(),
+            domain: String::new(),
+            login: login.to_string(),
+        })
+    }
+
+    /// The tenant owning a normalised domain: exact, then the longest wildcard, then the default.
+    pub fn tenant_for_domain(&self, domain: &str) -> Option<TenantId> {
+        if let Some(id) = self.exact.get(domain) {
+            return Some(*id);
+        }
+        self.wildcard
+            .iter()
+            .find(|(suffix, _)| domain.len() > suffix.len() && domain.ends_with(suffix.as_str()))
+            .map(|(_, id)| *id)
+            .or(self.default)
+    }
+
+    /// Routes a login name. `bound` is the tenant fixed by the listener or by SNI, if any.
+    pub fn route(&self, login: &str, bound: Option<TenantId>) -> Result<Route, RouteError> {
+        let mailbox = self.split(login)?;
+        let found = if mailbox.domain.is_empty() {
+            bound.or(self.default)
+        } else {
+            self.tenant_for_domain(&mailbox.domain)
+        };
+        let tenant = match (found, bound) {
+            (None, _) => return Err(RouteError::UnknownDomain),
+            (Some(t), Some(b)) if t != b => return Err(RouteError::WrongTenant),
+            (Some(t), _) => t,
+        };
+        let backend_user = backend_username(&self.tenants[tenant].username, &mailbox);
+        Ok(Route {
+            tenant,
+            mailbox,
+            backend_user,
+        })
+    }
+}
+
+/// The store login name for a mailbox.
+pub fn backend_username(form: &UsernameForm, m: &Mailbox) -> String {
+    match form {
+        UsernameForm::Full if m.domain.is_empty() => m.local.clone(),
+        UsernameForm::Full => format!("{}@{}", m.local, m.domain),
+        UsernameForm::Local => m.local.clone(),
+        UsernameForm::Template(t) => t
+            .replace("{local}", &m.local)
+            .replace("{domain}", &m.domain)
+            .replace("{login}", &m.login),
+    }
+}
+
+/// Lowercases and IDNA-normalises (UTS #46, to ASCII) a domain; `None` when it is not a usable domain.
+pub fn normalize_domain(domain: &str) -> Option<String> {
+    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    if domain.is_empty() || domain.len() > 253 {
+        return None;
+    }
+    let ascii = idna::domain_to_ascii_strict(domain).ok()?;
+    let labels_ok = ascii.split('.').all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    labels_ok.then_some(ascii)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,252 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::protocol::sasl::encode_b64;
+
+const LIMITS: Limits = Limits {
+    max_bad_commands: 3,
+    max_failed_logins: 2,
+};
+
+fn plain_port(plaintext: bool) -> Authorization {
+    Authorization::new(
+        Transport {
+            tls: false,
+            stls_offered: true,
+            plaintext_before_tls: plaintext,
+        },
+        LIMITS,
+    )
+}
+
+fn sent(actions: &[Action]) -> String {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn login_of(actions: &[Action]) -> Option<&Credentials> {
+    actions.iter().find_map(|a| match a {
+        Action::Login(c) => Some(c),
+        _ => None,
+    })
+}
+
+#[test]
+fn capa_offers_what_works_on_this_transport() {
+    let mut m = plain_port(false);
+    let capa = sent(&m.on_line(b"CAPA"));
+    assert!(
+        capa.contains("STLS\r\n") && !capa.contains("USER") && !capa.contains("SASL"),
+        "{capa}"
+    );
+    assert!(capa.contains("RESP-CODES") && capa.contains("PIPELINING") && capa.ends_with(".\r\n"));
+
+    let mut m = plain_port(true);
+    let capa = sent(&m.on_line(b"capa"));
+    assert!(
+        capa.contains("USER\r\n") && capa.contains("SASL PLAIN LOGIN\r\n"),
+        "{capa}"
+    );
+
+    m.on_line(b"STLS");
+    m.on_tls_established();
+    let capa = sent(&m.on_line(b"CAPA"));
+    assert!(!capa.contains("STLS") && capa.contains("USER"), "{capa}");
+}
+
+#[test]
+fn user_pass_produces_credentials_and_user_never_probes() {
+    let mut m = plain_port(true);
+    assert_eq!(sent(&m.on_line(b"USER nobody@nowhere.invalid")), "+OK\r\n");
+    assert_eq!(sent(&m.on_line(b"USER alice@example.com")), "+OK\r\n");
+    let actions = m.on_line(b"PASS pass word");
+    let c = login_of(&actions).unwrap();
+    assert_eq!(c.login, "alice@example.com");
+    assert_eq!(c.password.expose(), b"pass word");
+    assert_eq!(c.mechanism, Mechanism::UserPass);
+    assert!(m.is_waiting());
+}
+
+#[test]
+fn rejected_login_allows_retry_then_closes_at_the_bound() {
+    let mut m = plain_port(true);
+    m.on_line(b"USER a@example.com");
+    m.on_line(b"PASS x");
+    let a = m.on_login_rejected(b"-ERR [AUTH] Authentication failed.\r\n".to_vec());
+    assert_eq!(
+        a,
+        vec![Action::Send(
+            b"-ERR [AUTH] Authentication failed.\r\n".to_vec()
+        )]
+    );
+    assert!(!m.is_waiting());
+    m.on_line(b"USER a@example.com");
+    assert!(login_of(&m.on_line(b"PASS y")).is_some());
+    let a = m.on_login_rejected(b"-ERR [AUTH] no\r\n".to_vec());
+    assert_eq!(a.last(), Some(&Action::Close));
+    assert!(m.is_closed());
+}
+
+#[test]
+fn plaintext_refused_before_tls_when_no_tenant_allows_it() {
+    let mut m = plain_port(false);
+    assert!(sent(&m.on_line(b"USER a@example.com")).starts_with("-ERR [AUTH] TLS required"));
+    assert!(sent(&m.on_line(b"AUTH PLAIN AGEAYg==")).starts_with("-ERR [AUTH] TLS required"));
+    // After STLS the same login goes through.
+    let mut m = plain_port(false);
+    assert_eq!(
+        m.on_line(b"STLS"),
+        vec![
+            Action::Send(b"+OK Begin TLS negotiation\r\n".to_vec()),
+            Action::StartTls
+        ]
+    );
+    m.on_tls_established();
+    m.on_line(b"USER a@example.com");
+    assert!(login_of(&m.on_line(b"PASS b")).is_some());
+}
+
+#[test]
+fn second_stls_is_refused() {
+    let mut m = plain_port(true);
+    m.on_line(b"STLS");
+    m.on_tls_established();
+    assert!(sent(&m.on_line(b"STLS")).starts_with("-ERR"));
+    let mut m = Authorization::new(
+        Transport {
+            tls: false,
+            stls_offered: false,
+            plaintext_before_tls: true,
+        },
+        LIMITS,
+    );
+    assert!(sent(&m.on_line(b"STLS")).starts_with("-ERR"));
+    assert!(!sent(&m.on_line(b"CAPA")).contains("STLS"));
+}
+
+#[test]
+fn auth_plain_with_and_without_initial_response() {
+    let ir = encode_b64(b"\0bob@example.net\0pw");
+    let mut m = plain_port(true);
+    let c = login_of(&m.on_line(format!("AUTH PLAIN {ir}").as_bytes()))
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (c.login.as_str(), c.mechanism),
+        ("bob@example.net", Mechanism::Plain)
+    );
+
+    let mut m = plain_port(true);
+    assert_eq!(sent(&m.on_line(b"AUTH PLAIN")), "+ \r\n");
+    assert_eq!(m.line_limit(), crate::protocol::MAX_SASL_LINE);
+    let c = login_of(&m.on_line(ir.as_bytes())).cloned().unwrap();
+    assert_eq!(c.password.expose(), b"pw");
+}
+
+#[test]
+fn auth_login_and_cancel() {
+    let mut m = plain_port(true);
+    assert_eq!(sent(&m.on_line(b"AUTH LOGIN")), "+ VXNlcm5hbWU6\r\n");
+    assert_eq!(
+        sent(&m.on_line(encode_b64(b"carol@example.com").as_bytes())),
+        "+ UGFzc3dvcmQ6\r\n"
+    );
+    let c = login_of(&m.on_line(encode_b64(b"pw").as_bytes()))
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (c.login.as_str(), c.mechanism),
+        ("carol@example.com", Mechanism::Login)
+    );
+
+    let mut m = plain_port(true);
+    m.on_line(b"AUTH LOGIN");
+    assert!(sent(&m.on_line(b"*")).starts_with("-ERR [AUTH]"));
+    assert_eq!(m.line_limit(), crate::protocol::MAX_COMMAND_LINE);
+    assert!(sent(&m.on_line(b"NOOP")).starts_with("-ERR"));
+}
+
+#[test]
+fn bare_auth_lists_mechanisms() {
+    let mut m = plain_port(true);
+    assert_eq!(
+        sent(&m.on_line(b"AUTH")),
+        "+OK Supported mechanisms follow\r\nPLAIN\r\nLOGIN\r\n.\r\n"
+    );
+}
+
+#[test]
+fn smuggled_crlf_in_sasl_is_refused() {
+    let mut m = plain_port(true);
+    let evil = encode_b64(b"\0a@example.com\0pw\r\nDELE 1");
+    let a = m.on_line(format!("AUTH PLAIN {evil}").as_bytes());
+    assert!(login_of(&a).is_none());
+    assert!(sent(&a).contains("forbidden characters"));
+}
+
+#[test]
+fn transaction_commands_before_login_and_bad_command_bound() {
+    let mut m = plain_port(true);
+    assert!(sent(&m.on_line(b"STAT")).starts_with("-ERR"));
+    assert!(sent(&m.on_line(b"RETR 1")).starts_with("-ERR"));
+    let last = m.on_line(b"\x01\x02");
+    assert_eq!(last.last(), Some(&Action::Close));
+    assert!(m.is_closed());
+}
+
+#[test]
+fn pass_without_user_and_quit() {
+    let mut m = plain_port(true);
+    assert!(sent(&m.on_line(b"PASS x")).starts_with("-ERR"));
+    let a = m.on_line(b"QUIT");
+    assert_eq!(a.last(), Some(&Action::Close));
+    assert!(sent(&a).starts_with("+OK"));
+}
+
+#[test]
+fn too_long_line_gets_err_and_counts() {
+    let mut m = plain_port(true);
+    assert_eq!(sent(&m.on_too_long()), "-ERR Line too long\r\n");
+    m.on_too_long();
+    assert_eq!(m.on_too_long().last(), Some(&Action::Close));
+}
+
+/// Arbitrary byte lines never panic and never produce a login without a password.
+#[test]
+fn arbitrary_lines_keep_invariants() {
+    let samples: Vec<&[u8]> = vec![
+        b"",
+        b" ",
+        b"USER",
+        b"USER \xff",
+        b"PASS",
+        b"AUTH PLAIN =",
+        b"AUTH LOGIN =",
+        b"AUTH X Y Z",
+        b"APOP a",
+        b"\0",
+        b"CAPA\0",
+        b"*",
+        b"+",
+        b".",
+        b"USER a b",
+        b"AUTH PLAIN AAAA",
+    ];
+    for a in &samples {
+        for b in &samples {
+            let mut m = plain_port(true);
+            for line in [*a, *b, b"PASS p".as_slice()] {
+                for act in m.on_line(line) {
+                    if let Action::Login(c) = act {
+                        assert!(!c.login.is_empty() && !c.password.expose().is_empty());
+                    }
+                }
+            }
+        }
+    }
+}

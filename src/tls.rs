@@ -1,0 +1,194 @@
+//! TLS for the client leg: certificates from PEM files, a self-signed fallback, and SNI selection
+//! (exact name, then the longest wildcard, then the default).
+//!
+//! rustls' own `ResolvesServerCertUsingSni` matches exact names only, hence the small resolver here.
+//! Only TLS 1.2 and 1.3 are enabled, with the ring provider.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::Config;
+use crate::router::TenantId;
+
+/// A certificate or key that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificate file is missing, unreadable or holds no certificate.
+    #[error("cannot load certificate {path}: {reason}")]
+    Certificate {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The key file is missing, unreadable, holds no key, or the key does not fit the provider.
+    #[error("cannot load private key {path}: {reason}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    /// rcgen failed to make the fallback certificate.
+    #[error("cannot generate a self-signed certificate: {0}")]
+    SelfSigned(#[from] rcgen::Error),
+}
+
+/// The crypto provider used everywhere (one provider only, so aws-lc-rs is not built).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Loads a certificate chain and its private key.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let cert_err = |reason: String| TlsError::Certificate {
+        path: cert.to_path_buf(),
+        reason,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| cert_err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| cert_err(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(cert_err("no CERTIFICATE block found".into()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+        path: key.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    certified_key(chain, key_der).map_err(|e| TlsError::Key {
+        path: key.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, rustls::Error> {
+    let signing = provider().key_provider.load_private_key(key)?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match()?;
+    Ok(Arc::new(ck))
+}
+
+/// A self-signed certificate for the given names, for when no certificate is configured.
+pub fn self_signed(names: Vec<String>) -> Result<Arc<CertifiedKey>, TlsError> {
+    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(names)?;
+    let key = PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
+    Ok(certified_key(vec![cert.der().clone()], key)?)
+}
+
+/// Picks a certificate by SNI and remembers which tenant each name belongs to.
+#[derive(Debug)]
+pub struct SniResolver {
+    exact: HashMap<String, (Arc<CertifiedKey>, TenantId)>,
+    /// `(".example.com", ...)`, longest suffix first.
+    wildcard: Vec<(String, Arc<CertifiedKey>, TenantId)>,
+    default: Arc<CertifiedKey>,
+}
+
+impl SniResolver {
+    /// Builds the resolver from a validated config. Uses the default certificate, or a self-signed one
+    /// (with a warning) when none is configured.
+    pub fn from_config(config: &Config) -> Result<Self, TlsError> {
+        let default = match &config.tls {
+            Some(files) => load_certified_key(
+                &config.resolve_path(&files.certificate),
+                &config.resolve_path(&files.key),
+            )?,
+            None => {
+                tracing::warn!(
+                    "no tls.certificate configured: serving a self-signed certificate for `localhost`; clients will not trust it"
+                );
+                self_signed(vec!["localhost".into()])?
+            }
+        };
+        let mut exact = HashMap::new();
+        let mut wildcard = Vec::new();
+        for (id, (_, tenant)) in config.tenants.iter().enumerate() {
+            let Some(tls) = &tenant.value.tls else {
+                continue;
+            };
+            let ck = load_certified_key(
+                &config.resolve_path(&tls.certificate),
+                &config.resolve_path(&tls.key),
+            )?;
+            let names: Vec<String> = if tls.server_names.is_empty() {
+                tenant
+                    .value
+                    .domains
+                    .iter()
+                    .flat_map(|d| {
+                        let d = d.value.trim_start_matches("*.");
+                        [d.to_string(), format!("*.{d}")]
+                    })
+                    .collect()
+            } else {
+                tls.server_names.clone()
+            };
+            for name in names {
+                let Ok(norm) = crate::config::normalize_domain_pattern(&name) else {
+                    continue;
+                };
+                match norm.strip_prefix('*') {
+                    Some(suffix) => wildcard.push((suffix.to_string(), ck.clone(), id)),
+                    None => {
+                        exact.insert(norm, (ck.clone(), id));
+                    }
+                }
+            }
+        }
+        wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
+        Ok(Self {
+            exact,
+            wildcard,
+            default,
+        })
+    }
+
+    fn lookup(&self, sni: &str) -> Option<(&Arc<CertifiedKey>, TenantId)> {
+        let name = sni.to_ascii_lowercase();
+        if let Some((ck, id)) = self.exact.get(&name) {
+            return Some((ck, *id));
+        }
+        self.wildcard
+            .iter()
+            .find(|(suffix, _, _)| name.len() > suffix.len() && name.ends_with(suffix.as_str()))
+            .map(|(_, ck, id)| (ck, *id))
+    }
+
+    /// The tenant whose certificate the SNI name selected, if any.
+    pub fn tenant_for(&self, sni: &str) -> Option<TenantId> {
+        self.lookup(sni).map(|(_, id)| id)
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let chosen = hello
+            .server_name()
+            .and_then(|n| self.lookup(n))
+            .map(|(ck, _)| ck);
+        Some(chosen.unwrap_or(&self.default).clone())
+    }
+}
+
+/// A server config for client connections: TLS 1.2 and 1.3, certificate chosen by `resolver`.
+pub fn server_config(resolver: Arc<SniResolver>) -> Result<Arc<ServerConfig>, TlsError> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,9 @@
+//! Test support shared by the integration tests: `mod support;` from a file in tests/.
+//!
+//! Each test binary uses only some of these helpers, so dead-code warnings are off here.
+#![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly instead of returning errors
+
+pub mod clients;
+pub mod dovecot;
+pub mod pop3;
