@@ -254,6 +254,24 @@ impl DovecotStore {
         self.startup
     }
 
+    /// The value Dovecot really uses for `setting` (`doveconf -h`), after `extra_config`.
+    pub fn effective_setting(&self, setting: &str) -> String {
+        let conf = self.dir.path().join("dovecot.conf");
+        let out = Command::new("doveconf")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-h")
+            .arg(setting)
+            .output()
+            .expect("run doveconf (dovecot-core)");
+        assert!(
+            out.status.success(),
+            "doveconf -h {setting}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Dovecot's log so far (written asynchronously by its log process: see `wait_for_log`).
     pub fn log_text(&self) -> String {
         read_lossy(&self.dir.path().join("dovecot.log"))
