@@ -19,6 +19,7 @@ pub mod listener;
 pub mod maildrop;
 pub mod protocol;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod router;
 pub mod secret;
@@ -49,15 +50,16 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
-    /// Certificates could not be loaded.
+    /// Certificates, CA bundles or the DNS resolver could not be set up.
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Setup(#[from] proxy::SharedError),
 }
 
 /// A running popgate: its bound addresses and its tasks.
 #[derive(Debug)]
 pub struct Running {
     addrs: Vec<(String, SocketAddr)>,
+    shared: Arc<proxy::Shared>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -76,6 +78,15 @@ impl Running {
         &self.addrs
     }
 
+    /// Every tenant's stores with their health, sessions and pool (for status pages and tests).
+    pub fn stores(&self) -> Vec<(String, Vec<upstream::group::StoreStatus>)> {
+        self.shared
+            .tenants
+            .iter()
+            .map(|t| (t.group.tenant().to_string(), t.group.status()))
+            .collect()
+    }
+
     /// Asks everything to stop (sessions close without QUIT to their stores).
     pub fn shutdown(&self) {
         self.shutdown.cancel();
@@ -92,7 +103,7 @@ impl Running {
 /// Binds every listener of a validated config and starts serving. Returns once all are bound.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     let config = Arc::new(config);
-    let shared = Arc::new(proxy::Shared::new(config.clone())?);
+    let shared = Arc::new(proxy::Shared::new(config.clone(), shutdown.clone()).await?);
     let wanted: Vec<(String, SocketAddr)> = config
         .listeners
         .iter()
@@ -114,6 +125,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
                 .tenant
                 .as_deref()
                 .and_then(|t| shared.table.tenant_by_name(t)),
+            proxy_from: l
+                .proxy_protocol
+                .as_ref()
+                .map(|p| p.trusted_networks.clone()),
         });
         tracker.spawn(listener::accept_loop(
             tcp,
@@ -126,6 +141,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     }
     Ok(Running {
         addrs,
+        shared,
         tracker,
         shutdown,
     })

@@ -23,7 +23,10 @@ use crate::session::state::Limits;
 use crate::session::{Authorization, ClientSession, SessionEnd, Transport};
 use crate::stream::Stream;
 use crate::tls::SniResolver;
-use crate::upstream::{BackendGroup, BackendTimeouts, LoginError, backend};
+use crate::upstream::backend::{ClientInfo, Connector};
+use crate::upstream::dns::{Discovery, DnsSettings};
+use crate::upstream::group::{GroupError, StoreGroup};
+use crate::upstream::{BackendTimeouts, LoginError};
 
 /// What every session of one config snapshot shares.
 #[derive(Debug)]
@@ -43,9 +46,20 @@ pub struct Shared {
 #[derive(Debug)]
 pub struct TenantRuntime {
     /// The tenant's stores.
-    pub group: BackendGroup,
+    pub group: Arc<StoreGroup>,
     /// Plaintext policy.
     pub plaintext: PlaintextLogin,
+}
+
+/// Why the shared state could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    /// Certificates or CA bundles.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The DNS resolver.
+    #[error("DNS: {0}")]
+    Dns(#[from] crate::upstream::dns::DnsError),
 }
 
 /// A listener's facts that sessions need.
@@ -57,25 +71,56 @@ pub struct ListenerInfo {
     pub tls: ListenerTls,
     /// Tenant the listener is bound to.
     pub tenant: Option<TenantId>,
+    /// When set, a PROXY header is required, and only from these networks.
+    pub proxy_from: Option<Vec<ipnet::IpNet>>,
 }
 
 const AUTH_FAILED: &[u8] = b"-ERR [AUTH] Authentication failed.\r\n";
 const STORE_UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] Mail store unavailable, try again later\r\n";
 
 impl Shared {
-    /// Builds the shared state for a validated config (loads certificates when a listener needs TLS).
-    pub fn new(config: Arc<Config>) -> Result<Self, crate::tls::TlsError> {
+    /// Builds the shared state for a validated config: certificates, DNS, and every tenant's store group
+    /// (resolved once, probes and pools started). Background tasks stop with `shutdown`.
+    pub async fn new(
+        config: Arc<Config>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, SharedError> {
         let table = TenantTable::new(&config);
-        let tenants = config
-            .tenants
-            .values()
-            .map(|t| TenantRuntime {
-                group: BackendGroup::new(
-                    t.value.backends.iter().map(|b| b.value.clone()).collect(),
-                ),
-                plaintext: t.value.plaintext_login,
-            })
-            .collect();
+        let discovery = Arc::new(Discovery::new(DnsSettings {
+            nameservers: config.dns.nameservers.clone(),
+            min_ttl: config.dns.min_ttl.get(),
+            max_ttl: config.dns.max_ttl.get(),
+            timeout: config.dns.timeout.get(),
+        })?);
+        let timeouts = BackendTimeouts {
+            connect: config.timeouts.backend_connect.get(),
+            reply: config.timeouts.backend_reply.get(),
+        };
+        let mut tenants = Vec::with_capacity(config.tenants.len());
+        for (name, t) in &config.tenants {
+            let t = &t.value;
+            let tls = match Config::uses_store_tls(t) {
+                false => None,
+                true => {
+                    if t.backend_tls.insecure_skip_verify {
+                        warn!(tenant = %name, "backend_tls.insecure_skip_verify is set: store certificates are NOT verified");
+                    }
+                    Some(crate::tls::store_client_config(&t.backend_tls, &config)?)
+                }
+            };
+            let connector = Arc::new(Connector {
+                tls,
+                server_name: t.backend_tls.server_name.clone(),
+                client_ip: t.client_ip,
+                timeouts,
+            });
+            let group =
+                StoreGroup::start(name, t, connector, discovery.clone(), shutdown.clone()).await;
+            tenants.push(TenantRuntime {
+                group,
+                plaintext: t.plaintext_login,
+            });
+        }
         let needs_tls = config
             .listeners
             .iter()
@@ -123,7 +168,7 @@ pub async fn serve(
     let span = info_span!("session", id, client = %peer, listener = %listener.name, tenant = tracing::field::Empty);
     async move {
         let started = Instant::now();
-        let summary = run(&shared, &listener, tcp, &shutdown).await;
+        let summary = run(&shared, &listener, tcp, peer, id, &shutdown).await;
         let secs = started.elapsed().as_secs_f64();
         match summary {
             Summary::Relayed { tenant, backend, stats } => info!(
@@ -155,12 +200,44 @@ enum Summary {
 async fn run(
     shared: &Shared,
     listener: &ListenerInfo,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    id: u64,
     shutdown: &CancellationToken,
 ) -> Summary {
     let config = &shared.config;
     let deadline = Instant::now() + config.timeouts.pre_login.get();
     let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().unwrap_or(peer);
+
+    // PROXY protocol from a trusted balancer: the client address is the one it names.
+    let mut client_addr = peer;
+    if let Some(trusted) = &listener.proxy_from {
+        if !trusted.iter().any(|net| net.contains(&peer.ip())) {
+            warn!(
+                "PROXY header expected, but the connection is not from a trusted network; closing"
+            );
+            return Summary::NoLogin(SessionEnd::Policy);
+        }
+        match crate::proxy_protocol::read_header(&mut tcp, config.timeouts.tls_handshake.get())
+            .await
+        {
+            Ok(Some(addr)) => {
+                client_addr = addr;
+                tracing::Span::current().record("client", tracing::field::display(addr));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                info!(error = %e, "refused: bad PROXY header");
+                return Summary::NoLogin(SessionEnd::Policy);
+            }
+        }
+    }
+    let client_info = ClientInfo {
+        peer: client_addr,
+        local,
+        session: id,
+    };
 
     // Implicit TLS: handshake inside this task, under its own timeout.
     let mut sni_tenant = None;
@@ -221,10 +298,6 @@ async fn run(
         return Summary::NoLogin(e);
     }
 
-    let timeouts = BackendTimeouts {
-        connect: config.timeouts.backend_connect.get(),
-        reply: config.timeouts.backend_reply.get(),
-    };
     loop {
         let creds = tokio::select! {
             r = session.next_login() => match r {
@@ -263,33 +336,35 @@ async fn run(
             }
             continue;
         }
-        let Some(addr) = tenant.group.pick() else {
-            if let Err(end) = session.unavailable(STORE_UNAVAILABLE.to_vec()).await {
-                return Summary::NoLogin(end);
-            }
-            continue;
-        };
+        let mailbox_key = format!(
+            "{}@{}",
+            route.mailbox.local.to_lowercase(),
+            route.mailbox.domain
+        );
         let attempt = tokio::select! {
-            r = backend::login(addr, &route.backend_user, &creds, timeouts) => r,
+            r = tenant.group.login(&mailbox_key, &route.backend_user, &creds, &client_info) => r,
             () = shutdown.cancelled() => {
                 session.shutting_down().await;
                 return Summary::NoLogin(SessionEnd::Shutdown);
             }
         };
-        let logged_in = match attempt {
+        let (logged_in, active) = match attempt {
             Ok(l) => l,
             Err(e) => {
                 let result = match e {
-                    LoginError::Rejected(line) => {
-                        info!(backend = %addr, mechanism = creds.mechanism.as_str(), "login refused by store");
+                    GroupError::Login(LoginError::Rejected(line)) => {
+                        info!(
+                            mechanism = creds.mechanism.as_str(),
+                            "login refused by store"
+                        );
                         session.reject(line).await
                     }
-                    LoginError::Temporary(line) => {
-                        info!(backend = %addr, "store refused login for now");
+                    GroupError::Login(LoginError::Temporary(line)) => {
+                        info!("store refused login for now");
                         session.unavailable(line).await
                     }
-                    LoginError::Unavailable(why) => {
-                        warn!(backend = %addr, reason = %why, "store unavailable");
+                    GroupError::Login(LoginError::Unavailable(why)) | GroupError::NoStore(why) => {
+                        warn!(reason = %why, "no store available");
                         session.unavailable(STORE_UNAVAILABLE.to_vec()).await
                     }
                 };
@@ -299,6 +374,7 @@ async fn run(
                 continue;
             }
         };
+        let addr = active.store().id.clone();
         info!(backend = %addr, mechanism = creds.mechanism.as_str(), "logged in");
         let Some((mut client, pipelined)) = session.into_parts() else {
             return Summary::NoLogin(SessionEnd::Disconnected);
@@ -318,9 +394,10 @@ async fn run(
             shutdown.clone(),
         )
         .await;
+        drop(active);
         return Summary::Relayed {
             tenant: tenant_name.clone(),
-            backend: addr.to_string(),
+            backend: addr,
             stats,
         };
     }

@@ -51,6 +51,17 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Loads a certificate chain and its private key.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let (chain, key_der) = load_chain_and_key(cert, key)?;
+    certified_key(chain, key_der).map_err(|e| TlsError::Key {
+        path: key.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn load_chain_and_key(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let cert_err = |reason: String| TlsError::Certificate {
         path: cert.to_path_buf(),
         reason,
@@ -66,10 +77,7 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, 
         path: key.to_path_buf(),
         reason: e.to_string(),
     })?;
-    certified_key(chain, key_der).map_err(|e| TlsError::Key {
-        path: key.to_path_buf(),
-        reason: e.to_string(),
-    })
+    Ok((chain, key_der))
 }
 
 fn certified_key(
@@ -191,4 +199,99 @@ pub fn server_config(resolver: Arc<SniResolver>) -> Result<Arc<ServerConfig>, Tl
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     Ok(Arc::new(config))
+}
+
+// === store leg ===
+
+/// Loads a PEM bundle of trust anchors.
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let err = |reason: String| TlsError::Certificate {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))? {
+        roots
+            .add(cert.map_err(|e| err(e.to_string()))?)
+            .map_err(|e| err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no CERTIFICATE block found".into()));
+    }
+    Ok(roots)
+}
+
+/// A client config for one tenant's stores: verified against its CA bundle (or, only when the operator
+/// asked for it, not verified at all), with an optional client certificate. TLS 1.2 and 1.3.
+pub fn store_client_config(
+    tls: &crate::config::BackendTls,
+    config: &Config,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match (&tls.ca, tls.insecure_skip_verify) {
+        (_, true) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoStoreVerification(provider()))),
+        (Some(ca), false) => builder.with_root_certificates(load_roots(&config.resolve_path(ca))?),
+        (None, false) => builder.with_root_certificates(rustls::RootCertStore::empty()),
+    };
+    let client = match (&tls.certificate, &tls.key) {
+        (Some(c), Some(k)) => {
+            let (chain, key) =
+                load_chain_and_key(&config.resolve_path(c), &config.resolve_path(k))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(client))
+}
+
+/// `insecure_skip_verify`: signatures are still checked (the handshake stays sound), the chain is not.
+#[derive(Debug)]
+struct NoStoreVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoStoreVerification {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -159,7 +159,7 @@ fn run_logs_sessions_but_never_secrets() {
             .recv_timeout(Duration::from_secs(20))
             .expect("popgate did not report its listener");
         log.push(line.clone());
-        if let Some(i) = line.find("addr=") {
+        if let (true, Some(i)) = (line.contains("listening"), line.find("addr=")) {
             let addr = line[i + 5..].split_whitespace().next().unwrap();
             break addr.parse::<std::net::SocketAddr>().unwrap();
         }
@@ -195,9 +195,12 @@ fn run_logs_sessions_but_never_secrets() {
     // Three sessions end with a summary line each; wait for them rather than for time to pass.
     let mut summaries = 0;
     while summaries < 3 {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("missing session summary lines");
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
+            panic!(
+                "missing session summary lines; log so far:\n{}",
+                log.join("\n")
+            );
+        };
         if line.contains("session closed") {
             summaries += 1;
         }

@@ -6,6 +6,7 @@
 //! with a line number rather than a silently ignored setting.
 
 mod duration;
+mod upstream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -18,6 +19,12 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 pub use duration::Seconds;
+pub use upstream::{
+    BackendSpec, BackendTls, BackendTlsMode, ClientIpForwarding, DnsConfig, HealthConfig,
+    PoolConfig, ProxyProtocolIn,
+};
+
+pub use crate::upstream::balance::Policy;
 
 /// Everything popgate needs to run, as read from one YAML file.
 #[derive(Debug, Clone, Deserialize)]
@@ -38,6 +45,9 @@ pub struct Config {
     /// Bounds that protect popgate and the stores from misbehaving clients.
     #[serde(default)]
     pub limits: Limits,
+    /// DNS used to find stores given by name or SRV.
+    #[serde(default)]
+    pub dns: DnsConfig,
     /// Tenants by name. The name is the metrics label and appears in logs.
     pub tenants: BTreeMap<String, Spanned<TenantConfig>>,
     /// Where relative paths in this file are resolved from (the file's directory); not read from YAML.
@@ -59,6 +69,9 @@ pub struct ListenerConfig {
     /// Only this tenant's users may log in here.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// Expect a PROXY protocol v1/v2 header from these trusted networks (a load balancer in front).
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocolIn>,
 }
 
 /// How a listener uses TLS.
@@ -134,8 +147,30 @@ pub struct TenantConfig {
     /// Domains, exact (`example.com`) or wildcard (`*.example.com`: any subdomain, not the domain itself).
     #[serde(default)]
     pub domains: Vec<Spanned<String>>,
-    /// Stores as `host:port`; sessions are spread over them round robin.
-    pub backends: Vec<Spanned<BackendAddr>>,
+    /// Stores: `host:port` (IP or A/AAAA name), `{address: "host:port", weight: N}`, or
+    /// `{srv: "_pop3._tcp.store.mail.svc.cluster.local"}`.
+    pub backends: Vec<Spanned<BackendSpec>>,
+    /// `round_robin` (default), `least_connections`, or `consistent_hash` of the mailbox (a user always lands
+    /// on the same store while it is in the group).
+    #[serde(default)]
+    pub balance: Policy,
+    /// Whether all stores hold every mailbox. When true, a login retries another store if the first cannot be
+    /// reached; when false, the user gets `-ERR [SYS/TEMP]` rather than a store without their mail.
+    /// Default: false with `consistent_hash`, true otherwise.
+    #[serde(default)]
+    pub shared_storage: Option<bool>,
+    /// TLS to the stores.
+    #[serde(default)]
+    pub backend_tls: BackendTls,
+    /// How the client's address reaches the store: `xclient` (default), `proxy_v1`, `proxy_v2`, `none`.
+    #[serde(default)]
+    pub client_ip: ClientIpForwarding,
+    /// Health checks.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// Pre-warmed connections per store.
+    #[serde(default)]
+    pub pool: PoolConfig,
     /// The name popgate logs in to the store with: `full` (`local@domain`, the default), `local`, or
     /// `{template: "..."}` with `{local}`, `{domain}` and `{login}` placeholders.
     #[serde(default)]
@@ -343,6 +378,13 @@ impl Config {
             );
         }
 
+        if self.dns.min_ttl > self.dns.max_ttl {
+            push(
+                "dns.min_ttl".into(),
+                None,
+                "must not exceed dns.max_ttl".into(),
+            );
+        }
         if self.limits.max_connections == 0 {
             push(
                 "limits.max_connections".into(),
@@ -417,6 +459,7 @@ impl Config {
                     Err(why) => push(format!("{field}.domains[{i}]"), dline, why),
                 }
             }
+            self.validate_upstream(name, t, line, &mut push);
             if let UsernameForm::Template(tpl) = &t.backend_username
                 && !tpl.contains('{')
             {
@@ -451,6 +494,97 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+}
+
+impl Config {
+    fn validate_upstream(
+        &self,
+        name: &str,
+        t: &TenantConfig,
+        line: Option<u64>,
+        push: &mut impl FnMut(String, Option<u64>, String),
+    ) {
+        let field = format!("tenants.{name}");
+        let tls = &t.backend_tls;
+        if Self::uses_store_tls(t) {
+            match (&tls.ca, tls.insecure_skip_verify) {
+                (None, false) => push(
+                    format!("{field}.backend_tls.ca"),
+                    line,
+                    "a CA bundle is required to verify stores (or set insecure_skip_verify: true)"
+                        .into(),
+                ),
+                (Some(ca), _) => {
+                    if let Err(e) = crate::tls::load_roots(&self.resolve_path(ca)) {
+                        push(format!("{field}.backend_tls.ca"), line, e.to_string());
+                    }
+                }
+                (None, true) => {}
+            }
+        }
+        match (&tls.certificate, &tls.key) {
+            (Some(c), Some(k)) => {
+                check_cert_files(self, c, k, &format!("{field}.backend_tls"), line, push);
+            }
+            (None, None) => {}
+            _ => push(
+                format!("{field}.backend_tls"),
+                line,
+                "a client certificate needs both `certificate` and `key`".into(),
+            ),
+        }
+        if let Some(n) = &tls.server_name
+            && rustls_pki_types::ServerName::try_from(n.as_str()).is_err()
+        {
+            push(
+                format!("{field}.backend_tls.server_name"),
+                line,
+                format!("`{n}` is not a server name"),
+            );
+        }
+        if t.health.rise == 0 || t.health.fall == 0 {
+            push(
+                format!("{field}.health"),
+                line,
+                "rise and fall must be at least 1".into(),
+            );
+        }
+        if t.health.interval.get().is_zero() || t.health.timeout.get().is_zero() {
+            push(
+                format!("{field}.health"),
+                line,
+                "interval and timeout must be longer than zero".into(),
+            );
+        }
+        if t.pool.max_idle < t.pool.min_idle {
+            push(
+                format!("{field}.pool.max_idle"),
+                line,
+                "must be at least min_idle".into(),
+            );
+        }
+        if t.pool.min_idle > 0 && t.pool.max_age.get().is_zero() {
+            push(
+                format!("{field}.pool.max_age"),
+                line,
+                "must be longer than zero".into(),
+            );
+        }
+    }
+
+    /// Whether any of the tenant's stores is reached over TLS (tenant default or a store's own `tls`).
+    pub fn uses_store_tls(t: &TenantConfig) -> bool {
+        t.backend_tls.mode != BackendTlsMode::None
+            || t.backends.iter().any(|b| {
+                matches!(&b.value, BackendSpec::Host { tls: Some(m), .. } if *m != BackendTlsMode::None)
+            })
+    }
+
+    /// Whether the tenant's stores share mail (see [`TenantConfig::shared_storage`]).
+    pub fn shared_storage(t: &TenantConfig) -> bool {
+        t.shared_storage
+            .unwrap_or(t.balance != Policy::ConsistentHash)
     }
 }
 

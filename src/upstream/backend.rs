@@ -1,29 +1,38 @@
-//! One store connection: connect, read the greeting, log in with the client's credentials.
+//! One store connection: connect (with a PROXY header where configured), TLS or STLS, greeting and CAPA
+//! ([`Connector::prepare`], the part a pool can do ahead of time), then XCLIENT and the login
+//! ([`login`]) once a client is known.
 //!
 //! A failed login closes the store connection without QUIT: nothing was done there, and popgate never
 //! sends QUIT on a client's behalf.
 
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
 
-use crate::config::BackendAddr;
+use crate::config::{BackendTlsMode, ClientIpForwarding};
 use crate::protocol::MAX_REPLY_LINE;
 use crate::protocol::line::{Frame, LineFramer};
 use crate::protocol::reply::{Capabilities, MultiLine, Status};
 use crate::protocol::sasl;
 use crate::session::{Credentials, Mechanism};
 use crate::stream::Stream;
+use crate::upstream::dns::Endpoint;
 
 /// Time limits for talking to a store before login.
 #[derive(Debug, Clone, Copy)]
 pub struct BackendTimeouts {
     /// TCP connect.
     pub connect: Duration,
-    /// Each reply (greeting, CAPA, login answers).
+    /// Each reply (greeting, CAPA, login answers) and each TLS handshake.
     pub reply: Duration,
 }
 
@@ -64,15 +73,168 @@ impl LoginError {
     }
 }
 
-/// A store connection before login, with its read buffer.
-struct Conn {
+/// How to reach one tenant's stores.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    /// Client config, when any store of the tenant is reached over TLS.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Name to verify store certificates against, overriding the store's host.
+    pub server_name: Option<String>,
+    /// How the client address is passed on.
+    pub client_ip: ClientIpForwarding,
+    /// Limits.
+    pub timeouts: BackendTimeouts,
+}
+
+/// Who the client is, for XCLIENT and PROXY headers.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    /// The client's address (from PROXY protocol when a trusted balancer sent one).
+    pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+    /// popgate's session id, forwarded as XCLIENT SESSION so store and proxy logs can be joined.
+    pub session: u64,
+}
+
+/// A store connection that has been greeted and asked for CAPA, waiting in the AUTHORIZATION state.
+#[derive(Debug)]
+pub struct Prepared {
     stream: Stream,
     buf: BytesMut,
     framer: LineFramer,
     reply_timeout: Duration,
+    caps: Capabilities,
+    xclient: bool,
 }
 
-impl Conn {
+// === impl Connector ===
+
+impl Connector {
+    /// True when connections can be made before a client is known (a PROXY header needs the client).
+    pub fn can_prewarm(&self) -> bool {
+        !matches!(
+            self.client_ip,
+            ClientIpForwarding::ProxyV1 | ClientIpForwarding::ProxyV2
+        )
+    }
+
+    /// Connects to `endpoint`, sends the PROXY header for `client` when configured, does TLS or STLS as `mode`
+    /// says (a store's own mode, or the tenant's), reads the greeting and CAPA.
+    pub async fn prepare(
+        &self,
+        endpoint: &Endpoint,
+        mode: BackendTlsMode,
+        client: Option<&ClientInfo>,
+    ) -> Result<Prepared, LoginError> {
+        let mut tcp = timeout(self.timeouts.connect, TcpStream::connect(endpoint.addr))
+            .await
+            .map_err(|_| LoginError::Unavailable("connect timed out".into()))?
+            .map_err(|e| LoginError::Unavailable(format!("connect: {e}")))?;
+        // Commands and short replies must not wait for Nagle: a POP3 session is a string of small round trips.
+        let _ = tcp.set_nodelay(true);
+        if let Some(header) = self.proxy_header(client, endpoint.addr)? {
+            timeout(self.timeouts.reply, tcp.write_all(&header))
+                .await
+                .map_err(|_| LoginError::Unavailable("PROXY header write timed out".into()))?
+                .map_err(|e| LoginError::Unavailable(format!("PROXY header: {e}")))?;
+        }
+        let stream = match mode {
+            BackendTlsMode::Implicit => self.handshake(tcp, endpoint).await?,
+            _ => Stream::Plain(tcp),
+        };
+        let mut conn = Prepared {
+            stream,
+            buf: BytesMut::with_capacity(512),
+            framer: LineFramer::new(),
+            reply_timeout: self.timeouts.reply,
+            caps: Capabilities::default(),
+            xclient: false,
+        };
+        let greeting = match conn.status().await? {
+            (Status::Ok, line) => line,
+            _ => return Err(LoginError::Unavailable("store greeting was not +OK".into())),
+        };
+        conn.xclient = contains_code(&greeting, b"[XCLIENT]");
+        conn.caps = conn.capabilities().await?;
+        if mode == BackendTlsMode::Starttls {
+            if !conn.caps.stls {
+                return Err(LoginError::Unavailable("store does not offer STLS".into()));
+            }
+            conn.send(b"STLS\r\n").await?;
+            if conn.status().await?.0 != Status::Ok {
+                return Err(LoginError::Unavailable("store refused STLS".into()));
+            }
+            if !conn.buf.is_empty() {
+                return Err(LoginError::Unavailable(
+                    "store sent bytes after its STLS answer".into(),
+                ));
+            }
+            let Stream::Plain(tcp) = conn.stream else {
+                return Err(LoginError::Unavailable("STLS on a TLS connection".into()));
+            };
+            conn.stream = self.handshake(tcp, endpoint).await?;
+            conn.framer = LineFramer::new();
+            // RFC 2595: capabilities may change after STLS; ask again.
+            conn.caps = conn.capabilities().await?;
+        }
+        Ok(conn)
+    }
+
+    async fn handshake(&self, tcp: TcpStream, endpoint: &Endpoint) -> Result<Stream, LoginError> {
+        let Some(config) = self.tls.clone() else {
+            return Err(LoginError::Unavailable(
+                "no TLS configuration for this store".into(),
+            ));
+        };
+        let name = self.server_name.as_deref().unwrap_or(&endpoint.host);
+        let server_name = match endpoint.host.parse::<std::net::IpAddr>() {
+            Ok(ip) if self.server_name.is_none() => ServerName::IpAddress(ip.into()),
+            _ => ServerName::try_from(name.to_string()).map_err(|_| {
+                LoginError::Unavailable(format!("`{name}` is not a TLS server name"))
+            })?,
+        };
+        let tls = timeout(
+            self.timeouts.reply,
+            tokio_rustls::TlsConnector::from(config).connect(server_name, tcp),
+        )
+        .await
+        .map_err(|_| LoginError::Unavailable("TLS handshake timed out".into()))?
+        .map_err(|e| LoginError::Unavailable(format!("TLS handshake: {e}")))?;
+        Ok(Stream::ClientTls(Box::new(tls)))
+    }
+
+    fn proxy_header(
+        &self,
+        client: Option<&ClientInfo>,
+        store: SocketAddr,
+    ) -> Result<Option<Vec<u8>>, LoginError> {
+        let version = match self.client_ip {
+            ClientIpForwarding::ProxyV1 => 1,
+            ClientIpForwarding::ProxyV2 => 2,
+            _ => return Ok(None),
+        };
+        let _ = store;
+        Ok(Some(match client {
+            Some(client) => crate::proxy_protocol::encode(version, client.peer, client.local),
+            None => crate::proxy_protocol::encode_local(version),
+        }))
+    }
+}
+
+fn contains_code(line: &[u8], code: &[u8]) -> bool {
+    line.windows(code.len())
+        .any(|w| w.eq_ignore_ascii_case(code))
+}
+
+// === impl Prepared ===
+
+impl Prepared {
+    /// Capabilities the store announced.
+    pub fn capabilities_seen(&self) -> &Capabilities {
+        &self.caps
+    }
+
     async fn read_line(&mut self) -> Result<Vec<u8>, LoginError> {
         let deadline = Instant::now() + self.reply_timeout;
         loop {
@@ -135,40 +297,46 @@ impl Conn {
     }
 }
 
-/// Connects to `addr`, checks the greeting and logs in as `user` with the client's password.
+/// Idle pooled connections are watched for readability through this: a store that speaks unprompted
+/// (a timeout notice) or closes makes its pooled connection useless.
+impl AsyncRead for Prepared {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+/// Logs in on a prepared connection: XCLIENT first when configured and offered, then USER/PASS (or AUTH
+/// PLAIN when the client used PLAIN and the store offers it).
 pub async fn login(
-    addr: &BackendAddr,
+    mut conn: Prepared,
     user: &str,
     creds: &Credentials,
-    timeouts: BackendTimeouts,
+    client: Option<&ClientInfo>,
+    forwarding: ClientIpForwarding,
 ) -> Result<LoggedIn, LoginError> {
-    if user.is_empty() || user.bytes().any(|b| b.is_ascii_control()) {
+    if user.is_empty() || user.bytes().any(|b| b.is_ascii_control() || b == b' ') {
         return Err(LoginError::Rejected(
             b"-ERR [AUTH] Authentication failed.\r\n".to_vec(),
         ));
     }
-    let tcp = timeout(
-        timeouts.connect,
-        TcpStream::connect((addr.host.as_str(), addr.port)),
-    )
-    .await
-    .map_err(|_| LoginError::Unavailable("connect timed out".into()))?
-    .map_err(|e| LoginError::Unavailable(format!("connect: {e}")))?;
-    // Commands and short replies must not wait for Nagle: a POP3 session is a string of small round trips.
-    let _ = tcp.set_nodelay(true);
-    let mut conn = Conn {
-        stream: Stream::Plain(tcp),
-        buf: BytesMut::with_capacity(1024),
-        framer: LineFramer::new(),
-        reply_timeout: timeouts.reply,
-    };
-    match conn.status().await? {
-        (Status::Ok, _) => {}
-        _ => return Err(LoginError::Unavailable("store greeting was not +OK".into())),
+    if let (ClientIpForwarding::Xclient, true, Some(client)) = (forwarding, conn.xclient, client) {
+        let cmd = format!(
+            "XCLIENT ADDR={} PORT={} SESSION=popgate-{}\r\n",
+            client.peer.ip(),
+            client.peer.port(),
+            client.session
+        );
+        conn.send(cmd.as_bytes()).await?;
+        if conn.status().await?.0 != Status::Ok {
+            return Err(LoginError::Unavailable("store refused XCLIENT".into()));
+        }
     }
-
-    let use_plain = creds.mechanism == Mechanism::Plain
-        && conn.capabilities().await?.sasl.iter().any(|m| m == "PLAIN");
+    let use_plain =
+        creds.mechanism == Mechanism::Plain && conn.caps.sasl.iter().any(|m| m == "PLAIN");
     let (status, line) = if use_plain {
         let b64 = sasl::encode_plain(creds.authzid.as_deref(), user, &creds.password);
         conn.send(format!("AUTH PLAIN {b64}\r\n").as_bytes())

@@ -1,11 +1,16 @@
-//! The store side: which store of a tenant's group takes a session ([`balance`]), and logging in to it
-//! on the client's behalf ([`backend`]).
-//!
-//! Selection is kept apart from I/O so later policies (least connections, consistent hashing, health)
-//! plug in behind [`balance::BackendGroup`] without touching the login code.
+//! The store side. Each piece sits behind a small interface and the selection logic does no I/O:
+//! - [`dns`]: finding stores (IP, A/AAAA, SRV), re-resolved by TTL;
+//! - [`balance`]: choosing a store (round robin, least connections, consistent hash);
+//! - [`health`]: up/down from active probes and failed connects;
+//! - [`pool`]: pre-warmed, greeted connections per store;
+//! - [`backend`]: one connection (PROXY header, TLS/STLS, greeting, CAPA, XCLIENT, login);
+//! - [`group`]: a tenant's stores at runtime, tying the above together for a login.
 
 pub mod backend;
 pub mod balance;
+pub mod dns;
+pub mod group;
+pub mod health;
+pub mod pool;
 
 pub use backend::{BackendTimeouts, LoggedIn, LoginError};
-pub use balance::BackendGroup;

@@ -224,6 +224,48 @@ impl DovecotStore {
         panic!("Dovecot store {instance} did not start: {last_failure}");
     }
 
+    /// Stops the master (and with it every session) but keeps the dir, config and ports, so
+    /// [`Self::restart`] brings the same store back. For "a store goes away" tests.
+    pub fn stop(&mut self) {
+        stop_master(&mut self.child, &self.instance);
+    }
+
+    /// Starts the stopped store again with the same config and ports; waits for its greeting.
+    pub fn restart(&mut self) {
+        let began = Instant::now();
+        let conf_path = self.dir.path().join("dovecot.conf");
+        let mut last = String::new();
+        // The old master's sockets may linger for a moment; a start that loses that race is retried.
+        for _ in 0..START_ATTEMPTS * 5 {
+            let stderr = fs::File::create(self.dir.path().join("stderr.log")).expect("stderr.log");
+            let mut child = Command::new(dovecot_binary())
+                .arg("-F")
+                .arg("-c")
+                .arg(&conf_path)
+                .stdin(Stdio::null())
+                .stdout(stderr.try_clone().expect("clone stderr.log"))
+                .stderr(stderr)
+                .spawn()
+                .expect("spawn dovecot");
+            match wait_ready(&mut child, self.pop3, began + READY_DEADLINE) {
+                Ok(()) => {
+                    self.child = child;
+                    return;
+                }
+                Err(why) => {
+                    stop_master(&mut child, &self.instance);
+                    last = format!("{why}\n{}", diagnostics(self.dir.path()));
+                    if !read_lossy(&self.dir.path().join("stderr.log"))
+                        .contains("Address already in use")
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("Dovecot store {} did not restart: {last}", self.instance);
+    }
+
     /// Plain POP3 listener (STLS is offered here when TLS is on).
     pub fn pop3_addr(&self) -> SocketAddr {
         self.pop3
@@ -389,10 +431,21 @@ fn stop_master(master: &mut Child, instance: &str) {
     let _ = master.kill();
     let _ = master.wait();
     let deadline = Instant::now() + STOP_DEADLINE;
+    let mut killed_stragglers = false;
     loop {
         let left = instance_processes(instance);
         if left.is_empty() {
             return;
+        }
+        // Children normally exit with their master; ones busy with a session may linger, and would
+        // confuse a restarted instance (stale auth and anvil processes): kill them too.
+        if !killed_stragglers {
+            let _ = Command::new("kill")
+                .arg("-9")
+                .args(left.iter().map(u32::to_string))
+                .stderr(Stdio::null())
+                .status();
+            killed_stragglers = true;
         }
         if Instant::now() >= deadline {
             eprintln!(

@@ -5,5 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly instead of returning errors
 
 pub mod clients;
+pub mod dns;
 pub mod dovecot;
+pub mod pki;
 pub mod pop3;
+pub mod popgate;

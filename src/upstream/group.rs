@@ -1,0 +1,402 @@
+//! A tenant's stores at runtime: the current set (from config and DNS, swapped atomically when DNS
+//! changes), each store's health, active sessions and pool of pre-warmed connections, and the login
+//! procedure over them (choice, failover policy, pool checkout, passive ejection).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::backend::{self, ClientInfo, Connector, LoggedIn, LoginError, Prepared};
+use super::balance::{Balancer, Candidate, Policy};
+use super::dns::{Discovery, Endpoint, Target};
+use super::health::{self, HealthState, ProbeSettings};
+use super::pool::{Pool, PoolSettings};
+use crate::config::{BackendSpec, BackendTlsMode, HealthConfig, PoolConfig, TenantConfig};
+use crate::session::Credentials;
+
+/// One store of a group.
+#[derive(Debug)]
+pub struct Store {
+    /// Where it is.
+    pub endpoint: Endpoint,
+    /// Stable identity (`host:port`): what consistent hashing uses, and the log/metric label.
+    pub id: String,
+    /// Up or down.
+    pub health: Arc<HealthState>,
+    /// TLS mode on the way to this store.
+    pub tls_mode: BackendTlsMode,
+    active: AtomicUsize,
+    pool: Option<Arc<Pool<Prepared>>>,
+    /// Cancels this store's probe and refill tasks when it leaves the group.
+    tasks: CancellationToken,
+}
+
+/// A session's hold on a store, for least-connections accounting; released on drop.
+#[derive(Debug)]
+pub struct ActiveSession(Arc<Store>);
+
+impl ActiveSession {
+    fn new(store: Arc<Store>) -> Self {
+        store.active.fetch_add(1, Ordering::Relaxed);
+        Self(store)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.0
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A store as shown by status pages and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// `host:port`.
+    pub id: String,
+    /// Resolved address.
+    pub addr: std::net::SocketAddr,
+    /// Health.
+    pub up: bool,
+    /// Sessions in flight.
+    pub active: usize,
+    /// Pre-warmed connections waiting.
+    pub pool_idle: usize,
+}
+
+/// Why a group could not log a client in.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// The store's own refusal, to pass on.
+    #[error(transparent)]
+    Login(#[from] LoginError),
+    /// No store can take this user now (none configured or resolved, or the user's store is down and the
+    /// stores do not share mail).
+    #[error("no store available: {0}")]
+    NoStore(String),
+}
+
+/// A tenant's stores and how to use them.
+#[derive(Debug)]
+pub struct StoreGroup {
+    tenant: String,
+    stores: ArcSwap<Vec<Arc<Store>>>,
+    balancer: Balancer,
+    shared_storage: bool,
+    connector: Arc<Connector>,
+    health: HealthConfig,
+    pool: PoolConfig,
+    weights: HashMap<(String, u16), (u32, BackendTlsMode)>,
+    default_tls: BackendTlsMode,
+    shutdown: CancellationToken,
+    all_down: AtomicU64,
+}
+
+impl StoreGroup {
+    /// Resolves the tenant's stores once, starts health probes and pools, and keeps following DNS.
+    pub async fn start(
+        tenant: &str,
+        config: &TenantConfig,
+        connector: Arc<Connector>,
+        discovery: Arc<Discovery>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let mut targets = Vec::new();
+        let mut weights = HashMap::new();
+        for spec in &config.backends {
+            match &spec.value {
+                BackendSpec::Host { addr, weight, tls } => {
+                    weights.insert(
+                        (addr.host.clone(), addr.port),
+                        (*weight, tls.unwrap_or(config.backend_tls.mode)),
+                    );
+                    targets.push(Target::Host {
+                        host: addr.host.clone(),
+                        port: addr.port,
+                    });
+                }
+                BackendSpec::Srv { name } => targets.push(Target::Srv { name: name.clone() }),
+            }
+        }
+        let group = Arc::new(Self {
+            tenant: tenant.to_string(),
+            stores: ArcSwap::from_pointee(Vec::new()),
+            balancer: Balancer::new(config.balance),
+            shared_storage: crate::config::Config::shared_storage(config),
+            connector,
+            health: config.health.clone(),
+            pool: config.pool.clone(),
+            weights,
+            default_tls: config.backend_tls.mode,
+            shutdown: shutdown.clone(),
+            all_down: AtomicU64::new(0),
+        });
+        let mut updates = discovery.watch(targets, shutdown.clone()).await;
+        group.apply(&updates.borrow_and_update());
+        let weak = Arc::downgrade(&group);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    changed = updates.changed() => if changed.is_err() { break },
+                }
+                let Some(group) = weak.upgrade() else { break };
+                let endpoints = updates.borrow_and_update().clone();
+                group.apply(&endpoints);
+            }
+        });
+        group
+    }
+
+    /// The tenant's name.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// How often every store was down when a login came (they were tried anyway).
+    pub fn all_down_count(&self) -> u64 {
+        self.all_down.load(Ordering::Relaxed)
+    }
+
+    /// The current stores.
+    pub fn status(&self) -> Vec<StoreStatus> {
+        self.stores
+            .load()
+            .iter()
+            .map(|s| StoreStatus {
+                id: s.id.clone(),
+                addr: s.endpoint.addr,
+                up: s.health.is_up(),
+                active: s.active.load(Ordering::Relaxed),
+                pool_idle: s.pool.as_ref().map_or(0, |p| p.idle()),
+            })
+            .collect()
+    }
+
+    /// Swaps in a new endpoint list, keeping the state of stores that stay.
+    fn apply(&self, endpoints: &[Endpoint]) {
+        let current = self.stores.load_full();
+        let mut next = Vec::with_capacity(endpoints.len());
+        for ep in endpoints {
+            if let Some(s) = current
+                .iter()
+                .find(|s| s.endpoint.addr == ep.addr && s.endpoint.host == ep.host)
+            {
+                next.push(s.clone());
+                continue;
+            }
+            let store = self.new_store(ep.clone());
+            info!(tenant = %self.tenant, store = %store.id, addr = %ep.addr, "store joined the group");
+            next.push(store);
+        }
+        for gone in current
+            .iter()
+            .filter(|s| !next.iter().any(|n| Arc::ptr_eq(n, s)))
+        {
+            info!(tenant = %self.tenant, store = %gone.id, "store left the group");
+            gone.tasks.cancel();
+        }
+        if next.is_empty() && !current.is_empty() {
+            warn!(tenant = %self.tenant, "the group has no stores now");
+        }
+        self.stores.store(Arc::new(next));
+    }
+
+    fn new_store(&self, mut endpoint: Endpoint) -> Arc<Store> {
+        let mut tls_mode = self.default_tls;
+        if let Some((w, mode)) = self
+            .weights
+            .get(&(endpoint.host.clone(), endpoint.addr.port()))
+        {
+            endpoint.weight = *w;
+            tls_mode = *mode;
+        }
+        let id = if endpoint.host.contains(':') {
+            format!("[{}]:{}", endpoint.host, endpoint.addr.port())
+        } else {
+            format!("{}:{}", endpoint.host, endpoint.addr.port())
+        };
+        let tasks = self.shutdown.child_token();
+        let health = Arc::new(HealthState::default());
+        let pool = (self.pool.min_idle > 0 && self.connector.can_prewarm()).then(|| {
+            let pool = Pool::new(PoolSettings {
+                min_idle: self.pool.min_idle,
+                max_idle: self.pool.max_idle,
+                max_age: self.pool.max_age.get(),
+                // A cold pool fills a couple at a time instead of hitting a restarted store with a burst.
+                max_concurrent_connects: 2,
+            });
+            let (connector, ep, tenant, store_id) =
+                (self.connector.clone(), endpoint.clone(), self.tenant.clone(), id.clone());
+            pool.spawn_refill(
+                move || {
+                    let (connector, ep) = (connector.clone(), ep.clone());
+                    async move { connector.prepare(&ep, tls_mode, None).await }
+                },
+                move |e: LoginError| {
+                    tracing::debug!(tenant = %tenant, store = %store_id, error = %e, "pre-warming a connection failed")
+                },
+                tasks.clone(),
+            );
+            pool
+        });
+        if self.health.enabled {
+            let settings = ProbeSettings {
+                interval: self.health.interval.get(),
+                timeout: self.health.timeout.get(),
+                rise: self.health.rise,
+                fall: self.health.fall,
+            };
+            let (tenant, store_id) = (self.tenant.clone(), id.clone());
+            tokio::spawn(health::probe_loop(
+                self.connector.clone(),
+                endpoint.clone(),
+                tls_mode,
+                health.clone(),
+                settings,
+                move |up, reason| {
+                    if up {
+                        info!(tenant = %tenant, store = %store_id, "store is up");
+                    } else {
+                        warn!(tenant = %tenant, store = %store_id, reason = %reason, "store is down");
+                    }
+                },
+                tasks.clone(),
+            ));
+        }
+        Arc::new(Store {
+            endpoint,
+            id,
+            health,
+            tls_mode,
+            active: AtomicUsize::new(0),
+            pool,
+            tasks,
+        })
+    }
+
+    /// Logs `user` in on a store chosen for `mailbox` (the normalised mailbox, for consistent hashing).
+    /// Fails over to another store before login only when the stores share mail.
+    pub async fn login(
+        &self,
+        mailbox: &str,
+        user: &str,
+        creds: &Credentials,
+        client: &ClientInfo,
+    ) -> Result<(LoggedIn, ActiveSession), GroupError> {
+        let stores = self.stores.load_full();
+        if stores.is_empty() {
+            return Err(GroupError::NoStore("the group has no stores".into()));
+        }
+        let candidates: Vec<Candidate<'_>> = stores
+            .iter()
+            .map(|s| Candidate {
+                id: &s.id,
+                weight: s.endpoint.weight.max(1),
+                priority: s.endpoint.priority,
+                healthy: s.health.is_up(),
+                active: s.active.load(Ordering::Relaxed),
+            })
+            .collect();
+        let choice = self.balancer.choose(&candidates, mailbox);
+        if choice.all_down {
+            self.all_down.fetch_add(1, Ordering::Relaxed);
+            warn!(tenant = %self.tenant, "every store is marked down; trying them anyway");
+        }
+        let attempts = if self.shared_storage {
+            choice.order.len().min(3)
+        } else {
+            1
+        };
+        let mut last = None;
+        for &i in choice.order.iter().take(attempts) {
+            let Some(store) = stores.get(i) else { continue };
+            if !self.shared_storage && !choice.all_down && !store.health.is_up() {
+                // This user's mail lives on a store that is down; another store would show an empty mailbox.
+                return Err(GroupError::NoStore(format!("{} is down", store.id)));
+            }
+            let session = ActiveSession::new(store.clone());
+            match self.login_on(store, user, creds, client).await {
+                Ok(logged_in) => return Ok((logged_in, session)),
+                Err(LoginError::Temporary(line)) if self.shared_storage && is_sys_temp(&line) => {
+                    last = Some(LoginError::Temporary(line));
+                }
+                Err(e @ LoginError::Unavailable(_)) => {
+                    warn!(tenant = %self.tenant, store = %store.id, error = %e, "store unavailable");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.map_or_else(
+            || GroupError::NoStore("no store could be tried".into()),
+            GroupError::from,
+        ))
+    }
+
+    async fn login_on(
+        &self,
+        store: &Store,
+        user: &str,
+        creds: &Credentials,
+        client: &ClientInfo,
+    ) -> Result<LoggedIn, LoginError> {
+        let forwarding = self.connector.client_ip;
+        if let Some(pool) = &store.pool
+            && let Some(prepared) = pool.take().await
+        {
+            match backend::login(prepared, user, creds, Some(client), forwarding).await {
+                // A pooled connection can go stale between the check and the use; a fresh one decides.
+                Err(LoginError::Unavailable(_)) => {}
+                other => return other,
+            }
+        }
+        let prepared = match self
+            .connector
+            .prepare(&store.endpoint, store.tls_mode, Some(client))
+            .await
+        {
+            Ok(p) => {
+                store.health.record_connect(true, self.health.fall);
+                p
+            }
+            Err(e) => {
+                if store.health.record_connect(false, self.health.fall) == Some(false) {
+                    warn!(tenant = %self.tenant, store = %store.id, reason = %e, "store is down (failed connects)");
+                }
+                return Err(e);
+            }
+        };
+        backend::login(prepared, user, creds, Some(client), forwarding).await
+    }
+}
+
+fn is_sys_temp(line: &[u8]) -> bool {
+    matches!(crate::protocol::reply::Status::parse(line.strip_suffix(b"\r\n").unwrap_or(line)),
+        Ok(crate::protocol::reply::Status::Err { code: Some(c) }) if c == "SYS/TEMP")
+}
+
+impl Drop for StoreGroup {
+    fn drop(&mut self) {
+        for s in self.stores.load().iter() {
+            s.tasks.cancel();
+        }
+    }
+}
+
+/// The policy a group uses, for logs.
+pub fn policy_name(p: Policy) -> &'static str {
+    match p {
+        Policy::RoundRobin => "round_robin",
+        Policy::LeastConnections => "least_connections",
+        Policy::ConsistentHash => "consistent_hash",
+    }
+}

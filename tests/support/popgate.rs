@@ -1,0 +1,67 @@
+//! popgate started in-process on its own runtime, so tests can block on curl, python3 and Dovecot while
+//! it serves. Stopped on drop.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tokio_util::sync::CancellationToken;
+
+pub struct Popgate {
+    pub rt: tokio::runtime::Runtime,
+    pub running: popgate::Running,
+}
+
+impl Popgate {
+    /// Starts popgate with this YAML (relative paths resolve from `base`).
+    pub fn start(yaml: &str, base: &Path) -> Self {
+        let config =
+            popgate::Config::from_yaml_str(yaml, base).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let running = rt
+            .block_on(popgate::start(config, CancellationToken::new()))
+            .unwrap();
+        Self { rt, running }
+    }
+
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        self.running.local_addr(listener).unwrap()
+    }
+
+    /// `(store id, up)` for every store of `tenant`.
+    pub fn health(&self, tenant: &str) -> Vec<(String, bool)> {
+        self.running
+            .stores()
+            .into_iter()
+            .find(|(t, _)| t == tenant)
+            .map(|(_, stores)| stores.into_iter().map(|s| (s.id, s.up)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Polls `cond` every 20 ms until it holds or `limit` passes; returns the time it took.
+    pub fn wait_until(
+        &self,
+        limit: std::time::Duration,
+        what: &str,
+        mut cond: impl FnMut(&Self) -> bool,
+    ) -> std::time::Duration {
+        let start = std::time::Instant::now();
+        while !cond(self) {
+            assert!(
+                start.elapsed() < limit,
+                "timed out after {limit:?} waiting for {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        start.elapsed()
+    }
+}
+
+impl Drop for Popgate {
+    fn drop(&mut self) {
+        self.running.shutdown();
+    }
+}
