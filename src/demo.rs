@@ -85,12 +85,15 @@ tenants:
     domains: [example.net]
     backends: ["{net_store}"]
     plaintext_login: allow
+admin:
+  bind: "127.0.0.1:9110"
 "#
     )
 }
 
-/// Runs the demo until `shutdown` is cancelled.
-pub async fn run(shutdown: CancellationToken) -> Result<(), DemoError> {
+/// Starts the demo stores and popgate, prints the instructions, and returns the running popgate. The
+/// stores live as long as the process (they are leaked into their serving tasks on purpose).
+pub async fn start(shutdown: CancellationToken) -> Result<crate::Running, DemoError> {
     let loopback: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut stores = Vec::new();
     for domain in ["example.com", "example.net"] {
@@ -113,9 +116,9 @@ pub async fn run(shutdown: CancellationToken) -> Result<(), DemoError> {
     let config = crate::Config::from_yaml_str(&yaml, Path::new("."))?;
     let running = crate::start(config, shutdown).await?;
     println!("{}", instructions());
-    running.wait().await;
-    drop(stores);
-    Ok(())
+    // The stores serve until the process exits.
+    std::mem::forget(stores);
+    Ok(running)
 }
 
 /// What to paste to try the demo.
@@ -135,6 +138,8 @@ Try it:
   curl -s -k pop3s://127.0.0.1:1995/2 -u 'alice%example.com:alice-pw'
   python3 -c "import poplib; p = poplib.POP3('127.0.0.1', 1110); p.user('alice@example.com'); p.pass_('alice-pw'); print(p.list()); p.quit()"
   python3 -c "import poplib, ssl; c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE; p = poplib.POP3_SSL('127.0.0.1', 1995, context=c); p.user('carol@example.net'); p.pass_('carol-pw'); print(b'\n'.join(p.retr(1)[1]).decode()); p.quit()"
+
+Status page and metrics: http://127.0.0.1:9110/ and http://127.0.0.1:9110/metrics
 
 Press Ctrl-C to stop.
 "#

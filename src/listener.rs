@@ -13,49 +13,59 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::proxy::{ListenerInfo, Shared};
+use crate::runtime::Runtime;
 
 const TOO_MANY: &[u8] = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n";
 
-/// Accepts on `listener` until `shutdown`, spawning each connection on `tracker`.
+/// Accepts on `listener` until `stop`, spawning each connection on `tracker`. Each connection is served
+/// with the config snapshot current at its accept, so a reload changes new sessions only.
 pub async fn accept_loop(
     listener: TcpListener,
-    info: Arc<ListenerInfo>,
-    shared: Arc<Shared>,
+    name: String,
+    runtime: Arc<Runtime>,
     permits: Arc<Semaphore>,
     tracker: TaskTracker,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) {
     loop {
         let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = stop.cancelled() => break,
             r = listener.accept() => r,
         };
         match accepted {
             Ok((tcp, peer)) => match permits.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    let (shared, info, shutdown) = (shared.clone(), info.clone(), shutdown.clone());
+                    let shared = runtime.snapshot();
+                    let Some(info) = runtime.listener_info(&shared, &name) else {
+                        // The listener was just removed by a reload; this connection raced it.
+                        continue;
+                    };
+                    let ctx = runtime.context.clone();
                     tracker.spawn(async move {
-                        crate::proxy::serve(shared, info, tcp, peer, shutdown).await;
+                        crate::proxy::serve(ctx, shared, info, tcp, peer).await;
                         drop(permit);
                     });
                 }
                 Err(_) => {
-                    warn!(listener = %info.name, client = %peer, "connection cap reached; refusing");
+                    warn!(listener = %name, client = %peer, "connection cap reached; refusing");
+                    runtime
+                        .context
+                        .metrics
+                        .throttled(crate::metrics::UNKNOWN_TENANT, "connection_cap");
                     tracker.spawn(refuse(tcp));
                 }
             },
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning on the error.
-                error!(listener = %info.name, error = %e, "accept failed");
+                error!(listener = %name, error = %e, "accept failed");
                 tokio::select! {
-                    () = shutdown.cancelled() => break,
+                    () = stop.cancelled() => break,
                     () = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
             }
         }
     }
-    info!(listener = %info.name, "stopped accepting");
+    info!(listener = %name, "stopped accepting");
 }
 
 async fn refuse(mut tcp: TcpStream) {
@@ -68,13 +78,14 @@ pub async fn bind_all(
 ) -> Result<Vec<TcpListener>, crate::StartError> {
     let mut bound = Vec::with_capacity(addrs.len());
     for (name, addr) in addrs {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| crate::StartError::Bind {
-                name: name.clone(),
-                addr: *addr,
-                source,
-            })?;
+        let l =
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| crate::runtime::StartError::Bind {
+                    name: name.clone(),
+                    addr: *addr,
+                    source,
+                })?;
         bound.push(l);
     }
     Ok(bound)

@@ -56,29 +56,27 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-async fn until_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch SIGTERM");
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
+/// Serves until SIGTERM or Ctrl-C, then drains for `grace`. SIGHUP reloads the config.
+async fn serve_until_signalled(
+    running: popgate::Running,
+    grace: std::time::Duration,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                let _ = running.reload().await;
+            }
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
-    token.cancel();
+    running.drain(grace).await;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -107,16 +105,23 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        tokio::spawn(until_signal(shutdown.clone()));
         match cli.command {
-            Command::Run { config } => {
-                let config = popgate::Config::load(&config)
-                    .with_context(|| format!("config {}", config.display()))?;
-                popgate::run(config, shutdown)
+            Command::Run { config: path } => {
+                let config =
+                    popgate::Config::load(&path).with_context(|| format!("config {}", path.display()))?;
+                let grace = config.timeouts.shutdown_grace.get();
+                let running = popgate::start_from_file(config, path, shutdown)
                     .await
                     .context("popgate failed to start")?;
+                if let Err(e) = popgate::runtime::watch_config_dir(running.runtime()) {
+                    tracing::warn!("not watching the config directory ({e}); reload with SIGHUP or POST /reload");
+                }
+                serve_until_signalled(running, grace).await?;
             }
-            Command::Demo => popgate::demo::run(shutdown).await.context("demo failed")?,
+            Command::Demo => {
+                let running = popgate::demo::start(shutdown).await.context("demo failed")?;
+                serve_until_signalled(running, std::time::Duration::from_secs(2)).await?;
+            }
             Command::Check { .. } => {}
         }
         Ok(())

@@ -5,9 +5,9 @@
 //! Each stage returns a value; none calls back up. A refused store login goes back to the session,
 //! which stays in AUTHORIZATION so the client can try again.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
@@ -18,6 +18,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::{Config, ListenerTls, PlaintextLogin};
 use crate::relay::{RelayConfig, relay};
 use crate::router::{TenantId, TenantTable};
+use crate::runtime::{Context, SessionEntry};
 use crate::session::driver::StartTls;
 use crate::session::state::Limits;
 use crate::session::{Authorization, ClientSession, SessionEnd, Transport};
@@ -39,7 +40,8 @@ pub struct Shared {
     pub tenants: Vec<TenantRuntime>,
     /// TLS for the client leg, when any listener uses it.
     pub tls: Option<(Arc<rustls::ServerConfig>, Arc<SniResolver>)>,
-    next_session: AtomicU64,
+    /// Listener facts by name.
+    pub listeners: HashMap<String, Arc<ListenerInfo>>,
 }
 
 /// Per-tenant runtime state.
@@ -83,6 +85,7 @@ impl Shared {
     /// (resolved once, probes and pools started). Background tasks stop with `shutdown`.
     pub async fn new(
         config: Arc<Config>,
+        context: Arc<Context>,
         shutdown: CancellationToken,
     ) -> Result<Self, SharedError> {
         let table = TenantTable::new(&config);
@@ -114,8 +117,15 @@ impl Shared {
                 client_ip: t.client_ip,
                 timeouts,
             });
-            let group =
-                StoreGroup::start(name, t, connector, discovery.clone(), shutdown.clone()).await;
+            let group = StoreGroup::start(
+                name,
+                t,
+                connector,
+                discovery.clone(),
+                context.metrics.clone(),
+                shutdown.clone(),
+            )
+            .await;
             tenants.push(TenantRuntime {
                 group,
                 plaintext: t.plaintext_login,
@@ -132,12 +142,29 @@ impl Shared {
         } else {
             None
         };
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let l = &l.value;
+                let info = ListenerInfo {
+                    name: l.name.clone(),
+                    tls: l.tls,
+                    tenant: l.tenant.as_deref().and_then(|t| table.tenant_by_name(t)),
+                    proxy_from: l
+                        .proxy_protocol
+                        .as_ref()
+                        .map(|p| p.trusted_networks.clone()),
+                };
+                (l.name.clone(), Arc::new(info))
+            })
+            .collect();
         Ok(Self {
             config,
             table,
             tenants,
             tls,
-            next_session: AtomicU64::new(1),
+            listeners,
         })
     }
 
@@ -158,30 +185,42 @@ impl Shared {
 
 /// Serves one accepted client connection to its end.
 pub async fn serve(
+    ctx: Arc<Context>,
     shared: Arc<Shared>,
     listener: Arc<ListenerInfo>,
     tcp: TcpStream,
     peer: SocketAddr,
-    shutdown: CancellationToken,
 ) {
-    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let id = ctx.next_session_id();
     let span = info_span!("session", id, client = %peer, listener = %listener.name, tenant = tracing::field::Empty);
     async move {
         let started = Instant::now();
-        let summary = run(&shared, &listener, tcp, peer, id, &shutdown).await;
+        let summary = run(&ctx, &shared, &listener, tcp, peer, id).await;
         let secs = started.elapsed().as_secs_f64();
+        let metrics = &ctx.metrics;
         match summary {
-            Summary::Relayed { tenant, backend, stats } => info!(
-                tenant = %tenant,
-                backend = %backend,
-                bytes_in = stats.bytes_up,
-                bytes_out = stats.bytes_down,
-                commands = stats.commands,
-                duration_s = secs,
-                outcome = stats.end.as_str(),
-                "session closed"
-            ),
-            Summary::NoLogin(end) => info!(duration_s = secs, outcome = end.as_str(), detail = %end, "session closed before login"),
+            Summary::Relayed { tenant, backend, stats } => {
+                metrics.session_ended(&tenant, &listener.name, stats.end.as_str());
+                let t = metrics.tenant(&tenant);
+                t.duration.observe(secs);
+                t.bytes_to_store.inc_by(stats.bytes_up);
+                t.bytes_to_client.inc_by(stats.bytes_down);
+                info!(
+                    tenant = %tenant,
+                    backend = %backend,
+                    bytes_in = stats.bytes_up,
+                    bytes_out = stats.bytes_down,
+                    commands = stats.commands,
+                    duration_s = secs,
+                    outcome = stats.end.as_str(),
+                    "session closed"
+                )
+            }
+            Summary::NoLogin(tenant, end) => {
+                let tenant = tenant.as_deref().unwrap_or(crate::metrics::UNKNOWN_TENANT);
+                metrics.session_ended(tenant, &listener.name, end.as_str());
+                info!(duration_s = secs, outcome = end.as_str(), detail = %end, "session closed before login")
+            }
         }
     }
     .instrument(span)
@@ -194,18 +233,21 @@ enum Summary {
         backend: String,
         stats: crate::relay::RelayStats,
     },
-    NoLogin(SessionEnd),
+    /// The session ended before a login; the tenant, when one was routed to.
+    NoLogin(Option<String>, SessionEnd),
 }
 
 async fn run(
+    ctx: &Context,
     shared: &Shared,
     listener: &ListenerInfo,
     mut tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
-    shutdown: &CancellationToken,
 ) -> Summary {
     let config = &shared.config;
+    let metrics = &ctx.metrics;
+    let mut routed_tenant: Option<String> = None;
     let deadline = Instant::now() + config.timeouts.pre_login.get();
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().unwrap_or(peer);
@@ -217,7 +259,7 @@ async fn run(
             warn!(
                 "PROXY header expected, but the connection is not from a trusted network; closing"
             );
-            return Summary::NoLogin(SessionEnd::Policy);
+            return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Policy);
         }
         match crate::proxy_protocol::read_header(&mut tcp, config.timeouts.tls_handshake.get())
             .await
@@ -229,7 +271,7 @@ async fn run(
             Ok(None) => {}
             Err(e) => {
                 info!(error = %e, "refused: bad PROXY header");
-                return Summary::NoLogin(SessionEnd::Policy);
+                return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Policy);
             }
         }
     }
@@ -243,7 +285,10 @@ async fn run(
     let mut sni_tenant = None;
     let stream = if listener.tls == ListenerTls::Implicit {
         let Some((server_config, resolver)) = &shared.tls else {
-            return Summary::NoLogin(SessionEnd::Tls("no TLS configuration".into()));
+            return Summary::NoLogin(
+                routed_tenant.clone(),
+                SessionEnd::Tls("no TLS configuration".into()),
+            );
         };
         let acceptor = TlsAcceptor::from(server_config.clone());
         let limit = config
@@ -252,9 +297,25 @@ async fn run(
             .get()
             .min(config.timeouts.pre_login.get());
         match timeout(limit, acceptor.accept(tcp)).await {
-            Err(_) => return Summary::NoLogin(SessionEnd::Tls("handshake timed out".into())),
-            Ok(Err(e)) => return Summary::NoLogin(SessionEnd::Tls(e.to_string())),
+            Err(_) => {
+                metrics.tls_handshake(&listener.name, false, "none");
+                return Summary::NoLogin(
+                    routed_tenant.clone(),
+                    SessionEnd::Tls("handshake timed out".into()),
+                );
+            }
+            Ok(Err(e)) => {
+                metrics.tls_handshake(&listener.name, false, "none");
+                return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Tls(e.to_string()));
+            }
             Ok(Ok(tls)) => {
+                let version = tls
+                    .get_ref()
+                    .1
+                    .protocol_version()
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("unknown");
+                metrics.tls_handshake(&listener.name, true, version);
                 sni_tenant = tls
                     .get_ref()
                     .1
@@ -295,35 +356,56 @@ async fn run(
         sni_tenant,
     );
     if let Err(e) = session.greet().await {
-        return Summary::NoLogin(e);
+        return Summary::NoLogin(routed_tenant.clone(), e);
     }
 
+    let mut stls_counted = false;
     loop {
-        let creds = tokio::select! {
-            r = session.next_login() => match r {
-                Ok(c) => c,
-                Err(e) => return Summary::NoLogin(e),
-            },
-            () = shutdown.cancelled() => {
+        let next = tokio::select! {
+            r = session.next_login() => r,
+            () = ctx.draining.cancelled() => {
                 session.shutting_down().await;
-                return Summary::NoLogin(SessionEnd::Shutdown);
+                return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Shutdown);
             }
         };
+        if listener.tls == ListenerTls::Starttls && !stls_counted {
+            match (&next, session.is_tls()) {
+                (Err(SessionEnd::Tls(_)), _) => {
+                    metrics.tls_handshake(&listener.name, false, "none")
+                }
+                (_, true) => {
+                    stls_counted = true;
+                    metrics.tls_handshake(
+                        &listener.name,
+                        true,
+                        session.tls_version().unwrap_or("unknown"),
+                    );
+                }
+                _ => {}
+            }
+        }
+        let creds = match next {
+            Ok(c) => c,
+            Err(e) => return Summary::NoLogin(routed_tenant.clone(), e),
+        };
+        let mechanism = creds.mechanism.as_str();
         let bound = listener.tenant.or(session.sni_tenant());
         let route = match shared.table.route(&creds.login, bound) {
             Ok(r) => r,
             Err(e) => {
-                info!(mechanism = creds.mechanism.as_str(), reason = %e, "login refused: no route");
+                info!(mechanism, reason = %e, "login refused: no route");
+                metrics.login(crate::metrics::UNKNOWN_TENANT, mechanism, "no_route");
                 if let Err(end) = session.reject(AUTH_FAILED.to_vec()).await {
-                    return Summary::NoLogin(end);
+                    return Summary::NoLogin(routed_tenant.clone(), end);
                 }
                 continue;
             }
         };
         let tenant_name = &shared.table.tenants()[route.tenant].name;
         tracing::Span::current().record("tenant", tenant_name.as_str());
+        routed_tenant = Some(tenant_name.clone());
         let Some(tenant) = shared.tenants.get(route.tenant) else {
-            return Summary::NoLogin(SessionEnd::Policy);
+            return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Policy);
         };
         if !session.is_tls() && tenant.plaintext == PlaintextLogin::RequireTls {
             let msg = if transport.stls_offered {
@@ -331,8 +413,9 @@ async fn run(
             } else {
                 b"-ERR [AUTH] TLS required: connect to the POP3S port\r\n".to_vec()
             };
+            metrics.login(tenant_name, mechanism, "tls_required");
             if let Err(end) = session.reject(msg).await {
-                return Summary::NoLogin(end);
+                return Summary::NoLogin(routed_tenant.clone(), end);
             }
             continue;
         }
@@ -343,20 +426,22 @@ async fn run(
         );
         let attempt = tokio::select! {
             r = tenant.group.login(&mailbox_key, &route.backend_user, &creds, &client_info) => r,
-            () = shutdown.cancelled() => {
+            () = ctx.draining.cancelled() => {
                 session.shutting_down().await;
-                return Summary::NoLogin(SessionEnd::Shutdown);
+                return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Shutdown);
             }
         };
         let (logged_in, active) = match attempt {
             Ok(l) => l,
             Err(e) => {
+                let result_label = match &e {
+                    GroupError::Login(l) => l.as_str(),
+                    GroupError::NoStore(_) => "unavailable",
+                };
+                metrics.login(tenant_name, mechanism, result_label);
                 let result = match e {
                     GroupError::Login(LoginError::Rejected(line)) => {
-                        info!(
-                            mechanism = creds.mechanism.as_str(),
-                            "login refused by store"
-                        );
+                        info!(mechanism, "login refused by store");
                         session.reject(line).await
                     }
                     GroupError::Login(LoginError::Temporary(line)) => {
@@ -369,18 +454,31 @@ async fn run(
                     }
                 };
                 if let Err(end) = result {
-                    return Summary::NoLogin(end);
+                    return Summary::NoLogin(routed_tenant.clone(), end);
                 }
                 continue;
             }
         };
         let addr = active.store().id.clone();
-        info!(backend = %addr, mechanism = creds.mechanism.as_str(), "logged in");
+        metrics.login(tenant_name, mechanism, "ok");
+        info!(backend = %addr, mechanism, "logged in");
+        let kick = ctx.stop.child_token();
+        let _registered = ctx.sessions.register(
+            id,
+            SessionEntry {
+                tenant: tenant_name.clone(),
+                mailbox: mailbox_key.clone(),
+                store: addr.clone(),
+                kick: kick.clone(),
+            },
+        );
+        let tenant_metrics = metrics.tenant(tenant_name);
+        tenant_metrics.active.inc();
         let Some((mut client, pipelined)) = session.into_parts() else {
-            return Summary::NoLogin(SessionEnd::Disconnected);
+            return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Disconnected);
         };
         if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &logged_in.reply).await {
-            return Summary::NoLogin(SessionEnd::Io(e));
+            return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Io(e));
         }
         let stats = relay(
             client,
@@ -391,9 +489,11 @@ async fn run(
                 idle: config.timeouts.idle.get(),
                 quit_drain: config.timeouts.quit_drain.get(),
             },
-            shutdown.clone(),
+            &tenant_metrics,
+            kick,
         )
         .await;
+        tenant_metrics.active.dec();
         drop(active);
         return Summary::Relayed {
             tenant: tenant_name.clone(),

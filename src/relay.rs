@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::TenantMetrics;
 use crate::stream::Stream;
 
 /// How a relayed session ended.
@@ -91,10 +92,16 @@ pub struct CommandScanner {
 impl CommandScanner {
     /// Feeds bytes as the client sent them.
     pub fn feed(&mut self, bytes: &[u8]) {
+        self.feed_with(bytes, &mut |_| {});
+    }
+
+    /// Feeds bytes and reports each complete command line's verb (up to 4 letters; longer ones as empty).
+    pub fn feed_with(&mut self, bytes: &[u8], on_command: &mut impl FnMut(&[u8])) {
         for &b in bytes {
             if b == b'\n' {
                 if self.mid_line {
                     self.commands += 1;
+                    on_command(self.verb.get(..self.len).unwrap_or_default());
                     if self.is_quit
                         || (self.in_verb
                             && self.len == 4
@@ -138,6 +145,7 @@ pub async fn relay(
     to_store: BytesMut,
     to_client: BytesMut,
     config: RelayConfig,
+    metrics: &TenantMetrics,
     shutdown: CancellationToken,
 ) -> RelayStats {
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
@@ -156,7 +164,7 @@ pub async fn relay(
         let mut pending = to_store;
         loop {
             if !pending.is_empty() {
-                scanner.feed(&pending);
+                scanner.feed_with(&pending, &mut |verb| metrics.command(verb));
                 commands.store(scanner.commands, Ordering::Relaxed);
                 quit_seen.store(scanner.quit, Ordering::Relaxed);
                 store_wr

@@ -23,3 +23,21 @@ impl fmt::Debug for Secret {
         f.write_str("MASKED")
     }
 }
+
+/// A secret read from the config (an API token): `Debug` prints `MASKED`.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct SecretString(String);
+
+impl SecretString {
+    /// The text, for comparing with what a client presented.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MASKED")
+    }
+}

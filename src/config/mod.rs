@@ -45,6 +45,9 @@ pub struct Config {
     /// Bounds that protect popgate and the stores from misbehaving clients.
     #[serde(default)]
     pub limits: Limits,
+    /// The admin HTTP server (metrics, health, status, reload, kick). Absent: no admin server.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     /// DNS used to find stores given by name or SRV.
     #[serde(default)]
     pub dns: DnsConfig,
@@ -53,6 +56,26 @@ pub struct Config {
     /// Where relative paths in this file are resolved from (the file's directory); not read from YAML.
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+/// The admin HTTP server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to bind. Default `127.0.0.1:9110` (loopback: put it behind your own access control).
+    #[serde(default = "default_admin_bind")]
+    pub bind: SocketAddr,
+    /// Bearer token required for `POST /reload` and `POST /kick` (and for everything when
+    /// `token_for_reads` is true). Default: none.
+    #[serde(default)]
+    pub token: Option<crate::secret::SecretString>,
+    /// Require the token for GET endpoints too. Default false (Prometheus and probes read freely).
+    #[serde(default)]
+    pub token_for_reads: bool,
+}
+
+fn default_admin_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9110))
 }
 
 /// One listening socket.
@@ -126,6 +149,8 @@ pub struct Timeouts {
     pub backend_reply: Seconds,
     /// After the client's QUIT and its disconnect, how long to wait for the store to finish UPDATE. Default 30s.
     pub quit_drain: Seconds,
+    /// On SIGTERM, how long relayed sessions may continue before they are closed. Default 30s.
+    pub shutdown_grace: Seconds,
 }
 
 /// Bounds on clients.
@@ -647,6 +672,7 @@ impl Default for Timeouts {
             backend_connect: Seconds::from_secs(5),
             backend_reply: Seconds::from_secs(30),
             quit_drain: Seconds::from_secs(30),
+            shutdown_grace: Seconds::from_secs(30),
         }
     }
 }

@@ -109,6 +109,11 @@ impl ClientSession {
         self.sni_tenant
     }
 
+    /// The negotiated TLS version on the client leg.
+    pub fn tls_version(&self) -> Option<&'static str> {
+        self.stream.as_ref().and_then(Stream::tls_version)
+    }
+
     /// True once TLS is established on the client leg.
     pub fn is_tls(&self) -> bool {
         self.stream.as_ref().is_some_and(Stream::is_tls)

@@ -16,6 +16,7 @@ use super::dns::{Discovery, Endpoint, Target};
 use super::health::{self, HealthState, ProbeSettings};
 use super::pool::{Pool, PoolSettings};
 use crate::config::{BackendSpec, BackendTlsMode, HealthConfig, PoolConfig, TenantConfig};
+use crate::metrics::Metrics;
 use crate::session::Credentials;
 
 /// One store of a group.
@@ -98,6 +99,7 @@ pub struct StoreGroup {
     default_tls: BackendTlsMode,
     shutdown: CancellationToken,
     all_down: AtomicU64,
+    metrics: Metrics,
 }
 
 impl StoreGroup {
@@ -107,6 +109,7 @@ impl StoreGroup {
         config: &TenantConfig,
         connector: Arc<Connector>,
         discovery: Arc<Discovery>,
+        metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let mut targets = Vec::new();
@@ -138,6 +141,7 @@ impl StoreGroup {
             default_tls: config.backend_tls.mode,
             shutdown: shutdown.clone(),
             all_down: AtomicU64::new(0),
+            metrics,
         });
         let mut updates = discovery.watch(targets, shutdown.clone()).await;
         group.apply(&updates.borrow_and_update());
@@ -203,6 +207,7 @@ impl StoreGroup {
         {
             info!(tenant = %self.tenant, store = %gone.id, "store left the group");
             gone.tasks.cancel();
+            self.metrics.backend_gone(&self.tenant, &gone.id);
         }
         if next.is_empty() && !current.is_empty() {
             warn!(tenant = %self.tenant, "the group has no stores now");
@@ -255,7 +260,8 @@ impl StoreGroup {
                 rise: self.health.rise,
                 fall: self.health.fall,
             };
-            let (tenant, store_id) = (self.tenant.clone(), id.clone());
+            let (tenant, store_id, metrics) =
+                (self.tenant.clone(), id.clone(), self.metrics.clone());
             tokio::spawn(health::probe_loop(
                 self.connector.clone(),
                 endpoint.clone(),
@@ -263,6 +269,7 @@ impl StoreGroup {
                 health.clone(),
                 settings,
                 move |up, reason| {
+                    metrics.backend_up(&tenant, &store_id, up);
                     if up {
                         info!(tenant = %tenant, store = %store_id, "store is up");
                     } else {
@@ -309,6 +316,7 @@ impl StoreGroup {
         let choice = self.balancer.choose(&candidates, mailbox);
         if choice.all_down {
             self.all_down.fetch_add(1, Ordering::Relaxed);
+            self.metrics.all_down(&self.tenant);
             warn!(tenant = %self.tenant, "every store is marked down; trying them anyway");
         }
         let attempts = if self.shared_storage {
@@ -350,20 +358,33 @@ impl StoreGroup {
         client: &ClientInfo,
     ) -> Result<LoggedIn, LoginError> {
         let forwarding = self.connector.client_ip;
-        if let Some(pool) = &store.pool
-            && let Some(prepared) = pool.take().await
-        {
-            match backend::login(prepared, user, creds, Some(client), forwarding).await {
-                // A pooled connection can go stale between the check and the use; a fresh one decides.
-                Err(LoginError::Unavailable(_)) => {}
-                other => return other,
+        if let Some(pool) = &store.pool {
+            let taken = pool.take().await;
+            self.metrics
+                .pool_checkout(&self.tenant, &store.id, taken.is_some());
+            if let Some(prepared) = taken {
+                let started = std::time::Instant::now();
+                let result = backend::login(prepared, user, creds, Some(client), forwarding).await;
+                self.metrics.backend_login(
+                    &self.tenant,
+                    &store.id,
+                    started.elapsed().as_secs_f64(),
+                );
+                match result {
+                    // A pooled connection can go stale between the check and the use; a fresh one decides.
+                    Err(LoginError::Unavailable(_)) => {}
+                    other => return other,
+                }
             }
         }
-        let prepared = match self
+        let started = std::time::Instant::now();
+        let prepared = self
             .connector
             .prepare(&store.endpoint, store.tls_mode, Some(client))
-            .await
-        {
+            .await;
+        self.metrics
+            .backend_connect(&self.tenant, &store.id, started.elapsed().as_secs_f64());
+        let prepared = match prepared {
             Ok(p) => {
                 store.health.record_connect(true, self.health.fall);
                 p
@@ -375,7 +396,22 @@ impl StoreGroup {
                 return Err(e);
             }
         };
-        backend::login(prepared, user, creds, Some(client), forwarding).await
+        let started = std::time::Instant::now();
+        let result = backend::login(prepared, user, creds, Some(client), forwarding).await;
+        self.metrics
+            .backend_login(&self.tenant, &store.id, started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Sets the gauges that are read rather than counted (health, pool size), before a scrape.
+    pub fn refresh_gauges(&self) {
+        for s in self.stores.load().iter() {
+            self.metrics
+                .backend_up(&self.tenant, &s.id, s.health.is_up());
+            if let Some(pool) = &s.pool {
+                self.metrics.pool_idle(&self.tenant, &s.id, pool.idle());
+            }
+        }
     }
 }
 

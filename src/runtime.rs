@@ -1,0 +1,513 @@
+//! The running process: the current config snapshot (swapped atomically on reload), the listeners (added
+//! and removed by difference), the session registry (for kicks and status), and the two stop signals:
+//! `draining` (stop accepting, end pre-login sessions) and `stop` (end relays too).
+//!
+//! Sessions keep the snapshot they started with; a reload never touches them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::{ListenerInfo, Shared};
+
+/// A logged-in session, as the registry knows it.
+#[derive(Debug, Clone)]
+pub struct SessionEntry {
+    /// Tenant name.
+    pub tenant: String,
+    /// Normalised mailbox (`local@domain`), what `/kick` matches.
+    pub mailbox: String,
+    /// Store id.
+    pub store: String,
+    /// Cancels this session's relay (closing the store connection without QUIT).
+    pub kick: CancellationToken,
+}
+
+/// Logged-in sessions by id.
+#[derive(Debug, Default)]
+pub struct SessionRegistry {
+    map: Mutex<HashMap<u64, SessionEntry>>,
+}
+
+/// Removes its session from the registry when dropped.
+#[derive(Debug)]
+pub struct Registered<'a> {
+    registry: &'a SessionRegistry,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.registry
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+impl SessionRegistry {
+    /// Adds a session; it stays until the guard drops.
+    pub fn register(&self, id: u64, entry: SessionEntry) -> Registered<'_> {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, entry);
+        Registered { registry: self, id }
+    }
+
+    /// Ends every session of `mailbox` (normalised); returns how many.
+    pub fn kick(&self, mailbox: &str) -> usize {
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut n = 0;
+        for entry in map
+            .values()
+            .filter(|e| e.mailbox.eq_ignore_ascii_case(mailbox))
+        {
+            entry.kick.cancel();
+            n += 1;
+        }
+        n
+    }
+
+    /// Sessions per tenant.
+    pub fn per_tenant(&self) -> HashMap<String, usize> {
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = HashMap::new();
+        for e in map.values() {
+            *out.entry(e.tenant.clone()).or_default() += 1;
+        }
+        out
+    }
+
+    /// Sessions in total.
+    pub fn len(&self) -> usize {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// True when no session is logged in.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What every session of the process shares, whatever its snapshot.
+#[derive(Debug)]
+pub struct Context {
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Logged-in sessions.
+    pub sessions: SessionRegistry,
+    /// Cancelled on SIGTERM: stop accepting, end pre-login sessions.
+    pub draining: CancellationToken,
+    /// Cancelled when the grace period ends (or at once): end everything.
+    pub stop: CancellationToken,
+    next_session: AtomicU64,
+}
+
+impl Context {
+    /// A new session id.
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// One reload, for the status page.
+#[derive(Debug, Clone)]
+pub struct ReloadRecord {
+    /// When.
+    pub at: SystemTime,
+    /// Whether the new config was taken.
+    pub ok: bool,
+    /// What happened.
+    pub message: String,
+}
+
+/// Why popgate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error("listener `{name}` cannot bind {addr}: {source}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Certificates, CA bundles or the DNS resolver could not be set up.
+    #[error(transparent)]
+    Setup(#[from] crate::proxy::SharedError),
+    /// Metrics could not be registered.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    /// The admin HTTP server could not bind.
+    #[error("admin server cannot bind {addr}: {source}")]
+    Admin {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug)]
+struct ListenerHandle {
+    bind: SocketAddr,
+    local: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// The running process.
+#[derive(Debug)]
+pub struct Runtime {
+    /// Shared with every session.
+    pub context: Arc<Context>,
+    current: ArcSwap<Shared>,
+    snapshot_tasks: Mutex<CancellationToken>,
+    listeners: Mutex<HashMap<String, ListenerHandle>>,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    config_path: Option<PathBuf>,
+    reloads: Mutex<Vec<ReloadRecord>>,
+    reload_lock: tokio::sync::Mutex<()>,
+    admin_addr: Mutex<Option<SocketAddr>>,
+}
+
+impl Runtime {
+    /// Builds the first snapshot, binds every listener and starts serving. `stop` ends everything when
+    /// cancelled; `config_path` is what reloads re-read (none: reloads are refused).
+    pub async fn start(
+        config: Config,
+        config_path: Option<PathBuf>,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, StartError> {
+        let metrics = Metrics::new()?;
+        let context = Arc::new(Context {
+            metrics,
+            sessions: SessionRegistry::default(),
+            draining: stop.child_token(),
+            stop: stop.clone(),
+            next_session: AtomicU64::new(1),
+        });
+        let config = Arc::new(config);
+        let tasks = stop.child_token();
+        let shared = Arc::new(Shared::new(config.clone(), context.clone(), tasks.clone()).await?);
+        let wanted: Vec<(String, SocketAddr)> = config
+            .listeners
+            .iter()
+            .map(|l| (l.value.name.clone(), l.value.bind))
+            .collect();
+        let bound = crate::listener::bind_all(&wanted).await?;
+        let rt = Arc::new(Self {
+            context,
+            current: ArcSwap::new(shared),
+            snapshot_tasks: Mutex::new(tasks),
+            listeners: Mutex::default(),
+            permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+            tracker: TaskTracker::new(),
+            config_path,
+            reloads: Mutex::default(),
+            reload_lock: tokio::sync::Mutex::new(()),
+            admin_addr: Mutex::default(),
+        });
+        for ((name, bind), tcp) in wanted.into_iter().zip(bound) {
+            rt.spawn_listener(name, bind, tcp);
+        }
+        if let Some(admin) = &config.admin {
+            let addr = crate::admin::spawn(rt.clone(), admin).await?;
+            *rt.admin_addr.lock().unwrap_or_else(PoisonError::into_inner) = Some(addr);
+        }
+        Ok(rt)
+    }
+
+    fn spawn_listener(
+        self: &Arc<Self>,
+        name: String,
+        bind: SocketAddr,
+        tcp: tokio::net::TcpListener,
+    ) {
+        let local = tcp.local_addr().unwrap_or(bind);
+        info!(listener = %name, addr = %local, "listening");
+        let stop = self.context.draining.child_token();
+        self.listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                name.clone(),
+                ListenerHandle {
+                    bind,
+                    local,
+                    stop: stop.clone(),
+                },
+            );
+        self.tracker.spawn(crate::listener::accept_loop(
+            tcp,
+            name,
+            self.clone(),
+            self.permits.clone(),
+            self.tracker.clone(),
+            stop,
+        ));
+    }
+
+    /// The current config snapshot.
+    pub fn snapshot(&self) -> Arc<Shared> {
+        self.current.load_full()
+    }
+
+    /// The snapshot's facts for a listener, if it still exists.
+    pub fn listener_info(&self, shared: &Shared, name: &str) -> Option<Arc<ListenerInfo>> {
+        shared.listeners.get(name).cloned()
+    }
+
+    /// Every listener's name and bound address.
+    pub fn addrs(&self) -> Vec<(String, SocketAddr)> {
+        let mut v: Vec<(String, SocketAddr)> = self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(n, h)| (n.clone(), h.local))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The admin server's address, when one runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        *self
+            .admin_addr
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Recent reloads, newest last.
+    pub fn reloads(&self) -> Vec<ReloadRecord> {
+        self.reloads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Ready: not draining, listening, and every tenant has a store that is up.
+    pub fn is_ready(&self) -> bool {
+        if self.context.draining.is_cancelled() || self.addrs().is_empty() {
+            return false;
+        }
+        self.snapshot()
+            .tenants
+            .iter()
+            .all(|t| t.group.status().iter().any(|s| s.up))
+    }
+
+    /// Re-reads the config file; if it is valid, swaps it in (sessions in flight keep theirs). A bad file
+    /// leaves the running config untouched and says why.
+    pub async fn reload(self: &Arc<Self>) -> Result<(), String> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let result = self.try_reload().await;
+        let ok = result.is_ok();
+        self.context.metrics.config_reload(ok);
+        let message = match &result {
+            Ok(msg) => {
+                info!("config reloaded: {msg}");
+                msg.clone()
+            }
+            Err(e) => {
+                error!("config reload refused; the running config stays: {e}");
+                e.clone()
+            }
+        };
+        let mut log = self.reloads.lock().unwrap_or_else(PoisonError::into_inner);
+        log.push(ReloadRecord {
+            at: SystemTime::now(),
+            ok,
+            message,
+        });
+        let excess = log.len().saturating_sub(20);
+        log.drain(..excess);
+        result.map(drop)
+    }
+
+    async fn try_reload(self: &Arc<Self>) -> Result<String, String> {
+        let path = self
+            .config_path
+            .as_deref()
+            .ok_or("popgate was started without a config file")?;
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        // Bind new listeners first: if one cannot bind, nothing changes.
+        let current: HashMap<String, SocketAddr> = self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(n, h)| (n.clone(), h.bind))
+            .collect();
+        let added: Vec<(String, SocketAddr)> = config
+            .listeners
+            .iter()
+            .filter(|l| current.get(&l.value.name) != Some(&l.value.bind))
+            .map(|l| (l.value.name.clone(), l.value.bind))
+            .collect();
+        let removed: Vec<String> = current
+            .iter()
+            .filter(|(n, b)| {
+                !config
+                    .listeners
+                    .iter()
+                    .any(|l| &l.value.name == *n && l.value.bind == **b)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        // A listener that moved to another address is stopped first so a same-port rebind can work.
+        let bound = crate::listener::bind_all(&added)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tasks = self.context.stop.child_token();
+        let config = Arc::new(config);
+        let shared = match Shared::new(config.clone(), self.context.clone(), tasks.clone()).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tasks.cancel();
+                return Err(e.to_string());
+            }
+        };
+        let tenant_names: Vec<String> = config.tenants.keys().cloned().collect();
+        self.current.store(shared);
+        let old = std::mem::replace(
+            &mut *self
+                .snapshot_tasks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            tasks,
+        );
+        old.cancel();
+        self.context.metrics.retain_tenants(&tenant_names);
+        for name in &removed {
+            if let Some(h) = self
+                .listeners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(name)
+            {
+                info!(listener = %name, "listener removed by reload");
+                h.stop.cancel();
+            }
+        }
+        for ((name, bind), tcp) in added.into_iter().zip(bound) {
+            self.spawn_listener(name, bind, tcp);
+        }
+        Ok(format!(
+            "{} listeners, {} tenants",
+            config.listeners.len(),
+            config.tenants.len()
+        ))
+    }
+
+    /// Graceful stop: readiness false and no new connections at once, pre-login sessions told to come back,
+    /// relays allowed to finish for up to `grace`, then everything closes (without QUIT to stores).
+    pub async fn drain(&self, grace: Duration) {
+        info!(
+            grace_s = grace.as_secs_f64(),
+            sessions = self.context.sessions.len(),
+            "draining"
+        );
+        self.context.draining.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                sessions = self.context.sessions.len(),
+                "grace period over; closing the remaining sessions"
+            );
+        }
+        self.context.stop.cancel();
+        self.tracker.wait().await;
+    }
+
+    /// Stops at once.
+    pub fn shutdown(&self) {
+        self.context.draining.cancel();
+        self.context.stop.cancel();
+    }
+
+    /// Waits until everything has stopped.
+    pub async fn wait(&self) {
+        self.context.stop.cancelled().await;
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Spawns a task tracked with the sessions.
+    pub fn track<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(f);
+    }
+
+    /// The config path reloads read.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
+    }
+}
+
+/// Reloads when the config file's directory changes (debounced). Watching the directory rather than the file
+/// catches editors that replace files and Kubernetes, which swaps a ConfigMap's `..data` symlink.
+pub fn watch_config_dir(runtime: &Arc<Runtime>) -> Result<(), String> {
+    use notify_debouncer_mini::{new_debouncer, notify::RecursiveMode};
+    let Some(path) = runtime.config_path() else {
+        return Err("no config file to watch".into());
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut debouncer = new_debouncer(Duration::from_millis(500), move |events| {
+        if let Ok(events) = events {
+            let _ = tx.send(events);
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    debouncer
+        .watcher()
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|e| format!("watching {}: {e}", dir.display()))?;
+    let runtime = runtime.clone();
+    tokio::spawn(async move {
+        // The debouncer stops watching when dropped: keep it for the task's life.
+        let _debouncer = debouncer;
+        loop {
+            tokio::select! {
+                () = runtime.context.stop.cancelled() => break,
+                got = rx.recv() => match got {
+                    Some(_) => {
+                        info!(dir = %dir.display(), "config directory changed; reloading");
+                        let _ = runtime.reload().await;
+                    }
+                    None => break,
+                },
+            }
+        }
+    });
+    Ok(())
+}
