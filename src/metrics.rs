@@ -111,16 +111,17 @@ pub struct MetricsError(#[from] prometheus::Error);
 impl Metrics {
     /// Registers every metric (and process metrics) in a fresh registry.
     pub fn new() -> Result<Self, MetricsError> {
-        let registry = Registry::new_custom(Some("popgate".into()), None)?;
+        // Our metrics carry the `popgate_` namespace; process metrics keep their standard `process_` names.
+        let registry = Registry::new();
         let counter =
             |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                let c = IntCounterVec::new(Opts::new(name, help).namespace("popgate"), labels)?;
                 registry.register(Box::new(c.clone()))?;
                 Ok(c)
             };
         let gauge =
             |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
-                let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                let g = IntGaugeVec::new(Opts::new(name, help).namespace("popgate"), labels)?;
                 registry.register(Box::new(g.clone()))?;
                 Ok(g)
             };
@@ -129,7 +130,12 @@ impl Metrics {
                          labels: &[&str],
                          buckets: Vec<f64>|
          -> Result<HistogramVec, prometheus::Error> {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help)
+                    .namespace("popgate")
+                    .buckets(buckets),
+                labels,
+            )?;
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
@@ -219,6 +225,9 @@ impl Metrics {
             tenants: Arc::default(),
             registry,
         };
+        // Both reload results exist from the start, so alerts on `increase()` see the first failure.
+        m.config_reloads.with_label_values(&["ok"]);
+        m.config_reloads.with_label_values(&["error"]);
         #[cfg(target_os = "linux")]
         m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),

@@ -15,17 +15,21 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::config::{Config, ListenerTls, PlaintextLogin};
+use crate::config::{BackendLogin, Config, ListenerTls, PlaintextLogin};
 use crate::relay::{RelayConfig, relay};
 use crate::router::{TenantId, TenantTable};
 use crate::runtime::{Context, SessionEntry};
+use crate::secret::Secret;
 use crate::session::driver::StartTls;
 use crate::session::state::Limits;
 use crate::session::{Authorization, ClientSession, SessionEnd, Transport};
+use crate::session::{Credentials, Mechanism, Offer};
 use crate::stream::Stream;
 use crate::tls::SniResolver;
 use crate::upstream::backend::{ClientInfo, Connector};
+use crate::upstream::backend::{Prepared, StoreAuth};
 use crate::upstream::dns::{Discovery, DnsSettings};
+use crate::upstream::group::ActiveSession;
 use crate::upstream::group::{GroupError, StoreGroup};
 use crate::upstream::{BackendTimeouts, LoginError};
 
@@ -51,6 +55,12 @@ pub struct TenantRuntime {
     pub group: Arc<StoreGroup>,
     /// Plaintext policy.
     pub plaintext: PlaintextLogin,
+    /// Mechanisms the tenant accepts.
+    pub mechanisms: Vec<Mechanism>,
+    /// `mailbox → secret`, when the tenant has a secrets source.
+    pub secrets: Option<HashMap<String, Secret>>,
+    /// How popgate logs in to the tenant's stores.
+    pub backend_login: BackendLogin,
 }
 
 /// Why the shared state could not be built.
@@ -62,6 +72,9 @@ pub enum SharedError {
     /// The DNS resolver.
     #[error("DNS: {0}")]
     Dns(#[from] crate::upstream::dns::DnsError),
+    /// A secrets file.
+    #[error("secrets: {0}")]
+    Secrets(String),
 }
 
 /// A listener's facts that sessions need.
@@ -78,6 +91,149 @@ pub struct ListenerInfo {
 }
 
 const AUTH_FAILED: &[u8] = b"-ERR [AUTH] Authentication failed.\r\n";
+
+/// What to send the store, owning what it needs (a secret looked up, a master login name built).
+enum OwnedAuth {
+    Password {
+        user: String,
+        password: Secret,
+        authzid: Option<String>,
+        plain: bool,
+    },
+    Apop {
+        user: String,
+        digest: String,
+    },
+    Secret {
+        user: String,
+        secret: Secret,
+    },
+    Sasl {
+        mechanism: &'static str,
+        initial: Secret,
+    },
+}
+
+impl OwnedAuth {
+    fn as_store_auth(&self) -> StoreAuth<'_> {
+        match self {
+            OwnedAuth::Password {
+                user,
+                password,
+                authzid,
+                plain,
+            } => StoreAuth::Password {
+                user,
+                password,
+                authzid: authzid.as_deref(),
+                plain: *plain,
+            },
+            OwnedAuth::Apop { user, digest } => StoreAuth::ApopPassthrough { user, digest },
+            OwnedAuth::Secret { user, secret } => StoreAuth::Secret { user, secret },
+            OwnedAuth::Sasl { mechanism, initial } => StoreAuth::Sasl {
+                mechanism,
+                initial: initial.expose(),
+            },
+        }
+    }
+}
+
+/// Decides how to log the client in at the store. APOP and CRAM-MD5 digests are checked here against the
+/// tenant's secrets (Err when they do not match or no secret is known), unless APOP goes to the store the
+/// client saw greeting it.
+fn store_auth(
+    tenant: &TenantRuntime,
+    creds: &Credentials,
+    backend_user: &str,
+    mailbox_key: &str,
+    passthrough: bool,
+) -> Result<OwnedAuth, ()> {
+    let secret = || {
+        tenant
+            .secrets
+            .as_ref()
+            .and_then(|s| s.get(mailbox_key))
+            .cloned()
+    };
+    let verified_secret = match creds.mechanism {
+        Mechanism::Apop if passthrough => {
+            return Ok(OwnedAuth::Apop {
+                user: backend_user.to_string(),
+                digest: String::from_utf8_lossy(creds.password.expose()).into_owned(),
+            });
+        }
+        Mechanism::Apop | Mechanism::CramMd5 => {
+            let (secret, challenge) = (secret().ok_or(())?, creds.challenge.as_deref().ok_or(())?);
+            let expected = if creds.mechanism == Mechanism::Apop {
+                crate::protocol::sasl::apop_digest(challenge, secret.expose())
+            } else {
+                crate::protocol::sasl::cram_md5_digest(challenge, secret.expose())
+            };
+            let presented = String::from_utf8_lossy(creds.password.expose()).into_owned();
+            if !crate::protocol::sasl::digests_match(&expected, &presented) {
+                return Err(());
+            }
+            Some(secret)
+        }
+        _ => None,
+    };
+    if let BackendLogin::Master(master) = &tenant.backend_login {
+        // Only after popgate itself checked the client: a master login ignores the user's password.
+        let checked = verified_secret.is_some()
+            || secret().is_some_and(|s| {
+                creds.mechanism.reveals_secret() && s.expose() == creds.password.expose()
+            });
+        if !checked {
+            return Err(());
+        }
+        return Ok(OwnedAuth::Password {
+            user: format!("{backend_user}{}{}", master.separator, master.user),
+            password: Secret::new(master.password.expose().as_bytes().to_vec()),
+            authzid: None,
+            plain: false,
+        });
+    }
+    if let Some(secret) = verified_secret {
+        return Ok(OwnedAuth::Secret {
+            user: backend_user.to_string(),
+            secret,
+        });
+    }
+    let sasl = |mechanism| OwnedAuth::Sasl {
+        mechanism,
+        initial: creds.password.clone(),
+    };
+    Ok(match creds.mechanism {
+        Mechanism::Xoauth2 => sasl("XOAUTH2"),
+        Mechanism::Oauthbearer => sasl("OAUTHBEARER"),
+        Mechanism::ScramSha1 => sasl("SCRAM-SHA-1"),
+        Mechanism::ScramSha256 => sasl("SCRAM-SHA-256"),
+        _ => OwnedAuth::Password {
+            user: backend_user.to_string(),
+            password: creds.password.clone(),
+            authzid: creds.authzid.clone(),
+            plain: match tenant.backend_login {
+                BackendLogin::AuthPlain => true,
+                BackendLogin::UserPass => false,
+                _ => creds.mechanism == Mechanism::Plain,
+            },
+        },
+    })
+}
+
+/// A fresh APOP timestamp / CRAM-MD5 challenge (RFC 1939: `<process-ID.clock@hostname>`), unique per session.
+fn make_challenge(session: u64) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "popgate".into());
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+        .collect();
+    format!("<{}.{session}.{nanos}@{host}>", std::process::id())
+}
 const STORE_UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] Mail store unavailable, try again later\r\n";
 
 impl Shared {
@@ -126,9 +282,31 @@ impl Shared {
                 shutdown.clone(),
             )
             .await;
+            let secrets = match &t.secrets {
+                Some(path) => Some(
+                    crate::config::load_secrets(&config.resolve_path(path))
+                        .map_err(SharedError::Secrets)?,
+                ),
+                None => None,
+            };
+            let mechanisms = t.mechanisms.clone().unwrap_or_else(|| {
+                let mut m = vec![
+                    Mechanism::UserPass,
+                    Mechanism::Plain,
+                    Mechanism::Login,
+                    Mechanism::Apop,
+                ];
+                if secrets.is_some() {
+                    m.push(Mechanism::CramMd5);
+                }
+                m
+            });
             tenants.push(TenantRuntime {
                 group,
                 plaintext: t.plaintext_login,
+                mechanisms,
+                secrets,
+                backend_login: t.backend_login.clone(),
             });
         }
         let needs_tls = config
@@ -348,9 +526,64 @@ async fn run(
             resolver: resolver.clone(),
             handshake_timeout: config.timeouts.tls_handshake.get(),
         });
+    // What this connection can offer depends on which tenants can log in here.
+    let bound_before_greeting = listener.tenant.or(sni_tenant);
+    let reachable: Vec<&TenantRuntime> = match bound_before_greeting {
+        Some(t) => shared.tenants.get(t).into_iter().collect(),
+        None => shared.tenants.iter().collect(),
+    };
+    let mut mechanisms: Vec<Mechanism> = reachable
+        .iter()
+        .flat_map(|t| t.mechanisms.iter().copied())
+        .collect();
+    mechanisms.sort();
+    mechanisms.dedup();
+    // APOP passthrough: the route is fixed before the greeting and the tenant has one store and no secrets:
+    // show the client that store's own greeting, so the client's digest is valid there.
+    let mut passthrough: Option<(Prepared, ActiveSession, TenantId)> = None;
+    if let (Some(t), [tenant]) = (bound_before_greeting, reachable.as_slice())
+        && tenant.secrets.is_none()
+        && tenant.mechanisms.contains(&Mechanism::Apop)
+        && let Some((prepared, active)) = tenant.group.prepare_for_greeting(&client_info).await
+        && prepared.timestamp().is_some()
+    {
+        passthrough = Some((prepared, active, t));
+    }
+    let own_challenge = reachable.iter().any(|t| {
+        t.secrets.is_some()
+            && t.mechanisms
+                .iter()
+                .any(|m| matches!(m, Mechanism::Apop | Mechanism::CramMd5))
+    });
+    let offer = match &passthrough {
+        Some((prepared, _, _)) => {
+            let mut greeting = prepared.greeting().to_vec();
+            greeting.extend_from_slice(b"\r\n");
+            Offer {
+                mechanisms,
+                greeting,
+                challenge: prepared.timestamp().map(str::to_string),
+            }
+        }
+        None if own_challenge => {
+            let challenge = make_challenge(id);
+            Offer {
+                mechanisms,
+                greeting: format!("+OK popgate ready {challenge}\r\n").into_bytes(),
+                challenge: Some(challenge),
+            }
+        }
+        None => Offer {
+            mechanisms: mechanisms
+                .into_iter()
+                .filter(|m| !matches!(m, Mechanism::Apop | Mechanism::CramMd5))
+                .collect(),
+            ..Offer::basic()
+        },
+    };
     let mut session = ClientSession::new(
         stream,
-        Authorization::new(transport, limits),
+        Authorization::with_offer(transport, limits, offer),
         starttls,
         deadline,
         sni_tenant,
@@ -424,11 +657,60 @@ async fn run(
             route.mailbox.local.to_lowercase(),
             route.mailbox.domain
         );
-        let attempt = tokio::select! {
-            r = tenant.group.login(&mailbox_key, &route.backend_user, &creds, &client_info) => r,
-            () = ctx.draining.cancelled() => {
-                session.shutting_down().await;
-                return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Shutdown);
+        if !tenant.mechanisms.contains(&creds.mechanism) {
+            metrics.login(tenant_name, mechanism, "rejected");
+            if let Err(end) = session.reject(AUTH_FAILED.to_vec()).await {
+                return Summary::NoLogin(routed_tenant.clone(), end);
+            }
+            continue;
+        }
+        let via_passthrough = passthrough
+            .as_ref()
+            .is_some_and(|(_, _, t)| *t == route.tenant);
+        let auth = match store_auth(
+            tenant,
+            &creds,
+            &route.backend_user,
+            &mailbox_key,
+            via_passthrough,
+        ) {
+            Ok(a) => a,
+            Err(()) => {
+                info!(mechanism, "login refused: digest does not match");
+                metrics.login(tenant_name, mechanism, "rejected");
+                if let Err(end) = session.reject(AUTH_FAILED.to_vec()).await {
+                    return Summary::NoLogin(routed_tenant.clone(), end);
+                }
+                continue;
+            }
+        };
+        let attempt = match passthrough.take() {
+            Some((prepared, active, t)) if t == route.tenant => {
+                let store_id = active.store().id.clone();
+                let r = tenant
+                    .group
+                    .login_prepared(
+                        prepared,
+                        active.store(),
+                        &auth.as_store_auth(),
+                        &client_info,
+                        &mut session,
+                    )
+                    .await;
+                let _ = store_id;
+                r.map(|l| (l, active)).map_err(GroupError::from)
+            }
+            other => {
+                passthrough = other;
+                tenant
+                    .group
+                    .login(
+                        &mailbox_key,
+                        &auth.as_store_auth(),
+                        &client_info,
+                        &mut session,
+                    )
+                    .await
             }
         };
         let (logged_in, active) = match attempt {

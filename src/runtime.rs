@@ -481,12 +481,25 @@ pub fn watch_config_dir(runtime: &Arc<Runtime>) -> Result<(), String> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
+    let file_name = path.file_name().map(std::ffi::OsStr::to_os_string);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut debouncer = new_debouncer(Duration::from_millis(500), move |events| {
-        if let Ok(events) = events {
-            let _ = tx.send(events);
-        }
-    })
+    let mut debouncer = new_debouncer(
+        Duration::from_millis(500),
+        move |events: notify_debouncer_mini::DebounceEventResult| {
+            // Only the config file itself, or Kubernetes' `..data` swap, is a reason to reload; other files in
+            // the directory (logs, editors' swap files) are not.
+            let relevant = events.is_ok_and(|events| {
+                events.iter().any(|e| {
+                    let name = e.path.file_name();
+                    name == file_name.as_deref()
+                        || name.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                })
+            });
+            if relevant {
+                let _ = tx.send(());
+            }
+        },
+    )
     .map_err(|e| e.to_string())?;
     debouncer
         .watcher()

@@ -206,6 +206,20 @@ pub struct TenantConfig {
     /// The tenant's own certificate, served when SNI names one of `server_names`.
     #[serde(default)]
     pub tls: Option<TenantTls>,
+    /// Login mechanisms accepted: `user`, `apop`, `plain`, `login`, `cram-md5`, `xoauth2`, `oauthbearer`,
+    /// `scram-sha-1`, `scram-sha-256`. Default: `user`, `plain`, `login`, `apop` (APOP is offered only where it
+    /// can work: with `secrets`, or a single store shown before the greeting), plus `cram-md5` with `secrets`.
+    #[serde(default)]
+    pub mechanisms: Option<Vec<crate::session::Mechanism>>,
+    /// A YAML file of `mailbox: secret` (mailbox as `local@domain`), reloaded with the config. Lets popgate
+    /// check APOP and CRAM-MD5 itself and then log in to the store with the secret.
+    #[serde(default)]
+    pub secrets: Option<PathBuf>,
+    /// How popgate logs in to the store: `client` (the client's own mechanism where the store offers it;
+    /// default), `user_pass`, `auth_plain`, or `{master: {user: NAME, password: SECRET}}` (`mailbox*NAME`
+    /// with the master password, as Dovecot accepts; only after popgate itself checked the client).
+    #[serde(default)]
+    pub backend_login: BackendLogin,
 }
 
 /// A tenant certificate and the names it is served for.
@@ -219,6 +233,38 @@ pub struct TenantTls {
     /// SNI names (exact or `*.wildcard`) that select this certificate. Default: each domain `d` as `d` and `*.d`.
     #[serde(default)]
     pub server_names: Vec<String>,
+}
+
+/// How popgate logs in to stores.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendLogin {
+    /// The client's mechanism where the store offers it, else USER/PASS.
+    #[default]
+    Client,
+    /// Always USER/PASS.
+    UserPass,
+    /// Always AUTH PLAIN.
+    AuthPlain,
+    /// A master user: `mailbox*user` with the master password.
+    Master(MasterUser),
+}
+
+/// A store-side master user.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterUser {
+    /// The master user's name.
+    pub user: String,
+    /// Its password.
+    pub password: crate::secret::SecretString,
+    /// Separator between mailbox and master name. Default `*`.
+    #[serde(default = "default_master_separator")]
+    pub separator: String,
+}
+
+fn default_master_separator() -> String {
+    "*".into()
 }
 
 /// The backend login name form.
@@ -485,6 +531,19 @@ impl Config {
                 }
             }
             self.validate_upstream(name, t, line, &mut push);
+            if let Some(path) = &t.secrets
+                && let Err(e) = load_secrets(&self.resolve_path(path))
+            {
+                push(format!("{field}.secrets"), line, e);
+            }
+            if matches!(t.backend_login, BackendLogin::Master(_)) && t.secrets.is_none() {
+                push(
+                    format!("{field}.backend_login"),
+                    line,
+                    "a master user logs in without the user's password, so popgate must check clients itself: set `secrets`"
+                        .into(),
+                );
+            }
             if let UsernameForm::Template(tpl) = &t.backend_username
                 && !tpl.contains('{')
             {
@@ -635,6 +694,21 @@ fn is_label_safe(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Reads a secrets file: a YAML map of `mailbox: secret`; keys are normalised (`local@domain`, lowercased).
+pub fn load_secrets(path: &Path) -> Result<HashMap<String, crate::secret::Secret>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let options = serde_saphyr::options! {
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+    };
+    let map: BTreeMap<String, String> = serde_saphyr::from_str_with_options(&text, options)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| (k.to_lowercase(), crate::secret::Secret::new(v.into_bytes())))
+        .collect())
 }
 
 /// Lowercases and IDNA-normalises a domain or `*.domain` pattern.

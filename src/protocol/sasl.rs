@@ -156,3 +156,235 @@ mod tests {
         assert_eq!(decode_login_field(b"="), Err(SaslError::Malformed));
     }
 }
+
+/// The routing facts of an OAuth SASL message (XOAUTH2 or OAUTHBEARER, RFC 7628): who it is for. The
+/// token itself is relayed to the store unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OauthIdentity {
+    /// The user the token is presented for.
+    pub user: String,
+}
+
+/// Decodes an XOAUTH2 initial response: `user=NAME ^A auth=Bearer TOKEN ^A ^A`.
+pub fn decode_xoauth2(b64: &[u8]) -> Result<OauthIdentity, SaslError> {
+    let raw = decode_b64(b64)?;
+    let mut user = None;
+    let mut auth = false;
+    for field in raw.split(|&b| b == 0x01).filter(|f| !f.is_empty()) {
+        check_field(field)?;
+        if let Some(u) = field.strip_prefix(b"user=") {
+            user = Some(
+                std::str::from_utf8(u)
+                    .map_err(|_| SaslError::Utf8)?
+                    .to_string(),
+            );
+        } else if field.starts_with(b"auth=") {
+            auth = true;
+        }
+    }
+    match (user, auth) {
+        (Some(user), true) if !user.is_empty() => Ok(OauthIdentity { user }),
+        _ => Err(SaslError::Malformed),
+    }
+}
+
+/// Decodes an OAUTHBEARER initial response (RFC 7628): `n,a=USER,^Ahost=..^Aport=..^Aauth=Bearer TOKEN^A^A`.
+/// Channel binding (`p=`) is refused: popgate terminates TLS, so a binding could never match.
+pub fn decode_oauthbearer(b64: &[u8]) -> Result<OauthIdentity, SaslError> {
+    let raw = decode_b64(b64)?;
+    let mut parts = raw.splitn(2, |&b| b == 0x01);
+    let gs2 = parts.next().unwrap_or_default();
+    let rest = parts.next().ok_or(SaslError::Malformed)?;
+    check_field(gs2)?;
+    let gs2 = std::str::from_utf8(gs2).map_err(|_| SaslError::Utf8)?;
+    let mut fields = gs2.split(',');
+    match fields.next() {
+        Some("n" | "y") => {}
+        _ => return Err(SaslError::Malformed),
+    }
+    let user = fields
+        .next()
+        .and_then(|a| a.strip_prefix("a="))
+        .map(decode_saslname)
+        .transpose()?
+        .ok_or(SaslError::Malformed)?;
+    if !rest.split(|&b| b == 0x01).any(|f| f.starts_with(b"auth=")) || user.is_empty() {
+        return Err(SaslError::Malformed);
+    }
+    for f in rest.split(|&b| b == 0x01) {
+        check_field(f)?;
+    }
+    Ok(OauthIdentity { user })
+}
+
+/// Decodes a SCRAM client-first message (RFC 5802): `n,,n=USER,r=NONCE`. Returns the user name.
+/// Channel binding (`p=`, the -PLUS variants) is refused for the same reason as above.
+pub fn decode_scram_client_first(b64: &[u8]) -> Result<String, SaslError> {
+    let raw = decode_b64(b64)?;
+    check_field(&raw)?;
+    let text = std::str::from_utf8(&raw).map_err(|_| SaslError::Utf8)?;
+    let mut fields = text.splitn(3, ',');
+    match fields.next() {
+        Some("n" | "y") => {}
+        _ => return Err(SaslError::Malformed),
+    }
+    let _authzid = fields.next().ok_or(SaslError::Malformed)?;
+    let bare = fields.next().ok_or(SaslError::Malformed)?;
+    let mut bare_fields = bare.split(',');
+    let user = bare_fields
+        .next()
+        .and_then(|n| n.strip_prefix("n="))
+        .map(decode_saslname)
+        .transpose()?
+        .ok_or(SaslError::Malformed)?;
+    if user.is_empty() || !bare_fields.any(|f| f.starts_with("r=")) {
+        return Err(SaslError::Malformed);
+    }
+    Ok(user)
+}
+
+/// SCRAM/GS2 `saslname`: `=2C` is a comma, `=3D` an equals sign; any other `=` is an error.
+fn decode_saslname(s: &str) -> Result<String, SaslError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('=') {
+        out.push_str(&rest[..i]);
+        match rest.get(i..i + 3) {
+            Some("=2C") => out.push(','),
+            Some("=3D") => out.push('='),
+            _ => return Err(SaslError::Malformed),
+        }
+        rest = &rest[i + 3..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Decodes a CRAM-MD5 response (RFC 2195): base64 of `USER SP HEXDIGEST`.
+pub fn decode_cram_md5(b64: &[u8]) -> Result<(String, String), SaslError> {
+    let raw = decode_b64(b64)?;
+    check_field(&raw)?;
+    let text = std::str::from_utf8(&raw).map_err(|_| SaslError::Utf8)?;
+    let (user, digest) = text.rsplit_once(' ').ok_or(SaslError::Malformed)?;
+    if user.is_empty() || digest.len() != 32 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(SaslError::Malformed);
+    }
+    Ok((user.to_string(), digest.to_ascii_lowercase()))
+}
+
+/// Lowercase hex of MD5(`salt` + `secret`): the APOP digest (RFC 1939 §7).
+pub fn apop_digest(salt: &str, secret: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    let mut h = Md5::new();
+    h.update(salt.as_bytes());
+    h.update(secret);
+    hex(&h.finalize())
+}
+
+/// Lowercase hex of HMAC-MD5(`secret`, `challenge`): the CRAM-MD5 digest (RFC 2195).
+pub fn cram_md5_digest(challenge: &str, secret: &[u8]) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
+    // HMAC takes keys of any length, so this never fails; an empty digest would match nothing anyway.
+    let Ok(mut mac) = <Hmac<md5::Md5> as KeyInit>::new_from_slice(secret) else {
+        return String::new();
+    };
+    mac.update(challenge.as_bytes());
+    hex(&mac.finalize().into_bytes())
+}
+
+/// Compares two digests without an early exit.
+pub fn digests_match(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |d, (x, y)| d | (x ^ y.to_ascii_lowercase()))
+            == 0
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+#[cfg(test)]
+mod mechanism_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn rfc_vectors_for_apop_and_cram_md5() {
+        // RFC 1939 §7 and RFC 2195 §2.
+        assert_eq!(
+            apop_digest("<1896.697170952@dbc.mtview.ca.us>", b"tanstaaf"),
+            "c4c9334bac560ecc979e58001b3e22fb"
+        );
+        assert_eq!(
+            cram_md5_digest(
+                "<1896.697170952@postoffice.reston.mci.net>",
+                b"tanstaaftanstaaf"
+            ),
+            "b913a602c7eda7a495b4e6e7334d3890"
+        );
+        let (user, digest) =
+            decode_cram_md5(encode_b64(b"tim b913a602c7eda7a495b4e6e7334d3890").as_bytes())
+                .unwrap();
+        assert_eq!(
+            (user.as_str(), digest.as_str()),
+            ("tim", "b913a602c7eda7a495b4e6e7334d3890")
+        );
+        assert!(digests_match(
+            "b913a602c7eda7a495b4e6e7334d3890",
+            "B913A602C7EDA7A495B4E6E7334D3890"
+        ));
+        assert!(!digests_match(
+            "b913a602c7eda7a495b4e6e7334d3891",
+            "b913a602c7eda7a495b4e6e7334d3890"
+        ));
+    }
+
+    #[test]
+    fn oauth_and_scram_identities() {
+        let x = encode_b64(b"user=alice@example.com\x01auth=Bearer ya29.token\x01\x01");
+        assert_eq!(
+            decode_xoauth2(x.as_bytes()).unwrap().user,
+            "alice@example.com"
+        );
+        let o = encode_b64(
+            b"n,a=bob@example.com,\x01host=pop.example.com\x01port=995\x01auth=Bearer tok\x01\x01",
+        );
+        assert_eq!(
+            decode_oauthbearer(o.as_bytes()).unwrap().user,
+            "bob@example.com"
+        );
+        let bound = encode_b64(b"p=tls-unique,a=bob,\x01auth=Bearer tok\x01\x01");
+        assert_eq!(
+            decode_oauthbearer(bound.as_bytes()),
+            Err(SaslError::Malformed)
+        );
+        let s = encode_b64(b"n,,n=carol=2Cx@example.com,r=fyko+d2lbbFgONRv9qkxdawL");
+        assert_eq!(
+            decode_scram_client_first(s.as_bytes()).unwrap(),
+            "carol,x@example.com"
+        );
+        let plus = encode_b64(b"p=tls-server-end-point,,n=carol,r=abc");
+        assert_eq!(
+            decode_scram_client_first(plus.as_bytes()),
+            Err(SaslError::Malformed)
+        );
+        let bad = encode_b64(b"n,,n=car=ol,r=abc");
+        assert_eq!(
+            decode_scram_client_first(bad.as_bytes()),
+            Err(SaslError::Malformed)
+        );
+        let smuggled = encode_b64(b"user=a\r\nDELE 1\x01auth=Bearer t\x01\x01");
+        assert_eq!(
+            decode_xoauth2(smuggled.as_bytes()),
+            Err(SaslError::ControlCharacter)
+        );
+    }
+}

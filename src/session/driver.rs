@@ -129,10 +129,13 @@ impl ClientSession {
     pub async fn next_login(&mut self) -> Result<Credentials, SessionEnd> {
         loop {
             while !self.machine.is_waiting() {
-                let actions = match self
-                    .framer
-                    .next_frame(&mut self.buf, self.machine.line_limit())
-                {
+                // AUTH lines may carry long initial responses (OAuth tokens), like SASL continuations.
+                let limit = if self.buf.len() >= 5 && self.buf[..5].eq_ignore_ascii_case(b"AUTH ") {
+                    crate::protocol::MAX_SASL_LINE
+                } else {
+                    self.machine.line_limit()
+                };
+                let actions = match self.framer.next_frame(&mut self.buf, limit) {
                     Some(Frame::Line(line)) => self.machine.on_line(&line),
                     Some(Frame::TooLong) => self.machine.on_too_long(),
                     None => break,
@@ -258,6 +261,25 @@ impl ClientSession {
         {
             Err(_) => Err(SessionEnd::Timeout),
             Ok(r) => r.map_err(SessionEnd::Io),
+        }
+    }
+}
+
+/// Relays a store's SASL challenges to the client and returns the client's answers (SCRAM, OAuth errors).
+impl crate::upstream::backend::SaslRelay for ClientSession {
+    async fn exchange(&mut self, challenge_line: Vec<u8>) -> Option<Vec<u8>> {
+        self.out.extend_from_slice(&challenge_line);
+        self.flush().await.ok()?;
+        loop {
+            match self
+                .framer
+                .next_frame(&mut self.buf, crate::protocol::MAX_SASL_LINE)
+            {
+                Some(Frame::Line(line)) => return Some(line),
+                Some(Frame::TooLong) => return Some(b"*".to_vec()),
+                None => {}
+            }
+            self.read_more().await.ok()?;
         }
     }
 }

@@ -5,4 +5,4 @@ pub mod driver;
 pub mod state;
 
 pub use driver::{ClientSession, SessionEnd};
-pub use state::{Action, Authorization, Credentials, Mechanism, Transport};
+pub use state::{Action, Authorization, Credentials, Mechanism, Offer, Transport};

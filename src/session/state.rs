@@ -30,14 +30,30 @@ pub struct Limits {
 }
 
 /// How the client logged in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Mechanism {
     /// USER/PASS.
+    #[serde(rename = "user")]
     UserPass,
+    /// APOP (RFC 1939).
+    Apop,
     /// AUTH PLAIN.
     Plain,
     /// AUTH LOGIN.
     Login,
+    /// AUTH CRAM-MD5 (RFC 2195).
+    CramMd5,
+    /// AUTH XOAUTH2 (Google/Microsoft).
+    Xoauth2,
+    /// AUTH OAUTHBEARER (RFC 7628).
+    Oauthbearer,
+    /// AUTH SCRAM-SHA-1 (RFC 5802).
+    #[serde(rename = "scram-sha-1")]
+    ScramSha1,
+    /// AUTH SCRAM-SHA-256 (RFC 7677).
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
 }
 
 impl Mechanism {
@@ -45,8 +61,77 @@ impl Mechanism {
     pub fn as_str(self) -> &'static str {
         match self {
             Mechanism::UserPass => "user",
+            Mechanism::Apop => "apop",
             Mechanism::Plain => "plain",
             Mechanism::Login => "login",
+            Mechanism::CramMd5 => "cram-md5",
+            Mechanism::Xoauth2 => "xoauth2",
+            Mechanism::Oauthbearer => "oauthbearer",
+            Mechanism::ScramSha1 => "scram-sha-1",
+            Mechanism::ScramSha256 => "scram-sha-256",
+        }
+    }
+
+    /// The SASL name, for CAPA and AUTH (None for USER and APOP).
+    pub fn sasl_name(self) -> Option<&'static str> {
+        Some(match self {
+            Mechanism::UserPass | Mechanism::Apop => return None,
+            Mechanism::Plain => "PLAIN",
+            Mechanism::Login => "LOGIN",
+            Mechanism::CramMd5 => "CRAM-MD5",
+            Mechanism::Xoauth2 => "XOAUTH2",
+            Mechanism::Oauthbearer => "OAUTHBEARER",
+            Mechanism::ScramSha1 => "SCRAM-SHA-1",
+            Mechanism::ScramSha256 => "SCRAM-SHA-256",
+        })
+    }
+
+    /// Mechanisms that put a reusable secret (password or bearer token) on the wire: plaintext policy applies.
+    pub fn reveals_secret(self) -> bool {
+        matches!(
+            self,
+            Mechanism::UserPass
+                | Mechanism::Plain
+                | Mechanism::Login
+                | Mechanism::Xoauth2
+                | Mechanism::Oauthbearer
+        )
+    }
+
+    fn from_sasl(name: &str) -> Option<Self> {
+        [
+            Mechanism::Plain,
+            Mechanism::Login,
+            Mechanism::CramMd5,
+            Mechanism::Xoauth2,
+            Mechanism::Oauthbearer,
+            Mechanism::ScramSha1,
+            Mechanism::ScramSha256,
+        ]
+        .into_iter()
+        .find(|m| m.sasl_name() == Some(name))
+    }
+}
+
+/// What this connection offers: mechanisms that can work here, the greeting, and the challenge used by
+/// APOP and CRAM-MD5. Built by the driver from the config and the connection (no I/O here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    /// Mechanisms some tenant reachable on this connection accepts (before the plaintext policy).
+    pub mechanisms: Vec<Mechanism>,
+    /// The greeting line, CRLF included (popgate's own, or a store's in APOP passthrough).
+    pub greeting: Vec<u8>,
+    /// The APOP timestamp in the greeting / the CRAM-MD5 challenge, when those can work here.
+    pub challenge: Option<String>,
+}
+
+impl Offer {
+    /// popgate's plain greeting and the classic mechanisms only (USER, PLAIN, LOGIN).
+    pub fn basic() -> Self {
+        Self {
+            mechanisms: vec![Mechanism::UserPass, Mechanism::Plain, Mechanism::Login],
+            greeting: b"+OK popgate ready\r\n".to_vec(),
+            challenge: None,
         }
     }
 }
@@ -60,8 +145,12 @@ pub struct Credentials {
     pub login: String,
     /// SASL authorization identity, when different from the login.
     pub authzid: Option<String>,
-    /// The password (masked in Debug).
+    /// The secret material (masked in Debug): the password (USER, PLAIN, LOGIN); the client's digest
+    /// (APOP, CRAM-MD5); the client's base64 initial response, relayed unchanged (XOAUTH2, OAUTHBEARER,
+    /// SCRAM client-first).
     pub password: Secret,
+    /// The challenge the digest answers (APOP timestamp, CRAM-MD5 challenge).
+    pub challenge: Option<String>,
 }
 
 /// What the driver must do next, in order.
@@ -81,8 +170,8 @@ pub enum Action {
 enum Phase {
     Idle,
     HaveUser(String),
-    SaslPlain,
-    SaslLoginUser,
+    /// Waiting for the client's first response to an AUTH without initial response.
+    SaslInitial(Mechanism),
     SaslLoginPass(String),
     LoginPending,
     StartingTls,
@@ -94,20 +183,25 @@ enum Phase {
 pub struct Authorization {
     transport: Transport,
     limits: Limits,
+    offer: Offer,
     phase: Phase,
     bad_commands: u32,
     failed_logins: u32,
     quit: bool,
 }
 
-const GREETING: &[u8] = b"+OK popgate ready\r\n";
-
 impl Authorization {
-    /// A fresh machine for a new connection.
+    /// A fresh machine offering USER, PLAIN and LOGIN with popgate's own greeting.
     pub fn new(transport: Transport, limits: Limits) -> Self {
+        Self::with_offer(transport, limits, Offer::basic())
+    }
+
+    /// A fresh machine with what this connection offers.
+    pub fn with_offer(transport: Transport, limits: Limits, offer: Offer) -> Self {
         Self {
             transport,
             limits,
+            offer,
             phase: Phase::Idle,
             bad_commands: 0,
             failed_logins: 0,
@@ -115,15 +209,34 @@ impl Authorization {
         }
     }
 
-    /// The greeting line. No APOP timestamp: popgate cannot check APOP digests without a secrets source.
-    pub fn greeting(&self) -> &'static [u8] {
-        GREETING
+    /// The greeting line (with an APOP timestamp only where APOP can work).
+    pub fn greeting(&self) -> &[u8] {
+        &self.offer.greeting
+    }
+
+    /// Whether `m` can be used on this connection now (offered, and TLS up if it reveals a secret).
+    fn usable(&self, m: Mechanism) -> bool {
+        let challenge_ok =
+            !matches!(m, Mechanism::Apop | Mechanism::CramMd5) || self.offer.challenge.is_some();
+        self.offer.mechanisms.contains(&m)
+            && challenge_ok
+            && (!m.reveals_secret() || self.plaintext_ok())
+    }
+
+    fn sasl_list(&self) -> Vec<&'static str> {
+        let mut v: Vec<Mechanism> = self.offer.mechanisms.clone();
+        v.sort();
+        v.dedup();
+        v.into_iter()
+            .filter(|m| self.usable(*m))
+            .filter_map(Mechanism::sasl_name)
+            .collect()
     }
 
     /// The longest line accepted in the current phase (SASL responses may carry long tokens).
     pub fn line_limit(&self) -> usize {
         match self.phase {
-            Phase::SaslPlain | Phase::SaslLoginUser | Phase::SaslLoginPass(_) => MAX_SASL_LINE,
+            Phase::SaslInitial(_) | Phase::SaslLoginPass(_) => MAX_SASL_LINE,
             _ => MAX_COMMAND_LINE,
         }
     }
@@ -162,8 +275,7 @@ impl Authorization {
     /// Handles one complete client line (CRLF removed).
     pub fn on_line(&mut self, line: &[u8]) -> Vec<Action> {
         match std::mem::replace(&mut self.phase, Phase::Idle) {
-            Phase::SaslPlain => return self.sasl_plain_response(line),
-            Phase::SaslLoginUser => return self.sasl_login_user(line),
+            Phase::SaslInitial(m) => return self.sasl_initial(m, line),
             Phase::SaslLoginPass(user) => return self.sasl_login_pass(user, line),
             Phase::HaveUser(user) => self.phase = Phase::HaveUser(user),
             waiting @ (Phase::LoginPending | Phase::StartingTls | Phase::Closed) => {
@@ -202,6 +314,9 @@ impl Authorization {
                     Action::StartTls,
                 ]
             }
+            Command::User(_) if !self.offer.mechanisms.contains(&Mechanism::UserPass) => {
+                self.bad("-ERR [AUTH] USER/PASS is not available here")
+            }
             Command::User(_) if !self.plaintext_ok() => self.tls_required(),
             Command::User(name) => {
                 // +OK whatever the name: refusing here would let anyone probe for names and domains.
@@ -214,19 +329,35 @@ impl Authorization {
                     login,
                     authzid: None,
                     password: Secret::new(password),
+                    challenge: None,
                 }),
                 _ => self.bad("-ERR USER first"),
             },
-            Command::Apop { .. } => {
+            Command::Apop { name, digest } => {
                 self.phase = Phase::Idle;
-                self.bad("-ERR [AUTH] APOP is not available here; use USER/PASS or AUTH")
+                let valid = digest.len() == 32 && digest.bytes().all(|b| b.is_ascii_hexdigit());
+                match (&self.offer.challenge, self.usable(Mechanism::Apop)) {
+                    (Some(challenge), true) if valid => {
+                        let challenge = challenge.clone();
+                        self.login(Credentials {
+                            mechanism: Mechanism::Apop,
+                            login: name,
+                            authzid: None,
+                            password: Secret::new(digest.to_ascii_lowercase().into_bytes()),
+                            challenge: Some(challenge),
+                        })
+                    }
+                    (Some(_), true) => self.bad("-ERR [AUTH] Malformed APOP digest"),
+                    _ => self.bad("-ERR [AUTH] APOP is not available here; use USER/PASS or AUTH"),
+                }
             }
             Command::Auth {
                 mechanism: None, ..
             } => {
                 let mut reply = b"+OK Supported mechanisms follow\r\n".to_vec();
-                if self.plaintext_ok() {
-                    reply.extend_from_slice(b"PLAIN\r\nLOGIN\r\n");
+                for name in self.sasl_list() {
+                    reply.extend_from_slice(name.as_bytes());
+                    reply.extend_from_slice(b"\r\n");
                 }
                 reply.extend_from_slice(b".\r\n");
                 vec![Action::Send(reply)]
@@ -246,10 +377,7 @@ impl Authorization {
 
     /// The current line was longer than [`Self::line_limit`].
     pub fn on_too_long(&mut self) -> Vec<Action> {
-        if matches!(
-            self.phase,
-            Phase::SaslPlain | Phase::SaslLoginUser | Phase::SaslLoginPass(_)
-        ) {
+        if matches!(self.phase, Phase::SaslInitial(_) | Phase::SaslLoginPass(_)) {
             self.phase = Phase::Idle;
         }
         self.bad("-ERR Line too long")
@@ -281,8 +409,14 @@ impl Authorization {
 
     fn capa(&self) -> Vec<u8> {
         let mut r = b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n".to_vec();
-        if self.plaintext_ok() {
-            r.extend_from_slice(b"USER\r\nSASL PLAIN LOGIN\r\n");
+        if self.usable(Mechanism::UserPass) {
+            r.extend_from_slice(b"USER\r\n");
+        }
+        let sasl = self.sasl_list();
+        if !sasl.is_empty() {
+            r.extend_from_slice(b"SASL ");
+            r.extend_from_slice(sasl.join(" ").as_bytes());
+            r.extend_from_slice(b"\r\n");
         }
         if self.stls_available() {
             r.extend_from_slice(b"STLS\r\n");
@@ -291,55 +425,93 @@ impl Authorization {
         r
     }
 
-    fn auth(&mut self, mech: &str, initial: Option<Vec<u8>>) -> Vec<Action> {
-        match mech {
-            "PLAIN" | "LOGIN" if !self.plaintext_ok() => self.tls_required(),
-            "PLAIN" => match initial {
-                Some(ir) => self.sasl_plain_response(&ir),
-                None => {
-                    self.phase = Phase::SaslPlain;
-                    vec![Action::Send(b"+ \r\n".to_vec())]
-                }
-            },
-            "LOGIN" => match initial {
-                Some(ir) => self.sasl_login_user(&ir),
-                None => {
-                    self.phase = Phase::SaslLoginUser;
-                    // base64("Username:")
-                    vec![Action::Send(b"+ VXNlcm5hbWU6\r\n".to_vec())]
-                }
-            },
-            _ => self.bad("-ERR [AUTH] Unsupported authentication mechanism"),
+    fn auth(&mut self, name: &str, initial: Option<Vec<u8>>) -> Vec<Action> {
+        let Some(mech) = Mechanism::from_sasl(name) else {
+            return self.bad("-ERR [AUTH] Unsupported authentication mechanism");
+        };
+        if !self.offer.mechanisms.contains(&mech) {
+            return self.bad("-ERR [AUTH] Unsupported authentication mechanism");
+        }
+        if mech.reveals_secret() && !self.plaintext_ok() {
+            return self.tls_required();
+        }
+        if !self.usable(mech) {
+            return self.bad("-ERR [AUTH] Unsupported authentication mechanism");
+        }
+        match (mech, initial) {
+            // CRAM-MD5 is server-first: an initial response is a protocol error (RFC 5034 §4).
+            (Mechanism::CramMd5, Some(_)) => {
+                self.bad("-ERR [AUTH] CRAM-MD5 takes no initial response")
+            }
+            (Mechanism::CramMd5, None) => {
+                self.phase = Phase::SaslInitial(mech);
+                let challenge = self.offer.challenge.clone().unwrap_or_default();
+                let mut line = b"+ ".to_vec();
+                line.extend_from_slice(sasl::encode_b64(challenge.as_bytes()).as_bytes());
+                line.extend_from_slice(b"\r\n");
+                vec![Action::Send(line)]
+            }
+            (_, Some(ir)) => self.sasl_initial(mech, &ir),
+            (Mechanism::Login, None) => {
+                self.phase = Phase::SaslInitial(mech);
+                // base64("Username:")
+                vec![Action::Send(b"+ VXNlcm5hbWU6\r\n".to_vec())]
+            }
+            (_, None) => {
+                self.phase = Phase::SaslInitial(mech);
+                vec![Action::Send(b"+ \r\n".to_vec())]
+            }
         }
     }
 
-    fn sasl_plain_response(&mut self, line: &[u8]) -> Vec<Action> {
+    /// The client's first SASL response (initial response or answer to the first challenge).
+    fn sasl_initial(&mut self, mech: Mechanism, line: &[u8]) -> Vec<Action> {
         if line == b"*" {
             return self.cancelled();
         }
-        match sasl::decode_plain(line) {
-            Ok(p) => self.login(Credentials {
-                mechanism: Mechanism::Plain,
+        let creds = |login: String, password: Vec<u8>, challenge: Option<String>| Credentials {
+            mechanism: mech,
+            login,
+            authzid: None,
+            password: Secret::new(password),
+            challenge,
+        };
+        let parsed = match mech {
+            Mechanism::Plain => sasl::decode_plain(line).map(|p| Credentials {
+                mechanism: mech,
                 login: p.authcid,
                 authzid: p.authzid,
                 password: p.password,
+                challenge: None,
             }),
-            Err(e) => self.sasl_error(e),
-        }
-    }
-
-    fn sasl_login_user(&mut self, line: &[u8]) -> Vec<Action> {
-        if line == b"*" {
-            return self.cancelled();
-        }
-        match sasl::decode_login_field(line)
-            .and_then(|u| String::from_utf8(u).map_err(|_| SaslError::Utf8))
-        {
-            Ok(user) => {
-                self.phase = Phase::SaslLoginPass(user);
-                // base64("Password:")
-                vec![Action::Send(b"+ UGFzc3dvcmQ6\r\n".to_vec())]
+            Mechanism::Login => {
+                return match sasl::decode_login_field(line)
+                    .and_then(|u| String::from_utf8(u).map_err(|_| SaslError::Utf8))
+                {
+                    Ok(user) => {
+                        self.phase = Phase::SaslLoginPass(user);
+                        // base64("Password:")
+                        vec![Action::Send(b"+ UGFzc3dvcmQ6\r\n".to_vec())]
+                    }
+                    Err(e) => self.sasl_error(e),
+                };
             }
+            Mechanism::CramMd5 => sasl::decode_cram_md5(line).map(|(user, digest)| {
+                creds(user, digest.into_bytes(), self.offer.challenge.clone())
+            }),
+            Mechanism::Xoauth2 => {
+                sasl::decode_xoauth2(line).map(|id| creds(id.user, line.to_vec(), None))
+            }
+            Mechanism::Oauthbearer => {
+                sasl::decode_oauthbearer(line).map(|id| creds(id.user, line.to_vec(), None))
+            }
+            Mechanism::ScramSha1 | Mechanism::ScramSha256 => {
+                sasl::decode_scram_client_first(line).map(|user| creds(user, line.to_vec(), None))
+            }
+            Mechanism::UserPass | Mechanism::Apop => Err(SaslError::Malformed),
+        };
+        match parsed {
+            Ok(c) => self.login(c),
             Err(e) => self.sasl_error(e),
         }
     }
@@ -354,6 +526,7 @@ impl Authorization {
                 login: user,
                 authzid: None,
                 password: Secret::new(pw),
+                challenge: None,
             }),
             Err(e) => self.sasl_error(e),
         }

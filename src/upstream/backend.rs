@@ -23,7 +23,7 @@ use crate::protocol::MAX_REPLY_LINE;
 use crate::protocol::line::{Frame, LineFramer};
 use crate::protocol::reply::{Capabilities, MultiLine, Status};
 use crate::protocol::sasl;
-use crate::session::{Credentials, Mechanism};
+use crate::secret::Secret;
 use crate::stream::Stream;
 use crate::upstream::dns::Endpoint;
 
@@ -106,6 +106,65 @@ pub struct Prepared {
     reply_timeout: Duration,
     caps: Capabilities,
     xclient: bool,
+    greeting: Vec<u8>,
+    timestamp: Option<String>,
+}
+
+/// What popgate sends to the store to log the client in.
+#[derive(Debug)]
+pub enum StoreAuth<'a> {
+    /// A password: USER/PASS, or AUTH PLAIN (when `plain` and the store offers it).
+    Password {
+        /// Store login name.
+        user: &'a str,
+        /// Password.
+        password: &'a Secret,
+        /// Authorization identity for AUTH PLAIN.
+        authzid: Option<&'a str>,
+        /// Prefer AUTH PLAIN.
+        plain: bool,
+    },
+    /// The client's APOP digest, valid because the client saw this store's own greeting.
+    ApopPassthrough {
+        /// Store login name.
+        user: &'a str,
+        /// The client's digest.
+        digest: &'a str,
+    },
+    /// A secret popgate holds: APOP against the store's own timestamp when it offers one, else USER/PASS.
+    Secret {
+        /// Store login name.
+        user: &'a str,
+        /// The secret.
+        secret: &'a Secret,
+    },
+    /// A SASL exchange relayed between client and store (XOAUTH2, OAUTHBEARER, SCRAM).
+    Sasl {
+        /// Mechanism name.
+        mechanism: &'static str,
+        /// The client's initial response, base64, unchanged.
+        initial: &'a [u8],
+    },
+}
+
+/// The client side of a relayed SASL exchange: shows the store's challenge line to the client and returns the
+/// client's answer line (None when the client went away).
+pub trait SaslRelay: Send {
+    /// One round trip with the client.
+    fn exchange(
+        &mut self,
+        challenge_line: Vec<u8>,
+    ) -> impl std::future::Future<Output = Option<Vec<u8>>> + Send;
+}
+
+/// For logins that need no client round trip.
+#[derive(Debug)]
+pub struct NoRelay;
+
+impl SaslRelay for NoRelay {
+    async fn exchange(&mut self, _challenge_line: Vec<u8>) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 // === impl Connector ===
@@ -150,12 +209,16 @@ impl Connector {
             reply_timeout: self.timeouts.reply,
             caps: Capabilities::default(),
             xclient: false,
+            greeting: Vec::new(),
+            timestamp: None,
         };
         let greeting = match conn.status().await? {
             (Status::Ok, line) => line,
             _ => return Err(LoginError::Unavailable("store greeting was not +OK".into())),
         };
         conn.xclient = contains_code(&greeting, b"[XCLIENT]");
+        conn.timestamp = apop_timestamp(&greeting);
+        conn.greeting = greeting;
         conn.caps = conn.capabilities().await?;
         if mode == BackendTlsMode::Starttls {
             if !conn.caps.stls {
@@ -222,6 +285,15 @@ impl Connector {
     }
 }
 
+/// The RFC 1939 timestamp (`<...@...>`) in a greeting, if any.
+pub fn apop_timestamp(greeting: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(greeting).ok()?;
+    let start = text.rfind('<')?;
+    let end = start + text[start..].find('>')?;
+    let ts = &text[start..=end];
+    (ts.contains('@') && ts.len() <= 256 && !ts.contains(' ')).then(|| ts.to_string())
+}
+
 fn contains_code(line: &[u8], code: &[u8]) -> bool {
     line.windows(code.len())
         .any(|w| w.eq_ignore_ascii_case(code))
@@ -233,6 +305,16 @@ impl Prepared {
     /// Capabilities the store announced.
     pub fn capabilities_seen(&self) -> &Capabilities {
         &self.caps
+    }
+
+    /// The store's greeting line (without CRLF).
+    pub fn greeting(&self) -> &[u8] {
+        &self.greeting
+    }
+
+    /// The store's APOP timestamp, when its greeting has one.
+    pub fn timestamp(&self) -> Option<&str> {
+        self.timestamp.as_deref()
     }
 
     async fn read_line(&mut self) -> Result<Vec<u8>, LoginError> {
@@ -309,16 +391,23 @@ impl AsyncRead for Prepared {
     }
 }
 
-/// Logs in on a prepared connection: XCLIENT first when configured and offered, then USER/PASS (or AUTH
-/// PLAIN when the client used PLAIN and the store offers it).
+/// Logs in on a prepared connection: XCLIENT first when configured and offered, then what `auth` says.
 pub async fn login(
     mut conn: Prepared,
-    user: &str,
-    creds: &Credentials,
+    auth: &StoreAuth<'_>,
     client: Option<&ClientInfo>,
     forwarding: ClientIpForwarding,
+    relay: &mut impl SaslRelay,
 ) -> Result<LoggedIn, LoginError> {
-    if user.is_empty() || user.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+    let user = match auth {
+        StoreAuth::Password { user, .. }
+        | StoreAuth::ApopPassthrough { user, .. }
+        | StoreAuth::Secret { user, .. } => Some(*user),
+        StoreAuth::Sasl { .. } => None,
+    };
+    if let Some(user) = user
+        && (user.is_empty() || user.bytes().any(|b| b.is_ascii_control() || b == b' '))
+    {
         return Err(LoginError::Rejected(
             b"-ERR [AUTH] Authentication failed.\r\n".to_vec(),
         ));
@@ -335,28 +424,63 @@ pub async fn login(
             return Err(LoginError::Unavailable("store refused XCLIENT".into()));
         }
     }
-    let use_plain =
-        creds.mechanism == Mechanism::Plain && conn.caps.sasl.iter().any(|m| m == "PLAIN");
-    let (status, line) = if use_plain {
-        let b64 = sasl::encode_plain(creds.authzid.as_deref(), user, &creds.password);
-        conn.send(format!("AUTH PLAIN {b64}\r\n").as_bytes())
-            .await?;
-        conn.status().await?
-    } else {
-        conn.send(format!("USER {user}\r\n").as_bytes()).await?;
-        match conn.status().await? {
-            (Status::Ok, _) => {}
-            (Status::Err { .. }, line) => return Err(refusal(line)),
-            (Status::Continue, _) => {
-                return Err(LoginError::Unavailable("unexpected continuation".into()));
+    let (status, line) = match auth {
+        StoreAuth::Password {
+            user,
+            password,
+            authzid,
+            plain,
+        } => {
+            if *plain && conn.caps.sasl.iter().any(|m| m == "PLAIN") {
+                let b64 = sasl::encode_plain(*authzid, user, password);
+                conn.send(format!("AUTH PLAIN {b64}\r\n").as_bytes())
+                    .await?;
+                conn.status().await?
+            } else {
+                user_pass(&mut conn, user, password).await?
             }
         }
-        let mut pass = Vec::with_capacity(creds.password.expose().len() + 7);
-        pass.extend_from_slice(b"PASS ");
-        pass.extend_from_slice(creds.password.expose());
-        pass.extend_from_slice(b"\r\n");
-        conn.send(&pass).await?;
-        conn.status().await?
+        StoreAuth::ApopPassthrough { user, digest } => {
+            conn.send(format!("APOP {user} {digest}\r\n").as_bytes())
+                .await?;
+            conn.status().await?
+        }
+        StoreAuth::Secret { user, secret } => match conn.timestamp.clone() {
+            Some(ts) => {
+                let digest = sasl::apop_digest(&ts, secret.expose());
+                conn.send(format!("APOP {user} {digest}\r\n").as_bytes())
+                    .await?;
+                conn.status().await?
+            }
+            None => user_pass(&mut conn, user, secret).await?,
+        },
+        StoreAuth::Sasl { mechanism, initial } => {
+            let mut cmd = format!("AUTH {mechanism} ").into_bytes();
+            cmd.extend_from_slice(initial);
+            cmd.extend_from_slice(b"\r\n");
+            conn.send(&cmd).await?;
+            // Relay challenges and answers until the store decides; bounded so a chatty peer cannot loop.
+            let mut rounds = 0;
+            loop {
+                let (status, line) = conn.status().await?;
+                if status != Status::Continue {
+                    break (status, line);
+                }
+                rounds += 1;
+                if rounds > 8 {
+                    return Err(LoginError::Unavailable("SASL exchange too long".into()));
+                }
+                let mut answer = match relay.exchange(with_crlf(line)).await {
+                    Some(a) => a,
+                    None => return Err(LoginError::Unavailable("client left during SASL".into())),
+                };
+                if answer.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+                    answer = b"*".to_vec();
+                }
+                answer.extend_from_slice(b"\r\n");
+                conn.send(&answer).await?;
+            }
+        }
     };
     match status {
         Status::Ok => Ok(LoggedIn {
@@ -367,6 +491,27 @@ pub async fn login(
         Status::Err { .. } => Err(refusal(line)),
         Status::Continue => Err(LoginError::Unavailable("unexpected continuation".into())),
     }
+}
+
+async fn user_pass(
+    conn: &mut Prepared,
+    user: &str,
+    password: &Secret,
+) -> Result<(Status, Vec<u8>), LoginError> {
+    conn.send(format!("USER {user}\r\n").as_bytes()).await?;
+    match conn.status().await? {
+        (Status::Ok, _) => {}
+        (Status::Err { .. }, line) => return Ok((Status::Err { code: None }, line)),
+        (Status::Continue, _) => {
+            return Err(LoginError::Unavailable("unexpected continuation".into()));
+        }
+    }
+    let mut pass = Vec::with_capacity(password.expose().len() + 7);
+    pass.extend_from_slice(b"PASS ");
+    pass.extend_from_slice(password.expose());
+    pass.extend_from_slice(b"\r\n");
+    conn.send(&pass).await?;
+    conn.status().await
 }
 
 fn refusal(line: Vec<u8>) -> LoginError {

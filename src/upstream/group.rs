@@ -10,14 +10,15 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::backend::{self, ClientInfo, Connector, LoggedIn, LoginError, Prepared};
+use super::backend::{
+    self, ClientInfo, Connector, LoggedIn, LoginError, Prepared, SaslRelay, StoreAuth,
+};
 use super::balance::{Balancer, Candidate, Policy};
 use super::dns::{Discovery, Endpoint, Target};
 use super::health::{self, HealthState, ProbeSettings};
 use super::pool::{Pool, PoolSettings};
 use crate::config::{BackendSpec, BackendTlsMode, HealthConfig, PoolConfig, TenantConfig};
 use crate::metrics::Metrics;
-use crate::session::Credentials;
 
 /// One store of a group.
 #[derive(Debug)]
@@ -295,9 +296,9 @@ impl StoreGroup {
     pub async fn login(
         &self,
         mailbox: &str,
-        user: &str,
-        creds: &Credentials,
+        auth: &StoreAuth<'_>,
         client: &ClientInfo,
+        relay: &mut impl SaslRelay,
     ) -> Result<(LoggedIn, ActiveSession), GroupError> {
         let stores = self.stores.load_full();
         if stores.is_empty() {
@@ -332,7 +333,7 @@ impl StoreGroup {
                 return Err(GroupError::NoStore(format!("{} is down", store.id)));
             }
             let session = ActiveSession::new(store.clone());
-            match self.login_on(store, user, creds, client).await {
+            match self.login_on(store, auth, client, relay).await {
                 Ok(logged_in) => return Ok((logged_in, session)),
                 Err(LoginError::Temporary(line)) if self.shared_storage && is_sys_temp(&line) => {
                     last = Some(LoginError::Temporary(line));
@@ -353,9 +354,9 @@ impl StoreGroup {
     async fn login_on(
         &self,
         store: &Store,
-        user: &str,
-        creds: &Credentials,
+        auth: &StoreAuth<'_>,
         client: &ClientInfo,
+        relay: &mut impl SaslRelay,
     ) -> Result<LoggedIn, LoginError> {
         let forwarding = self.connector.client_ip;
         if let Some(pool) = &store.pool {
@@ -364,7 +365,7 @@ impl StoreGroup {
                 .pool_checkout(&self.tenant, &store.id, taken.is_some());
             if let Some(prepared) = taken {
                 let started = std::time::Instant::now();
-                let result = backend::login(prepared, user, creds, Some(client), forwarding).await;
+                let result = backend::login(prepared, auth, Some(client), forwarding, relay).await;
                 self.metrics.backend_login(
                     &self.tenant,
                     &store.id,
@@ -397,7 +398,58 @@ impl StoreGroup {
             }
         };
         let started = std::time::Instant::now();
-        let result = backend::login(prepared, user, creds, Some(client), forwarding).await;
+        let result = backend::login(prepared, auth, Some(client), forwarding, relay).await;
+        self.metrics
+            .backend_login(&self.tenant, &store.id, started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// A connection to the group's only store, made before the client is greeted, so the client can be shown
+    /// that store's own greeting (APOP passthrough). None when the group has not exactly one store up.
+    pub async fn prepare_for_greeting(
+        &self,
+        client: &ClientInfo,
+    ) -> Option<(Prepared, ActiveSession)> {
+        let stores = self.stores.load_full();
+        let [store] = stores.as_slice() else {
+            return None;
+        };
+        if !store.health.is_up() {
+            return None;
+        }
+        let session = ActiveSession::new(store.clone());
+        if let Some(pool) = &store.pool
+            && let Some(p) = pool.take().await
+        {
+            self.metrics.pool_checkout(&self.tenant, &store.id, true);
+            return Some((p, session));
+        }
+        let p = self
+            .connector
+            .prepare(&store.endpoint, store.tls_mode, Some(client))
+            .await
+            .ok()?;
+        Some((p, session))
+    }
+
+    /// Logs in on a connection from [`Self::prepare_for_greeting`].
+    pub async fn login_prepared(
+        &self,
+        prepared: Prepared,
+        store: &Store,
+        auth: &StoreAuth<'_>,
+        client: &ClientInfo,
+        relay: &mut impl SaslRelay,
+    ) -> Result<LoggedIn, LoginError> {
+        let started = std::time::Instant::now();
+        let result = backend::login(
+            prepared,
+            auth,
+            Some(client),
+            self.connector.client_ip,
+            relay,
+        )
+        .await;
         self.metrics
             .backend_login(&self.tenant, &store.id, started.elapsed().as_secs_f64());
         result

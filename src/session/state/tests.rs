@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::protocol::sasl::encode_b64;
+use crate::session::Offer;
 
 const LIMITS: Limits = Limits {
     max_bad_commands: 3,
@@ -249,4 +250,65 @@ fn arbitrary_lines_keep_invariants() {
             }
         }
     }
+}
+
+fn offering(mechanisms: Vec<Mechanism>, challenge: Option<&str>) -> Authorization {
+    Authorization::with_offer(
+        Transport {
+            tls: false,
+            stls_offered: true,
+            plaintext_before_tls: true,
+        },
+        LIMITS,
+        Offer {
+            mechanisms,
+            greeting: b"+OK hi <1.2@x>\r\n".to_vec(),
+            challenge: challenge.map(str::to_string),
+        },
+    )
+}
+
+#[test]
+fn apop_and_cram_md5_need_a_challenge_and_carry_it() {
+    let all = vec![
+        Mechanism::UserPass,
+        Mechanism::Apop,
+        Mechanism::CramMd5,
+        Mechanism::ScramSha256,
+    ];
+    let mut m = offering(all.clone(), Some("<1.2@x>"));
+    let a = m.on_line(b"APOP mrose c4c9334bac560ecc979e58001b3e22fb");
+    let c = login_of(&a).cloned().unwrap();
+    assert_eq!((c.mechanism, c.login.as_str()), (Mechanism::Apop, "mrose"));
+    assert_eq!(c.challenge.as_deref(), Some("<1.2@x>"));
+
+    let mut m = offering(all.clone(), Some("<1.2@x>"));
+    assert_eq!(
+        sent(&m.on_line(b"AUTH CRAM-MD5")),
+        format!("+ {}\r\n", encode_b64(b"<1.2@x>"))
+    );
+    let c = login_of(&m.on_line(encode_b64(b"tim b913a602c7eda7a495b4e6e7334d3890").as_bytes()))
+        .cloned()
+        .unwrap();
+    assert_eq!((c.mechanism, c.login.as_str()), (Mechanism::CramMd5, "tim"));
+    let capa = sent(&offering(all.clone(), Some("<1.2@x>")).on_line(b"CAPA"));
+    assert!(capa.contains("SASL CRAM-MD5 SCRAM-SHA-256\r\n"), "{capa}");
+
+    let mut m = offering(all, None);
+    assert!(sent(&m.on_line(b"APOP mrose c4c9334bac560ecc979e58001b3e22fb")).starts_with("-ERR"));
+    assert!(!sent(&m.on_line(b"CAPA")).contains("CRAM-MD5"));
+}
+
+#[test]
+fn scram_client_first_routes_on_the_user() {
+    let mut m = offering(vec![Mechanism::ScramSha256], None);
+    let ir = encode_b64(b"n,,n=alice@example.com,r=abc");
+    let c = login_of(&m.on_line(format!("AUTH SCRAM-SHA-256 {ir}").as_bytes()))
+        .cloned()
+        .unwrap();
+    assert_eq!(c.login, "alice@example.com");
+    assert_eq!(c.password.expose(), ir.as_bytes());
+    let mut m = offering(vec![Mechanism::ScramSha256], None);
+    assert!(sent(&m.on_line(b"AUTH PLAIN AGEAYg==")).starts_with("-ERR [AUTH]"));
+    assert!(sent(&m.on_line(b"USER a@b.c")).starts_with("-ERR"));
 }

@@ -1,0 +1,156 @@
+{{/* Names -------------------------------------------------------------------------------------------- */}}
+
+{{- define "popgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "popgate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The admin Service's name: the full name with "-admin", kept within 63 characters. */}}
+{{- define "popgate.adminName" -}}
+{{- printf "%s-admin" (include "popgate.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "popgate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "popgate.labels" -}}
+helm.sh/chart: {{ include "popgate.chart" . }}
+{{ include "popgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "popgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "popgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "popgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "popgate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "popgate.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/* "host:port" with IPv6 literals bracketed. Call with (list host port). */}}
+{{- define "popgate.hostPort" -}}
+{{- $host := index . 0 }}
+{{- $port := index . 1 | int }}
+{{- if contains ":" $host }}
+{{- printf "[%s]:%d" $host $port }}
+{{- else }}
+{{- printf "%s:%d" $host $port }}
+{{- end }}
+{{- end }}
+
+{{/* Config --------------------------------------------------------------------------------------------
+
+The popgate config file: .Values.config plus
+  - listeners built from .Values.listeners (bind = listenAddress:port; PROXY protocol when the Service has it),
+  - admin.bind = listenAddress:admin.port,
+  - tls / tenants.<name>.tls certificate and key paths for the mounted certificate Secrets, where the config
+    does not name them itself.
+.Values is never modified (deepCopy), so every template that includes this renders the same text. */}}
+{{- define "popgate.configYaml" -}}
+{{- $cfg := deepCopy (.Values.config | default dict) }}
+{{- if hasKey $cfg "listeners" }}
+{{- fail "config.listeners is built from .Values.listeners (each: name, port, servicePort, tls, ...); remove it from config" }}
+{{- end }}
+{{- $pp := .Values.service.proxyProtocol }}
+{{- $listeners := list }}
+{{- $seen := dict }}
+{{- range .Values.listeners }}
+{{- if not (and .name .port) }}
+{{- fail "each entry of .Values.listeners needs a name and a port" }}
+{{- end }}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$" .name) }}
+{{- fail (printf "listener name %q: it also names a container port, so use at most 15 lowercase letters, digits and '-'" .name) }}
+{{- end }}
+{{- if eq .name "admin" }}
+{{- fail "listener name \"admin\" is taken by the admin HTTP port" }}
+{{- end }}
+{{- if hasKey $seen .name }}
+{{- fail (printf "listener name %q appears twice in .Values.listeners" .name) }}
+{{- end }}
+{{- $_ := set $seen .name true }}
+{{- $l := omit (deepCopy .) "port" "servicePort" "nodePort" }}
+{{- $_ := set $l "bind" (include "popgate.hostPort" (list $.Values.listenAddress .port)) }}
+{{- if and $pp.enabled (not (hasKey $l "proxy_protocol")) }}
+{{- $_ := set $l "proxy_protocol" (dict "trusted_networks" $pp.trustedNetworks) }}
+{{- end }}
+{{- $listeners = append $listeners $l }}
+{{- end }}
+{{- $_ := set $cfg "listeners" $listeners }}
+{{- $admin := deepCopy (get $cfg "admin" | default dict) }}
+{{- $_ := set $admin "bind" (include "popgate.hostPort" (list .Values.listenAddress .Values.admin.port)) }}
+{{- $_ := set $cfg "admin" $admin }}
+{{- if and .Values.certificates.default.secretName (not (hasKey $cfg "tls")) }}
+{{- $_ := set $cfg "tls" (dict "certificate" "/etc/popgate/tls/tls.crt" "key" "/etc/popgate/tls/tls.key") }}
+{{- end }}
+{{- $tenants := get $cfg "tenants" | default dict }}
+{{- range $name, $cert := .Values.certificates.tenants }}
+{{- if not (hasKey $tenants $name) }}
+{{- fail (printf "certificates.tenants.%s: config.tenants has no tenant %q" $name $name) }}
+{{- end }}
+{{- $tenant := get $tenants $name }}
+{{- $tls := get $tenant "tls" | default dict }}
+{{- if not (hasKey $tls "certificate") }}
+{{- $_ := set $tls "certificate" (printf "/etc/popgate/tls/%s/tls.crt" $name) }}
+{{- end }}
+{{- if not (hasKey $tls "key") }}
+{{- $_ := set $tls "key" (printf "/etc/popgate/tls/%s/tls.key" $name) }}
+{{- end }}
+{{- $_ := set $tenant "tls" $tls }}
+{{- end }}
+{{- /* Drain budget: timeouts.shutdown_grace (when written as plain seconds, "Ns" or "Nm") must fit the pod's
+       grace period. */}}
+{{- with get (get $cfg "timeouts" | default dict) "shutdown_grace" }}
+{{- $grace := toString . }}
+{{- $secs := -1 }}
+{{- if regexMatch "^[0-9]+s?$" $grace }}
+{{- $secs = trimSuffix "s" $grace | int }}
+{{- else if regexMatch "^[0-9]+m$" $grace }}
+{{- $secs = mul (trimSuffix "m" $grace | int) 60 }}
+{{- end }}
+{{- if and (ge $secs 0) (le (int $.Values.shutdown.terminationGracePeriodSeconds) (add $secs (int $.Values.shutdown.preStopSleepSeconds))) }}
+{{- fail (printf "shutdown.terminationGracePeriodSeconds (%d) must exceed shutdown.preStopSleepSeconds (%d) + config.timeouts.shutdown_grace (%ds)" (int $.Values.shutdown.terminationGracePeriodSeconds) (int $.Values.shutdown.preStopSleepSeconds) $secs) }}
+{{- end }}
+{{- end }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/* Service annotations that switch on PROXY protocol (v2 where the provider offers a choice). */}}
+{{- define "popgate.proxyProtocolAnnotations" -}}
+{{- $pp := .Values.service.proxyProtocol }}
+{{- if and $pp.enabled $pp.provider }}
+{{- $known := dict
+  "aws" (dict "service.beta.kubernetes.io/aws-load-balancer-proxy-protocol" "*")
+  "digitalocean" (dict "service.beta.kubernetes.io/do-loadbalancer-enable-proxy-protocol" "true")
+  "hetzner" (dict "load-balancer.hetzner.cloud/uses-proxyprotocol" "true")
+  "linode" (dict "service.beta.kubernetes.io/linode-loadbalancer-default-proxy-protocol" "v2")
+  "scaleway" (dict "service.beta.kubernetes.io/scw-loadbalancer-proxy-protocol-v2" "*")
+}}
+{{- if not (hasKey $known $pp.provider) }}
+{{- fail (printf "service.proxyProtocol.provider %q: expected one of aws, digitalocean, hetzner, linode, scaleway, or \"\" (annotate the Service yourself)" $pp.provider) }}
+{{- end }}
+{{- toYaml (get $known $pp.provider) }}
+{{- end }}
+{{- end }}
