@@ -16,6 +16,7 @@
 //! - [`demo`]: `popgate demo`.
 
 pub mod admin;
+pub mod authhttp;
 pub mod config;
 pub mod demo;
 pub mod listener;
@@ -30,6 +31,7 @@ pub mod runtime;
 pub mod secret;
 pub mod session;
 pub mod stream;
+pub mod throttle;
 pub mod tls;
 pub mod upstream;
 

@@ -16,6 +16,8 @@ use tracing::{error, info, warn};
 use crate::runtime::Runtime;
 
 const TOO_MANY: &[u8] = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n";
+const TOO_MANY_FROM_YOU: &[u8] =
+    b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n";
 
 /// Accepts on `listener` until `stop`, spawning each connection on `tracker`. Each connection is served
 /// with the config snapshot current at its accept, so a reload changes new sessions only.
@@ -35,6 +37,18 @@ pub async fn accept_loop(
         match accepted {
             Ok((tcp, peer)) => match permits.clone().try_acquire_owned() {
                 Ok(permit) => {
+                    // Per-IP rate and concurrency (the PROXY-protocol client address is checked later, at login).
+                    let ip_guard = match runtime.context.throttle.admit(peer.ip()) {
+                        Ok(g) => g,
+                        Err(reason) => {
+                            runtime
+                                .context
+                                .metrics
+                                .throttled(crate::metrics::UNKNOWN_TENANT, reason);
+                            tracker.spawn(refuse(tcp, TOO_MANY_FROM_YOU));
+                            continue;
+                        }
+                    };
                     let shared = runtime.snapshot();
                     let Some(info) = runtime.listener_info(&shared, &name) else {
                         // The listener was just removed by a reload; this connection raced it.
@@ -43,6 +57,7 @@ pub async fn accept_loop(
                     let ctx = runtime.context.clone();
                     tracker.spawn(async move {
                         crate::proxy::serve(ctx, shared, info, tcp, peer).await;
+                        drop(ip_guard);
                         drop(permit);
                     });
                 }
@@ -52,7 +67,7 @@ pub async fn accept_loop(
                         .context
                         .metrics
                         .throttled(crate::metrics::UNKNOWN_TENANT, "connection_cap");
-                    tracker.spawn(refuse(tcp));
+                    tracker.spawn(refuse(tcp, TOO_MANY));
                 }
             },
             Err(e) => {
@@ -68,8 +83,8 @@ pub async fn accept_loop(
     info!(listener = %name, "stopped accepting");
 }
 
-async fn refuse(mut tcp: TcpStream) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(TOO_MANY)).await;
+async fn refuse(mut tcp: TcpStream, line: &'static [u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(line)).await;
 }
 
 /// Binds every configured listener before any is served, so a bad port fails the start as a whole.

@@ -61,6 +61,8 @@ pub struct TenantRuntime {
     pub secrets: Option<HashMap<String, Secret>>,
     /// How popgate logs in to the tenant's stores.
     pub backend_login: BackendLogin,
+    /// The tenant's nginx-style auth service, when it has one.
+    pub auth_http: Option<Arc<crate::authhttp::AuthHttp>>,
 }
 
 /// Why the shared state could not be built.
@@ -91,6 +93,35 @@ pub struct ListenerInfo {
 }
 
 const AUTH_FAILED: &[u8] = b"-ERR [AUTH] Authentication failed.\r\n";
+const LOCKED_OUT: &[u8] = b"-ERR [AUTH] Too many failed logins; try again later\r\n";
+const IN_USE: &[u8] = b"-ERR [IN-USE] Too many sessions for this mailbox\r\n";
+
+/// Records a failed login with the edge defences; waits the growing delay before the `-ERR` goes out (slows
+/// password guessing without holding a store connection), and turns the reply into a lockout notice once
+/// the threshold is reached.
+async fn throttle_failure(
+    ctx: &Context,
+    tenant: &str,
+    ip: std::net::IpAddr,
+    mailbox: &str,
+    reply: Vec<u8>,
+) -> Vec<u8> {
+    match ctx.throttle.login_failed(ip, mailbox) {
+        crate::throttle::Verdict::Allow => reply,
+        crate::throttle::Verdict::Delay(d) => {
+            ctx.metrics.throttled(tenant, "failed_login_delay");
+            tokio::select! {
+                () = tokio::time::sleep(d) => {}
+                () = ctx.draining.cancelled() => {}
+            }
+            reply
+        }
+        crate::throttle::Verdict::LockedOut { .. } => {
+            ctx.metrics.throttled(tenant, "lockout");
+            LOCKED_OUT.to_vec()
+        }
+    }
+}
 
 /// What to send the store, owning what it needs (a secret looked up, a master login name built).
 enum OwnedAuth {
@@ -221,6 +252,104 @@ fn store_auth(
     })
 }
 
+enum AuthHttpOutcome {
+    LoggedIn(crate::upstream::LoggedIn, String),
+    Refused(Vec<u8>),
+    Unavailable(String),
+}
+
+/// nginx `auth_http`: the service checks the client and names the store (and possibly the name and
+/// password to use there); popgate then connects and logs in as told.
+async fn auth_http_login(
+    service: &crate::authhttp::AuthHttp,
+    tenant: &TenantRuntime,
+    creds: &Credentials,
+    auth: &OwnedAuth,
+    backend_user: &str,
+    client: &ClientInfo,
+    relay: &mut ClientSession,
+) -> AuthHttpOutcome {
+    let method = match creds.mechanism {
+        Mechanism::Apop => "apop",
+        Mechanism::CramMd5 => "cram-md5",
+        _ => "plain",
+    };
+    let request = crate::authhttp::AuthRequest {
+        method,
+        user: &creds.login,
+        pass: creds.password.expose(),
+        salt: creds.challenge.as_deref(),
+        protocol: "pop3",
+        attempt: 1,
+        client_ip: client.peer.ip(),
+        client_host: None,
+    };
+    let answer = match service.lookup(&request).await {
+        Ok(a) => a,
+        Err(e) => return AuthHttpOutcome::Unavailable(e.to_string()),
+    };
+    let (server, port, user, pass) = match answer {
+        crate::authhttp::AuthAnswer::Ok {
+            server,
+            port,
+            user,
+            pass,
+        } => (server, port, user, pass),
+        crate::authhttp::AuthAnswer::Refused { message, wait } => {
+            if let Some(wait) = wait {
+                tokio::time::sleep(wait).await;
+            }
+            return AuthHttpOutcome::Refused(format!("-ERR [AUTH] {message}\r\n").into_bytes());
+        }
+    };
+    let addr = match tokio::net::lookup_host((server.as_str(), port))
+        .await
+        .map(|mut a| a.next())
+    {
+        Ok(Some(addr)) => addr,
+        _ => return AuthHttpOutcome::Unavailable(format!("cannot resolve Auth-Server {server}")),
+    };
+    let user = user.unwrap_or_else(|| backend_user.to_string());
+    let store_auth = match (&pass, auth) {
+        (Some(p), _) => StoreAuth::Password {
+            user: &user,
+            password: p,
+            authzid: None,
+            plain: false,
+        },
+        // A digest cannot be replayed to another store: nginx requires Auth-Pass for these methods.
+        (None, _) if matches!(creds.mechanism, Mechanism::Apop | Mechanism::CramMd5) => {
+            return AuthHttpOutcome::Unavailable(
+                "auth_http gave no Auth-Pass for a digest login".into(),
+            );
+        }
+        (None, OwnedAuth::Sasl { .. }) => auth.as_store_auth(),
+        (None, _) => StoreAuth::Password {
+            user: &user,
+            password: &creds.password,
+            authzid: None,
+            plain: false,
+        },
+    };
+    let endpoint = crate::upstream::dns::Endpoint {
+        addr,
+        host: server.clone(),
+        priority: 0,
+        weight: 1,
+    };
+    match tenant
+        .group
+        .login_direct(&endpoint, &store_auth, client, relay)
+        .await
+    {
+        Ok(l) => AuthHttpOutcome::LoggedIn(l, format!("{server}:{port}")),
+        Err(LoginError::Rejected(line) | LoginError::Temporary(line)) => {
+            AuthHttpOutcome::Refused(line)
+        }
+        Err(LoginError::Unavailable(why)) => AuthHttpOutcome::Unavailable(why),
+    }
+}
+
 /// A fresh APOP timestamp / CRAM-MD5 challenge (RFC 1939: `<process-ID.clock@hostname>`), unique per session.
 fn make_challenge(session: u64) -> String {
     let nanos = std::time::SystemTime::now()
@@ -307,6 +436,20 @@ impl Shared {
                 mechanisms,
                 secrets,
                 backend_login: t.backend_login.clone(),
+                auth_http: match &t.auth_http {
+                    Some(a) => Some(Arc::new(
+                        crate::authhttp::AuthHttp::new(crate::authhttp::AuthHttpConfig {
+                            url: a.url.clone(),
+                            timeout: a.timeout.get(),
+                            cache_ttl: a.cache_ttl.get(),
+                            negative_cache_ttl: a.negative_cache_ttl.get(),
+                            cache_size: a.cache_size,
+                            extra_headers: Vec::new(),
+                        })
+                        .map_err(|e| SharedError::Secrets(format!("tenant {name}: {e}")))?,
+                    )),
+                    None => None,
+                },
             });
         }
         let needs_tls = config
@@ -628,7 +771,15 @@ async fn run(
             Err(e) => {
                 info!(mechanism, reason = %e, "login refused: no route");
                 metrics.login(crate::metrics::UNKNOWN_TENANT, mechanism, "no_route");
-                if let Err(end) = session.reject(AUTH_FAILED.to_vec()).await {
+                let reply = throttle_failure(
+                    ctx,
+                    crate::metrics::UNKNOWN_TENANT,
+                    client_info.peer.ip(),
+                    &creds.login.to_lowercase(),
+                    AUTH_FAILED.to_vec(),
+                )
+                .await;
+                if let Err(end) = session.reject(reply).await {
                     return Summary::NoLogin(routed_tenant.clone(), end);
                 }
                 continue;
@@ -664,6 +815,17 @@ async fn run(
             }
             continue;
         }
+        let client_ip = client_info.peer.ip();
+        if let crate::throttle::Verdict::LockedOut { .. } =
+            ctx.throttle.check_login(client_ip, &mailbox_key)
+        {
+            metrics.throttled(tenant_name, "lockout");
+            metrics.login(tenant_name, mechanism, "throttled");
+            if let Err(end) = session.reject(LOCKED_OUT.to_vec()).await {
+                return Summary::NoLogin(routed_tenant.clone(), end);
+            }
+            continue;
+        }
         let via_passthrough = passthrough
             .as_ref()
             .is_some_and(|(_, _, t)| *t == route.tenant);
@@ -678,42 +840,75 @@ async fn run(
             Err(()) => {
                 info!(mechanism, "login refused: digest does not match");
                 metrics.login(tenant_name, mechanism, "rejected");
-                if let Err(end) = session.reject(AUTH_FAILED.to_vec()).await {
+                let reply = throttle_failure(
+                    ctx,
+                    tenant_name,
+                    client_ip,
+                    &mailbox_key,
+                    AUTH_FAILED.to_vec(),
+                )
+                .await;
+                if let Err(end) = session.reject(reply).await {
                     return Summary::NoLogin(routed_tenant.clone(), end);
                 }
                 continue;
             }
         };
         let attempt = match passthrough.take() {
-            Some((prepared, active, t)) if t == route.tenant => {
-                let store_id = active.store().id.clone();
-                let r = tenant
-                    .group
-                    .login_prepared(
-                        prepared,
-                        active.store(),
-                        &auth.as_store_auth(),
-                        &client_info,
-                        &mut session,
-                    )
-                    .await;
-                let _ = store_id;
-                r.map(|l| (l, active)).map_err(GroupError::from)
-            }
+            Some((prepared, active, t)) if t == route.tenant => tenant
+                .group
+                .login_prepared(
+                    prepared,
+                    active.store(),
+                    &auth.as_store_auth(),
+                    &client_info,
+                    &mut session,
+                )
+                .await
+                .map(|l| {
+                    let id = active.store().id.clone();
+                    (l, Some(active), id)
+                })
+                .map_err(GroupError::from),
             other => {
                 passthrough = other;
-                tenant
-                    .group
-                    .login(
-                        &mailbox_key,
-                        &auth.as_store_auth(),
-                        &client_info,
-                        &mut session,
-                    )
-                    .await
+                match &tenant.auth_http {
+                    Some(service) => {
+                        match auth_http_login(
+                            service,
+                            tenant,
+                            &creds,
+                            &auth,
+                            &route.backend_user,
+                            &client_info,
+                            &mut session,
+                        )
+                        .await
+                        {
+                            AuthHttpOutcome::LoggedIn(l, id) => Ok((l, None, id)),
+                            AuthHttpOutcome::Refused(line) => {
+                                Err(GroupError::Login(LoginError::Rejected(line)))
+                            }
+                            AuthHttpOutcome::Unavailable(why) => Err(GroupError::NoStore(why)),
+                        }
+                    }
+                    None => tenant
+                        .group
+                        .login(
+                            &mailbox_key,
+                            &auth.as_store_auth(),
+                            &client_info,
+                            &mut session,
+                        )
+                        .await
+                        .map(|(l, active)| {
+                            let id = active.store().id.clone();
+                            (l, Some(active), id)
+                        }),
+                }
             }
         };
-        let (logged_in, active) = match attempt {
+        let (logged_in, active, addr) = match attempt {
             Ok(l) => l,
             Err(e) => {
                 let result_label = match &e {
@@ -724,7 +919,9 @@ async fn run(
                 let result = match e {
                     GroupError::Login(LoginError::Rejected(line)) => {
                         info!(mechanism, "login refused by store");
-                        session.reject(line).await
+                        let reply =
+                            throttle_failure(ctx, tenant_name, client_ip, &mailbox_key, line).await;
+                        session.reject(reply).await
                     }
                     GroupError::Login(LoginError::Temporary(line)) => {
                         info!("store refused login for now");
@@ -741,7 +938,19 @@ async fn run(
                 continue;
             }
         };
-        let addr = active.store().id.clone();
+        let _mailbox_slot = match ctx.throttle.login_ok(client_ip, &mailbox_key) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                // Too many sessions for this mailbox at the edge: close the store session without QUIT.
+                drop(logged_in);
+                metrics.throttled(tenant_name, reason);
+                metrics.login(tenant_name, mechanism, "throttled");
+                if let Err(end) = session.unavailable(IN_USE.to_vec()).await {
+                    return Summary::NoLogin(routed_tenant.clone(), end);
+                }
+                continue;
+            }
+        };
         metrics.login(tenant_name, mechanism, "ok");
         info!(backend = %addr, mechanism, "logged in");
         let kick = ctx.stop.child_token();

@@ -112,6 +112,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Logged-in sessions.
     pub sessions: SessionRegistry,
+    /// Edge defences (process-wide, so their memory survives reloads).
+    pub throttle: crate::throttle::Throttle,
     /// Cancelled on SIGTERM: stop accepting, end pre-login sessions.
     pub draining: CancellationToken,
     /// Cancelled when the grace period ends (or at once): end everything.
@@ -201,6 +203,7 @@ impl Runtime {
         let context = Arc::new(Context {
             metrics,
             sessions: SessionRegistry::default(),
+            throttle: crate::throttle::Throttle::new(config.throttle.to_throttle()),
             draining: stop.child_token(),
             stop: stop.clone(),
             next_session: AtomicU64::new(1),
@@ -228,6 +231,18 @@ impl Runtime {
         });
         for ((name, bind), tcp) in wanted.into_iter().zip(bound) {
             rt.spawn_listener(name, bind, tcp);
+        }
+        // Forget idle throttle keys now and then, so memory stays bounded under a botnet.
+        {
+            let ctx = rt.context.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = ctx.stop.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(60)) => ctx.throttle.purge(),
+                    }
+                }
+            });
         }
         if let Some(admin) = &config.admin {
             let addr = crate::admin::spawn(rt.clone(), admin).await?;

@@ -48,6 +48,9 @@ pub struct Config {
     /// The admin HTTP server (metrics, health, status, reload, kick). Absent: no admin server.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// Edge defences: failed-login throttling, per-IP caps and connection rates.
+    #[serde(default)]
+    pub throttle: ThrottleSettings,
     /// DNS used to find stores given by name or SRV.
     #[serde(default)]
     pub dns: DnsConfig,
@@ -215,6 +218,10 @@ pub struct TenantConfig {
     /// check APOP and CRAM-MD5 itself and then log in to the store with the secret.
     #[serde(default)]
     pub secrets: Option<PathBuf>,
+    /// Ask an nginx-style `auth_http` service for each login of this tenant: it authenticates the client
+    /// and names the store (Auth-Server may be a host name). Default: none.
+    #[serde(default)]
+    pub auth_http: Option<AuthHttpSettings>,
     /// How popgate logs in to the store: `client` (the client's own mechanism where the store offers it;
     /// default), `user_pass`, `auth_plain`, or `{master: {user: NAME, password: SECRET}}` (`mailbox*NAME`
     /// with the master password, as Dovecot accepts; only after popgate itself checked the client).
@@ -233,6 +240,111 @@ pub struct TenantTls {
     /// SNI names (exact or `*.wildcard`) that select this certificate. Default: each domain `d` as `d` and `*.d`.
     #[serde(default)]
     pub server_names: Vec<String>,
+}
+
+/// Edge defences (see `popgate::throttle`). Defaults suit an ISP edge with carrier-grade NAT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThrottleSettings {
+    /// Client networks exempt from login throttling and per-IP caps (webmail front ends, local checks).
+    /// Default: loopback (`127.0.0.0/8`, `::1/128`).
+    pub trusted_networks: Vec<ipnet::IpNet>,
+    /// Delay before the `-ERR` of a failed login, doubling per further failure. Default 1s.
+    pub failed_login_delay: Seconds,
+    /// Longest such delay. Default 15s.
+    pub failed_login_max_delay: Seconds,
+    /// Failures (per client IP, or per mailbox) that lock it out; 0 never. Default 10.
+    pub lockout_after: u32,
+    /// Lockout length. Default 10m.
+    pub lockout_for: Seconds,
+    /// Forget a quiet key after this long (memory bound). Default 30m.
+    pub forget_after: Seconds,
+    /// Concurrent connections per client IP (IPv6 per /64). Default 100; 0 turns it off.
+    pub max_sessions_per_ip: usize,
+    /// New connections per client IP: burst. Default 30; 0 turns the rate limit off.
+    pub connection_burst: u32,
+    /// New connections per client IP per second after the burst. Default 5.
+    pub connections_per_second: u32,
+    /// Concurrent logged-in sessions per mailbox (`-ERR [IN-USE]` past it); 0 off. Default 0.
+    pub max_sessions_per_mailbox: usize,
+}
+
+impl Default for ThrottleSettings {
+    fn default() -> Self {
+        Self {
+            trusted_networks: ["127.0.0.0/8", "::1/128"]
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+            failed_login_delay: Seconds::from_secs(1),
+            failed_login_max_delay: Seconds::from_secs(15),
+            lockout_after: 10,
+            lockout_for: Seconds::from_secs(600),
+            forget_after: Seconds::from_secs(1800),
+            max_sessions_per_ip: 100,
+            connection_burst: 30,
+            connections_per_second: 5,
+            max_sessions_per_mailbox: 0,
+        }
+    }
+}
+
+impl ThrottleSettings {
+    /// The limiter's configuration.
+    pub fn to_throttle(&self) -> crate::throttle::ThrottleConfig {
+        crate::throttle::ThrottleConfig {
+            trusted: self.trusted_networks.clone(),
+            failed_login_delay: self.failed_login_delay.get(),
+            failed_login_max_delay: self.failed_login_max_delay.get(),
+            lockout_after: self.lockout_after,
+            lockout_for: self.lockout_for.get(),
+            forget_after: self.forget_after.get(),
+            max_sessions_per_ip: (self.max_sessions_per_ip > 0).then_some(self.max_sessions_per_ip),
+            connection_rate_per_ip: (self.connection_burst > 0 && self.connections_per_second > 0)
+                .then(|| {
+                    (
+                        self.connection_burst,
+                        Duration::from_secs(1) / self.connections_per_second,
+                    )
+                }),
+            max_sessions_per_mailbox: (self.max_sessions_per_mailbox > 0)
+                .then_some(self.max_sessions_per_mailbox),
+            ..crate::throttle::ThrottleConfig::default()
+        }
+    }
+}
+
+/// An nginx `auth_http`-compatible service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthHttpSettings {
+    /// `http://host:port/path` (plain HTTP: keep it on loopback or an internal network).
+    pub url: String,
+    /// One lookup's limit. Default 5s.
+    #[serde(default = "default_auth_timeout")]
+    pub timeout: Seconds,
+    /// How long an OK answer is reused. Default 60s.
+    #[serde(default = "default_auth_cache")]
+    pub cache_ttl: Seconds,
+    /// How long a refusal is reused. Default 10s.
+    #[serde(default = "default_auth_negative_cache")]
+    pub negative_cache_ttl: Seconds,
+    /// Answers kept at most. Default 10000.
+    #[serde(default = "default_auth_cache_size")]
+    pub cache_size: usize,
+}
+
+fn default_auth_timeout() -> Seconds {
+    Seconds::from_secs(5)
+}
+fn default_auth_cache() -> Seconds {
+    Seconds::from_secs(60)
+}
+fn default_auth_negative_cache() -> Seconds {
+    Seconds::from_secs(10)
+}
+fn default_auth_cache_size() -> usize {
+    10_000
 }
 
 /// How popgate logs in to stores.

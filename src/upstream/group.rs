@@ -455,6 +455,28 @@ impl StoreGroup {
         result
     }
 
+    /// Logs in on a store named by someone else (an auth_http answer), with the tenant's connector.
+    pub async fn login_direct(
+        &self,
+        endpoint: &Endpoint,
+        auth: &StoreAuth<'_>,
+        client: &ClientInfo,
+        relay: &mut impl SaslRelay,
+    ) -> Result<LoggedIn, LoginError> {
+        let prepared = self
+            .connector
+            .prepare(endpoint, self.default_tls, Some(client))
+            .await?;
+        backend::login(
+            prepared,
+            auth,
+            Some(client),
+            self.connector.client_ip,
+            relay,
+        )
+        .await
+    }
+
     /// Sets the gauges that are read rather than counted (health, pool size), before a scrape.
     pub fn refresh_gauges(&self) {
         for s in self.stores.load().iter() {

@@ -96,6 +96,24 @@ impl Pop3 {
         }
     }
 
+    /// Plain TCP from a chosen local address (e.g. 127.0.0.2, to be "another client"); reads the greeting.
+    pub async fn greeted_from(addr: SocketAddr, local: std::net::IpAddr) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(local, 0))
+            .expect("bind local address");
+        let tcp = socket.connect(addr).await.expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        let mut c = Self {
+            stream: Stream::Plain(tcp),
+            buf: Vec::new(),
+            peer_cert: None,
+        };
+        let g = c.line().await;
+        assert!(g.starts_with("+OK"), "greeting: {g}");
+        c
+    }
+
     /// Implicit TLS with this SNI name; does not read the greeting.
     pub async fn connect_tls(addr: SocketAddr, sni: &str) -> Self {
         let tcp = TcpStream::connect(addr).await.expect("connect");
