@@ -347,3 +347,67 @@ async fn kick_closes_a_mailboxs_sessions_without_quit() {
     assert_eq!(md.messages("u0@example.com").unwrap().len(), 2);
     pg.shutdown();
 }
+
+/// The status page in a real browser: headless Chromium renders it; the DOM shows the tenant and its store,
+/// and a screenshot is kept as a test artefact (target/artifacts/status-page.png).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_renders_in_headless_chromium() {
+    let (_md, server) = store(1, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pg = start(&config(server.local_addr(), ""), dir.path()).await;
+    let url = format!("http://{}/", pg.admin_addr().unwrap());
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let profile = tempfile::tempdir().unwrap();
+    let profile_dir = profile.path().to_path_buf();
+    let chromium = move |extra: &[&str]| {
+        let mut cmd = Command::new("chromium");
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-quic",
+            &format!("--user-data-dir={}", profile_dir.display()),
+            "--window-size=1100,900",
+        ]);
+        cmd.args(extra).arg(&url);
+        cmd.output()
+            .expect("chromium (Debian package chromium) is needed by this test")
+    };
+    let (dom, png) = tokio::task::spawn_blocking({
+        let shot = shot.clone();
+        move || {
+            let dom = chromium(&["--dump-dom"]);
+            let png = chromium(&[&format!("--screenshot={}", shot.display())]);
+            (dom, png)
+        }
+    })
+    .await
+    .unwrap();
+    let html = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        html.contains("id=\"tenant-acme\""),
+        "{html}\n{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    assert!(html.contains("class=\"store up\""), "{html}");
+    assert!(html.contains(&server.local_addr().to_string()), "{html}");
+    assert!(
+        png.status.success(),
+        "{}",
+        String::from_utf8_lossy(&png.stderr)
+    );
+    let bytes = std::fs::read(&shot).expect("screenshot written");
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 5_000,
+        "screenshot too small: {}",
+        bytes.len()
+    );
+    pg.shutdown();
+}
