@@ -20,6 +20,7 @@ pub mod authhttp;
 pub mod config;
 pub mod demo;
 pub mod listener;
+pub mod loadgen;
 pub mod maildrop;
 pub mod metrics;
 pub mod protocol;

@@ -159,6 +159,13 @@ pub fn parse(input: &[u8]) -> Parsed {
                 client,
             }
         }
+        // A v1 header ends with CRLF (HAProxy's spec); a lone LF would make its length depend on what
+        // happens to be buffered.
+        ppp::HeaderResult::V1(Ok(h))
+            if !h.header.ends_with("\r\n") || h.header.matches('\n').count() != 1 =>
+        {
+            Parsed::Invalid
+        }
         ppp::HeaderResult::V1(Ok(h)) => {
             let client = match h.addresses {
                 ppp::v1::Addresses::Tcp4(a) => {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A `Duration` read from `30s`-style text or a plain number of seconds.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Seconds(Duration);
@@ -41,11 +43,19 @@ impl<'de> Deserialize<'de> for Seconds {
             Secs(u64),
             Text(String),
         }
-        match Raw::deserialize(d)? {
-            Raw::Secs(s) => Ok(Self::from_secs(s)),
-            Raw::Text(t) => humantime::parse_duration(t.trim()).map(Self).map_err(|e| {
+        let d = match Raw::deserialize(d)? {
+            Raw::Secs(s) => Duration::from_secs(s),
+            Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
                 serde::de::Error::custom(format!("`{t}` is not a duration like 30s or 10m: {e}"))
-            }),
+            })?,
+        };
+        // Timeouts become deadlines (`Instant + timeout`); a year is far beyond any sane setting and keeps
+        // that addition from overflowing.
+        if d > MAX {
+            return Err(serde::de::Error::custom(
+                "durations are limited to 365 days",
+            ));
         }
+        Ok(Self(d))
     }
 }

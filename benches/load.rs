@@ -1,0 +1,934 @@
+//! The figures of the performance issue: popgate against a direct connection to a real Dovecot store, in
+//! the same run, interleaved, as medians of several rounds. `scripts/bench` builds popgate and runs this
+//! (`cargo bench --bench load -- [--quick] [--rounds N] [--popgate PATH] [--serve SECONDS]`); it needs
+//! Dovecot and root, as the end-to-end tests do.
+//!
+//! Layout: one Dovecot store (plain and implicit-TLS listeners, capacity settings from
+//! `shared/notes/dovecot-in-tests.md`); popgate as separate release processes, one per configuration (pool
+//! on, pool off, and both again with the store reached over implicit TLS), so that each one's RSS and CPU
+//! time can be read from /proc; HAProxy in TCP mode as a reference when it is installed (`haproxy` from
+//! Debian; it is skipped otherwise); the load itself from `popgate::loadgen`, in this process, on a
+//! single-threaded runtime. Memory per idle session is measured on a fresh proxy process per round, so
+//! memory freed by earlier workloads cannot hide the sessions' cost. Loopback only; everything is bounded by
+//! the counts and seconds of the chosen profile. Nothing here asserts a timing: it prints figures.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails loudly where it stands
+
+#[path = "../tests/support/dovecot.rs"]
+#[allow(dead_code)]
+mod dovecot;
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dovecot::{DovecotStore, StoreOptions, TlsPem};
+use popgate::loadgen::hold::{self, HoldArgs};
+use popgate::loadgen::latency::{self, LatencyArgs};
+use popgate::loadgen::logins::{self, LoginsArgs, LoginsReport};
+use popgate::loadgen::retr::{self, RetrArgs};
+use popgate::loadgen::stats::median;
+use popgate::loadgen::{AccountArgs, TargetArgs, TlsMode};
+
+/// Mailboxes the login and hold workloads cycle through.
+const USERS: usize = 100;
+const USER_PATTERN: &str = "u{n}@example.com";
+const PASSWORD: &str = "bench-pw";
+const BIG_USER: &str = "big@example.com";
+const SMALL_USER: &str = "small@example.com";
+const BIG_MIB: usize = 20;
+/// The issue's small message: 5.6 KiB.
+const SMALL_OCTETS: usize = 5734;
+const CONCURRENCY: usize = 50;
+/// Where Debian's `haproxy` package puts the binary.
+const HAPROXY: &str = "/usr/sbin/haproxy";
+
+/// Sizes of one run.
+#[derive(Debug, Clone, Copy)]
+struct Profile {
+    name: &'static str,
+    rounds: usize,
+    login_secs: f64,
+    retr_count: usize,
+    latency_count: usize,
+    hold_sessions: usize,
+    hold_secs: f64,
+}
+
+const FULL: Profile = Profile {
+    name: "full",
+    rounds: 3,
+    login_secs: 8.0,
+    retr_count: 5,
+    latency_count: 2000,
+    hold_sessions: 2000,
+    // Long enough that every held session sends its NOOP (one each 30 s, spread over the first 30 s).
+    hold_secs: 31.0,
+};
+
+const QUICK: Profile = Profile {
+    name: "quick",
+    rounds: 3,
+    login_secs: 3.0,
+    retr_count: 3,
+    latency_count: 1000,
+    hold_sessions: 500,
+    hold_secs: 4.0,
+};
+
+/// A proxy configuration under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// popgate, plain store, pre-warmed connections (the default pool).
+    Pool,
+    /// popgate, plain store, `pool: {min_idle: 0}`.
+    NoPool,
+    /// popgate, store over implicit TLS, pool on.
+    TlsPool,
+    /// popgate, store over implicit TLS, pool off.
+    TlsNoPool,
+    /// HAProxy in TCP mode in front of the plain store (reference; no POP3 awareness).
+    Haproxy,
+}
+
+/// A proxy process: popgate in one configuration, or HAProxy.
+struct Proxy {
+    child: Child,
+    /// Plain POP3 listener.
+    plain: SocketAddr,
+    /// popgate's implicit-TLS listener (self-signed fallback certificate).
+    pop3s: SocketAddr,
+    log: PathBuf,
+}
+
+/// What the run needs to start proxies.
+struct Setup<'a> {
+    popgate: &'a Path,
+    haproxy: bool,
+    dir: &'a Path,
+    store: &'a DovecotStore,
+}
+
+/// One measured way to the store: a label for the figures, where to connect, and the proxy process (for CPU
+/// time).
+struct Via<'a> {
+    name: &'static str,
+    target: TargetArgs,
+    process: Option<&'a Proxy>,
+}
+
+/// Per-round figures, keyed by name; medians are taken at the end.
+#[derive(Default)]
+struct Figures(Vec<(String, Vec<f64>)>);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut profile = if args.iter().any(|a| a == "--quick") {
+        QUICK
+    } else {
+        FULL
+    };
+    let mut popgate_bin = PathBuf::from("target/release/popgate");
+    let mut serve: Option<u64> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--rounds" => {
+                profile.rounds = it.next().and_then(|v| v.parse().ok()).expect("--rounds N");
+            }
+            "--popgate" => popgate_bin = PathBuf::from(it.next().expect("--popgate PATH")),
+            "--serve" => {
+                serve = Some(
+                    it.next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("--serve SECONDS"),
+                )
+            }
+            // `cargo bench` passes `--bench`; `--quick` is read above.
+            _ => {}
+        }
+    }
+    assert!(
+        popgate_bin.exists(),
+        "{} is missing: build it with `cargo build --release` (scripts/bench does)",
+        popgate_bin.display()
+    );
+    let began = Instant::now();
+    let store = start_store(profile);
+    let work = tempfile::Builder::new()
+        .prefix("popgate-bench-")
+        .tempdir()
+        .unwrap();
+    let setup = Setup {
+        popgate: &popgate_bin,
+        haproxy: Path::new(HAPROXY).exists(),
+        dir: work.path(),
+        store: &store,
+    };
+    let mut variants = vec![
+        Variant::Pool,
+        Variant::NoPool,
+        Variant::TlsPool,
+        Variant::TlsNoPool,
+    ];
+    if setup.haproxy {
+        variants.push(Variant::Haproxy);
+    }
+    let procs: Vec<(Variant, Proxy)> = variants
+        .iter()
+        .map(|&v| (v, Proxy::start(&setup, v, &format!("{v:?}"))))
+        .collect();
+    println!(
+        "# popgate vs direct: profile {} ({} rounds), {CONCURRENCY} concurrent logins, {} idle sessions held{}",
+        profile.name,
+        profile.rounds,
+        profile.hold_sessions,
+        if setup.haproxy {
+            ", HAProxy as a reference"
+        } else {
+            " (no HAProxy reference: not installed)"
+        }
+    );
+    if let Some(secs) = serve {
+        serve_for(&store, &procs, secs);
+        return;
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let proc_of = |v: Variant| procs.iter().find(|(w, _)| *w == v).map(|(_, p)| p);
+    let via = |name: &'static str, v: Variant| {
+        proc_of(v).map(|p| Via {
+            name,
+            target: TargetArgs::plain(p.plain),
+            process: Some(p),
+        })
+    };
+    let direct = || Via {
+        name: "direct",
+        target: TargetArgs::plain(store.pop3_addr()),
+        process: None,
+    };
+    // Logins, plaintext store: direct, popgate with and without pool, HAProxy.
+    let login_paths: Vec<Via<'_>> = [
+        Some(direct()),
+        via("pool", Variant::Pool),
+        via("nopool", Variant::NoPool),
+        via("haproxy", Variant::Haproxy),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // Logins, store over TLS: direct is a client speaking POP3S to the store; popgate takes plain clients.
+    let tls_login_paths: Vec<Via<'_>> = [
+        Some(Via {
+            name: "tls.direct",
+            target: TargetArgs::insecure_tls(store.pop3s_addr(), TlsMode::Implicit),
+            process: None,
+        }),
+        via("tls.pool", Variant::TlsPool),
+        via("tls.nopool", Variant::TlsNoPool),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // Throughput and latency: direct, popgate (pool), HAProxy.
+    let session_paths: Vec<Via<'_>> = [
+        Some(direct()),
+        via("pool", Variant::Pool),
+        via("haproxy", Variant::Haproxy),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+
+    // Warm-up: every path once (Dovecot indexes the mailboxes on first access; pools fill).
+    for p in login_paths.iter().chain(&tls_login_paths) {
+        let r = rt
+            .block_on(logins::run(&logins_args(p.target.clone(), 1.0)))
+            .unwrap();
+        check_logins(&r, p.name);
+    }
+
+    let mut figs = Figures::default();
+    for round in 0..profile.rounds {
+        println!(
+            "## round {} of {} ({:.0} s so far)",
+            round + 1,
+            profile.rounds,
+            began.elapsed().as_secs_f64()
+        );
+        // Each list in an order that rotates every round, so neither side always goes first.
+        for paths in [&login_paths, &tls_login_paths] {
+            for p in rotated(paths, round) {
+                let cpu_before = p.process.map(|x| cpu_seconds(x.pid()));
+                let r = rt
+                    .block_on(logins::run(&logins_args(
+                        p.target.clone(),
+                        profile.login_secs,
+                    )))
+                    .unwrap();
+                check_logins(&r, p.name);
+                let name = p.name;
+                figs.add(&format!("logins.{name}.per_s"), r.sessions_per_sec());
+                figs.add(&format!("logins.{name}.pass_p50_us"), us(r.pass.p50));
+                figs.add(&format!("logins.{name}.session_p50_us"), us(r.session.p50));
+                if let (Some(x), Some(before)) = (p.process, cpu_before) {
+                    let cpu = cpu_seconds(x.pid()) - before;
+                    figs.add(
+                        &format!("logins.{name}.cpu_s_per_1000"),
+                        cpu / (r.sessions as f64 / 1000.0),
+                    );
+                }
+                println!(
+                    "  logins  {name:<11} {:>6.0}/s  PASS p50 {:>6.0} µs  session p50 {:>6.0} µs",
+                    r.sessions_per_sec(),
+                    us(r.pass.p50),
+                    us(r.session.p50)
+                );
+            }
+        }
+        for p in rotated(&session_paths, round) {
+            let r = rt
+                .block_on(retr::run(&RetrArgs {
+                    target: p.target.clone(),
+                    accounts: AccountArgs::single(BIG_USER, PASSWORD),
+                    message: 1,
+                    count: profile.retr_count,
+                }))
+                .unwrap();
+            figs.add(&format!("retr.{}.mib_s", p.name), r.median_mib_per_sec());
+            println!(
+                "  retr    {:<11} {:>6.0} MiB/s",
+                p.name,
+                r.median_mib_per_sec()
+            );
+        }
+        for p in rotated(&session_paths, round) {
+            let r = rt
+                .block_on(latency::run(&LatencyArgs {
+                    target: p.target.clone(),
+                    accounts: AccountArgs::single(SMALL_USER, PASSWORD),
+                    count: profile.latency_count,
+                    message: 1,
+                    warmup: 50,
+                }))
+                .unwrap();
+            let name = p.name;
+            figs.add(&format!("latency.{name}.noop_p50_us"), us(r.noop.p50));
+            figs.add(&format!("latency.{name}.noop_p99_us"), us(r.noop.p99));
+            figs.add(&format!("latency.{name}.list_p50_us"), us(r.list.p50));
+            figs.add(&format!("latency.{name}.retr_p50_us"), us(r.retr.p50));
+            figs.add(&format!("latency.{name}.retr_p99_us"), us(r.retr.p99));
+            println!(
+                "  latency {name:<11} NOOP p50 {:>5.0} µs  LIST p50 {:>5.0} µs  RETR {} B p50 {:>5.0} µs",
+                us(r.noop.p50),
+                us(r.list.p50),
+                r.octets,
+                us(r.retr.p50)
+            );
+        }
+        // Memory per idle session on a fresh process each: popgate with plaintext and TLS clients, HAProxy.
+        let mut holds = vec![
+            ("plain", Variant::Pool, TlsMode::None),
+            ("tls", Variant::Pool, TlsMode::Implicit),
+        ];
+        if setup.haproxy {
+            holds.push(("haproxy", Variant::Haproxy, TlsMode::None));
+        }
+        for (name, variant, tls) in holds {
+            hold_round(&rt, &setup, profile, &mut figs, name, variant, tls, round);
+        }
+    }
+
+    for (_, p) in procs {
+        p.stop();
+    }
+    println!();
+    print!("{}", figs.table(profile, setup.haproxy));
+    println!("\n(total {:.0} s)", began.elapsed().as_secs_f64());
+}
+
+/// `--serve`: the same store and proxies, left running for `perf`, `strace` or `popgate bench` by hand.
+fn serve_for(store: &DovecotStore, procs: &[(Variant, Proxy)], secs: u64) {
+    println!(
+        "store: plain {} implicit TLS {} (users {USER_PATTERN} for 1..={USERS}, {BIG_USER}, {SMALL_USER}; password {PASSWORD})",
+        store.pop3_addr(),
+        store.pop3s_addr()
+    );
+    for (v, p) in procs {
+        println!(
+            "{v:?}: pid {} plain {} implicit TLS {} log {}",
+            p.pid(),
+            p.plain,
+            p.pop3s,
+            p.log.display()
+        );
+    }
+    println!("serving for {secs} s (Ctrl-C or SIGTERM stops everything sooner)");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(secs)) => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    });
+}
+
+/// Opens the profile's idle sessions on a fresh proxy process and records its RSS growth per session.
+#[allow(clippy::too_many_arguments)]
+fn hold_round(
+    rt: &tokio::runtime::Runtime,
+    setup: &Setup<'_>,
+    profile: Profile,
+    figs: &mut Figures,
+    name: &str,
+    variant: Variant,
+    tls: TlsMode,
+    round: usize,
+) {
+    let fresh = Proxy::start(setup, variant, &format!("hold-{name}-{round}"));
+    let target = match tls {
+        TlsMode::None => TargetArgs::plain(fresh.plain),
+        TlsMode::Stls | TlsMode::Implicit => TargetArgs::insecure_tls(fresh.pop3s, tls),
+    };
+    // Warm the process on the same path first: runtime threads, TLS config, allocator arenas.
+    let r = rt
+        .block_on(logins::run(&LoginsArgs {
+            max_sessions: Some(200),
+            ..logins_args(target.clone(), 5.0)
+        }))
+        .unwrap();
+    check_logins(&r, "hold warm-up");
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss_kib(fresh.pid());
+    let args = HoldArgs {
+        target,
+        accounts: AccountArgs::pattern(USER_PATTERN, PASSWORD, USERS),
+        sessions: profile.hold_sessions,
+        seconds: profile.hold_secs,
+        noop_every: 30.0,
+        open_concurrency: CONCURRENCY,
+    };
+    let (report, during, opened) = rt.block_on(async {
+        let held = hold::open(&args).await.unwrap();
+        let opened = held.opened();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let during = rss_kib(fresh.pid());
+        let report = held
+            .keep(
+                Duration::from_secs_f64(args.seconds),
+                Duration::from_secs(30),
+            )
+            .await;
+        (report, during, opened)
+    });
+    assert!(
+        report.held == report.requested,
+        "hold {name}: {} of {} held: {:?}",
+        report.held,
+        report.requested,
+        report.error_samples
+    );
+    let per_session = (during as f64 - before as f64) / opened as f64;
+    figs.add(&format!("memory.{name}.kib_per_session"), per_session);
+    figs.add(&format!("memory.{name}.held"), report.held as f64);
+    println!(
+        "  hold    {name:<11} {} sessions held {:.0} s: RSS {before} → {during} KiB, {per_session:.2} KiB/session ({} NOOPs)",
+        report.held,
+        report.hold_time.as_secs_f64(),
+        report.noops
+    );
+    fresh.stop();
+}
+
+/// The paths starting at `round` (mod their number).
+fn rotated<'p, 'a>(paths: &'p [Via<'a>], round: usize) -> impl Iterator<Item = &'p Via<'a>> {
+    (0..paths.len()).map(move |k| &paths[(k + round) % paths.len()])
+}
+
+fn logins_args(target: TargetArgs, secs: f64) -> LoginsArgs {
+    LoginsArgs {
+        target,
+        accounts: AccountArgs::pattern(USER_PATTERN, PASSWORD, USERS),
+        concurrency: CONCURRENCY,
+        duration: secs,
+        max_sessions: None,
+        max_errors: 10,
+    }
+}
+
+fn check_logins(r: &LoginsReport, what: &str) {
+    assert!(
+        r.errors == 0 && r.sessions > 0,
+        "logins {what}: {} errors, {} sessions: {:?}",
+        r.errors,
+        r.sessions,
+        r.error_samples
+    );
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+// === the store ===
+
+fn start_store(profile: Profile) -> DovecotStore {
+    let small = message(SMALL_OCTETS, "small");
+    let big = message(BIG_MIB << 20, "big");
+    let mut opts = StoreOptions::new()
+        .tls(TlsPem::self_signed(&["localhost", "127.0.0.1"]))
+        .user(BIG_USER, PASSWORD, [big])
+        .user(SMALL_USER, PASSWORD, [small.clone()]);
+    for n in 1..=USERS {
+        opts = opts.user(
+            &USER_PATTERN.replace("{n}", &n.to_string()),
+            PASSWORD,
+            [small.clone(), small.clone()],
+        );
+    }
+    // Capacity for thousands of sessions (shared/notes/dovecot-in-tests.md): long-lived login processes,
+    // a small default process limit (Dovecot sums the limits into RLIMIT_NPROC), pop3 processes reused.
+    let sessions = profile.hold_sessions + 2 * CONCURRENCY + 200;
+    let opts = opts.extra_config(&format!(
+        "default_process_limit = 100\n\
+         default_client_limit = {clients}\n\
+         default_vsz_limit = 1G\n\
+         mail_max_userip_connections = {sessions}\n\
+         service pop3-login {{\n  service_count = 0\n  process_min_avail = 2\n  client_limit = 8000\n}}\n\
+         service pop3 {{\n  process_limit = {sessions}\n  service_count = 1000\n  idle_kill = 3 secs\n}}\n\
+         service anvil {{\n  client_limit = {clients}\n}}\n\
+         service auth {{\n  client_limit = {clients}\n}}",
+        clients = sessions + 8000,
+    ));
+    let store = DovecotStore::start(opts);
+    println!(
+        "Dovecot store {} up in {:.1} s",
+        store.instance_name(),
+        store.startup_time().as_secs_f64()
+    );
+    store
+}
+
+/// A message of exactly `octets` octets with CRLF line ends (its LIST size is `octets`).
+fn message(octets: usize, subject: &str) -> Vec<u8> {
+    let mut m =
+        format!("From: bench@example.com\r\nTo: you@example.com\r\nSubject: {subject}\r\n\r\n")
+            .into_bytes();
+    let line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuv\r\n";
+    while m.len() + line.len() + 2 <= octets {
+        m.extend_from_slice(line);
+    }
+    m.resize(octets - 2, b'x');
+    m.extend_from_slice(b"\r\n");
+    m
+}
+
+// === proxy processes ===
+
+impl Proxy {
+    fn start(setup: &Setup<'_>, variant: Variant, label: &str) -> Self {
+        let (plain, pop3s) = (free_port(), free_port());
+        let log = setup.dir.join(format!("{label}.log"));
+        let config = setup.dir.join(format!("{label}.cfg"));
+        let store = setup.store;
+        let mut command = if variant == Variant::Haproxy {
+            // TCP mode, as the issue's peer table measured it; maxconn within the fd limit (2 per session).
+            fs::write(
+                &config,
+                format!(
+                    "# {label}: written by benches/load.rs\nglobal\n    maxconn 9000\ndefaults\n    mode tcp\n    \
+                     timeout connect 5s\n    timeout client 10m\n    timeout server 10m\nfrontend pop3\n    bind {plain}\n    \
+                     default_backend store\nbackend store\n    server store {}\n",
+                    store.pop3_addr()
+                ),
+            )
+            .unwrap();
+            let mut c = Command::new(HAPROXY);
+            c.arg("-db").arg("-f").arg(&config);
+            c
+        } else {
+            let plain_store = format!("\"{}\"", store.pop3_addr());
+            let tls_store = format!("{{address: \"{}\", tls: implicit}}", store.pop3s_addr());
+            let (backend, extra) = match variant {
+                Variant::Pool => (plain_store, ""),
+                Variant::NoPool => (plain_store, "\n    pool: {min_idle: 0}"),
+                Variant::TlsPool => (tls_store, "\n    backend_tls: {insecure_skip_verify: true}"),
+                _ => (
+                    tls_store,
+                    "\n    pool: {min_idle: 0}\n    backend_tls: {insecure_skip_verify: true}",
+                ),
+            };
+            fs::write(
+                &config,
+                format!(
+                    "# {label}: written by benches/load.rs\nlisteners:\n  - name: pop3\n    bind: \"{plain}\"\n    tls: none\n  \
+                     - name: pop3s\n    bind: \"{pop3s}\"\n    tls: implicit\ntenants:\n  bench:\n    domains: [example.com]\n    \
+                     backends: [{backend}]\n    plaintext_login: allow{extra}\n"
+                ),
+            )
+            .unwrap();
+            let mut c = Command::new(setup.popgate);
+            c.arg("run").arg("-c").arg(&config);
+            // Production logging (one line per login and per session end) unless the caller says otherwise.
+            c.env(
+                "POPGATE_LOG",
+                std::env::var("POPGATE_LOG").unwrap_or_else(|_| "info".into()),
+            );
+            c
+        };
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let p = Proxy {
+            child,
+            plain,
+            pop3s,
+            log,
+        };
+        p.wait_ready();
+        p
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(s) = TcpStream::connect(self.plain) {
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut line = String::new();
+                if BufReader::new(&s).read_line(&mut line).is_ok() && line.starts_with("+OK") {
+                    let _ = (&s).write_all(b"QUIT\r\n");
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not greet on {}; log:\n{}",
+                self.plain,
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the process (also on a panic, so a failed run leaves nothing running).
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    l.local_addr().unwrap()
+}
+
+/// VmRSS of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// utime + stime of a process (all threads), seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name is in parentheses and may contain spaces: count fields after it.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after "pid (comm) ".
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+// === the table ===
+
+/// Three significant figures, or whole numbers when larger.
+fn figure(v: f64) -> String {
+    match v.abs() {
+        a if a < 10.0 => format!("{v:.2}"),
+        a if a < 100.0 => format!("{v:.1}"),
+        _ => format!("{v:.0}"),
+    }
+}
+
+impl Figures {
+    fn add(&mut self, key: &str, value: f64) {
+        match self.0.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => v.push(value),
+            None => self.0.push((key.to_owned(), vec![value])),
+        }
+    }
+
+    fn median(&self, key: &str) -> Option<f64> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| median(v))
+    }
+
+    /// The markdown table of medians and ratios, then every round's values.
+    fn table(&self, profile: Profile, haproxy: bool) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "## Figures (medians of {} rounds, profile {})\n",
+            profile.rounds, profile.name
+        );
+        let _ = writeln!(
+            out,
+            "| figure | direct | popgate | popgate ÷ direct | HAProxy ÷ direct | target |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        let mut row = |label: &str,
+                       direct: Option<&str>,
+                       gate: &str,
+                       reference: Option<&str>,
+                       target: &str| {
+            let d = direct.and_then(|k| self.median(k));
+            let g = self.median(gate);
+            let h = reference.filter(|_| haproxy).and_then(|k| self.median(k));
+            let show = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), figure);
+            let ratio = |x: Option<f64>| match (x, d) {
+                (Some(x), Some(d)) => format!("{:.2}×", x / d),
+                (Some(x), None) => figure(x),
+                _ => "—".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {label} | {} | {} | {} | {} | {target} |",
+                show(d),
+                show(g),
+                if d.is_some() { ratio(g) } else { "—".into() },
+                ratio(h)
+            );
+        };
+        let d = Some("logins.direct.per_s");
+        row(
+            "logins/s, 50 concurrent, pool on",
+            d,
+            "logins.pool.per_s",
+            Some("logins.haproxy.per_s"),
+            "≥ 1.0×",
+        );
+        row(
+            "logins/s, 50 concurrent, pool off",
+            d,
+            "logins.nopool.per_s",
+            Some("logins.haproxy.per_s"),
+            "≥ 0.95×",
+        );
+        let d = Some("logins.direct.pass_p50_us");
+        row(
+            "PASS round trip p50 µs, pool on",
+            d,
+            "logins.pool.pass_p50_us",
+            Some("logins.haproxy.pass_p50_us"),
+            "",
+        );
+        row(
+            "PASS round trip p50 µs, pool off",
+            d,
+            "logins.nopool.pass_p50_us",
+            None,
+            "",
+        );
+        let d = Some("logins.direct.session_p50_us");
+        row(
+            "whole session p50 µs, pool on",
+            d,
+            "logins.pool.session_p50_us",
+            Some("logins.haproxy.session_p50_us"),
+            "",
+        );
+        row(
+            "whole session p50 µs, pool off",
+            d,
+            "logins.nopool.session_p50_us",
+            None,
+            "",
+        );
+        let d = Some("logins.tls.direct.per_s");
+        row(
+            "logins/s, store over TLS, pool on ¹",
+            d,
+            "logins.tls.pool.per_s",
+            None,
+            "",
+        );
+        row(
+            "logins/s, store over TLS, pool off ¹",
+            d,
+            "logins.tls.nopool.per_s",
+            None,
+            "",
+        );
+        let d = Some("logins.tls.direct.pass_p50_us");
+        row(
+            "PASS p50 µs, store over TLS, pool on ¹",
+            d,
+            "logins.tls.pool.pass_p50_us",
+            None,
+            "",
+        );
+        row(
+            "PASS p50 µs, store over TLS, pool off ¹",
+            d,
+            "logins.tls.nopool.pass_p50_us",
+            None,
+            "",
+        );
+        row(
+            &format!("RETR {BIG_MIB} MiB, MiB/s"),
+            Some("retr.direct.mib_s"),
+            "retr.pool.mib_s",
+            Some("retr.haproxy.mib_s"),
+            "≥ 1.0×",
+        );
+        row(
+            "NOOP p50 µs",
+            Some("latency.direct.noop_p50_us"),
+            "latency.pool.noop_p50_us",
+            Some("latency.haproxy.noop_p50_us"),
+            "≤ 1.2×",
+        );
+        row(
+            "NOOP p99 µs",
+            Some("latency.direct.noop_p99_us"),
+            "latency.pool.noop_p99_us",
+            Some("latency.haproxy.noop_p99_us"),
+            "",
+        );
+        row(
+            "LIST 1 p50 µs",
+            Some("latency.direct.list_p50_us"),
+            "latency.pool.list_p50_us",
+            Some("latency.haproxy.list_p50_us"),
+            "",
+        );
+        row(
+            "RETR 5.6 KiB p50 µs",
+            Some("latency.direct.retr_p50_us"),
+            "latency.pool.retr_p50_us",
+            Some("latency.haproxy.retr_p50_us"),
+            "≤ 1.2×",
+        );
+        row(
+            "RETR 5.6 KiB p99 µs",
+            Some("latency.direct.retr_p99_us"),
+            "latency.pool.retr_p99_us",
+            Some("latency.haproxy.retr_p99_us"),
+            "",
+        );
+        let held = profile.hold_sessions;
+        row(
+            &format!("memory per idle plaintext session, KiB ({held} held) ²"),
+            None,
+            "memory.plain.kib_per_session",
+            Some("memory.haproxy.kib_per_session"),
+            "≤ 3 KiB",
+        );
+        row(
+            &format!("memory per idle TLS session, KiB ({held} held) ²"),
+            None,
+            "memory.tls.kib_per_session",
+            None,
+            "≤ 40 KiB",
+        );
+        row(
+            "CPU s per 1,000 logins, pool on ³",
+            None,
+            "logins.pool.cpu_s_per_1000",
+            Some("logins.haproxy.cpu_s_per_1000"),
+            "report",
+        );
+        row(
+            "CPU s per 1,000 logins, pool off ³",
+            None,
+            "logins.nopool.cpu_s_per_1000",
+            None,
+            "report",
+        );
+        row(
+            "CPU s per 1,000 logins, store over TLS, pool on ³",
+            None,
+            "logins.tls.pool.cpu_s_per_1000",
+            None,
+            "report",
+        );
+        row(
+            "CPU s per 1,000 logins, store over TLS, pool off ³",
+            None,
+            "logins.tls.nopool.cpu_s_per_1000",
+            None,
+            "report",
+        );
+        let _ = writeln!(
+            out,
+            "\n¹ direct: the client speaks POP3S to the store; through popgate: plain client, popgate → store over TLS.\n\
+             ² (proxy RSS with the sessions open − RSS before) ÷ sessions, on a fresh process; the HAProxy column is \
+             HAProxy's own figure, not a ratio.\n\
+             ³ the proxy's utime + stime during the run ÷ thousands of sessions; the HAProxy column is HAProxy's own figure."
+        );
+        let _ = writeln!(out, "\n## Every round\n");
+        for (k, values) in &self.0 {
+            let each: Vec<String> = values.iter().map(|v| figure(*v)).collect();
+            let _ = writeln!(
+                out,
+                "- {k}: {} (median {})",
+                each.join(" / "),
+                figure(median(values))
+            );
+        }
+        out
+    }
+}
