@@ -101,6 +101,8 @@ struct Proxy {
     plain: SocketAddr,
     /// popgate's implicit-TLS listener (self-signed fallback certificate).
     pop3s: SocketAddr,
+    /// popgate's admin HTTP listener (metrics); none for HAProxy.
+    admin: Option<SocketAddr>,
     log: PathBuf,
 }
 
@@ -267,6 +269,8 @@ fn main() {
         for paths in [&login_paths, &tls_login_paths] {
             for p in rotated(paths, round) {
                 let cpu_before = p.process.map(|x| cpu_seconds(x.pid()));
+                let admin = p.process.and_then(|x| x.admin);
+                let pool_before = admin.map(pool_checkouts);
                 let r = rt
                     .block_on(logins::run(&logins_args(
                         p.target.clone(),
@@ -278,6 +282,15 @@ fn main() {
                 figs.add(&format!("logins.{name}.per_s"), r.sessions_per_sec());
                 figs.add(&format!("logins.{name}.pass_p50_us"), us(r.pass.p50));
                 figs.add(&format!("logins.{name}.session_p50_us"), us(r.session.p50));
+                if let (Some(a), Some((h0, m0))) = (admin, pool_before) {
+                    let (h1, m1) = pool_checkouts(a);
+                    if h1 + m1 > h0 + m0 {
+                        figs.add(
+                            &format!("logins.{name}.pool_hit_pct"),
+                            100.0 * (h1 - h0) / (h1 - h0 + m1 - m0),
+                        );
+                    }
+                }
                 if let (Some(x), Some(before)) = (p.process, cpu_before) {
                     let cpu = cpu_seconds(x.pid()) - before;
                     figs.add(
@@ -363,10 +376,11 @@ fn serve_for(store: &DovecotStore, procs: &[(Variant, Proxy)], secs: u64) {
     );
     for (v, p) in procs {
         println!(
-            "{v:?}: pid {} plain {} implicit TLS {} log {}",
+            "{v:?}: pid {} plain {} implicit TLS {} admin {:?} log {}",
             p.pid(),
             p.plain,
             p.pop3s,
+            p.admin,
             p.log.display()
         );
     }
@@ -541,6 +555,7 @@ fn message(octets: usize, subject: &str) -> Vec<u8> {
 impl Proxy {
     fn start(setup: &Setup<'_>, variant: Variant, label: &str) -> Self {
         let (plain, pop3s) = (free_port(), free_port());
+        let mut admin = None;
         let log = setup.dir.join(format!("{label}.log"));
         let config = setup.dir.join(format!("{label}.cfg"));
         let store = setup.store;
@@ -580,6 +595,10 @@ impl Proxy {
                 ),
             )
             .unwrap();
+            let admin_addr = free_port();
+            admin = Some(admin_addr);
+            let yaml = fs::read_to_string(&config).unwrap();
+            fs::write(&config, format!("{yaml}admin:\n  bind: \"{admin_addr}\"\n")).unwrap();
             let mut c = Command::new(setup.popgate);
             c.arg("run").arg("-c").arg(&config);
             // Production logging (one line per login and per session end) unless the caller says otherwise.
@@ -599,6 +618,7 @@ impl Proxy {
             child,
             plain,
             pop3s,
+            admin,
             log,
         };
         p.wait_ready();
@@ -652,6 +672,33 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// popgate's pool checkouts so far, from its metrics: (hits, misses).
+fn pool_checkouts(admin: SocketAddr) -> (f64, f64) {
+    let mut s = TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    let (mut hits, mut misses) = (0.0, 0.0);
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("popgate_pool_checkouts_total{"))
+    {
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if line.contains("result=\"hit\"") {
+            hits += value;
+        } else if line.contains("result=\"miss\"") {
+            misses += value;
+        }
+    }
+    (hits, misses)
 }
 
 fn free_port() -> SocketAddr {
@@ -767,6 +814,13 @@ impl Figures {
             Some("logins.haproxy.per_s"),
             "≥ 0.95×",
         );
+        row(
+            "pool hits, % of pool-on logins",
+            None,
+            "logins.pool.pool_hit_pct",
+            None,
+            "",
+        );
         let d = Some("logins.direct.pass_p50_us");
         row(
             "PASS round trip p50 µs, pool on",
@@ -809,6 +863,13 @@ impl Figures {
             "logins/s, store over TLS, pool off ¹",
             d,
             "logins.tls.nopool.per_s",
+            None,
+            "",
+        );
+        row(
+            "pool hits, % of pool-on logins, store over TLS",
+            None,
+            "logins.tls.pool.pool_hit_pct",
             None,
             "",
         );

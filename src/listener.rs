@@ -87,20 +87,34 @@ async fn refuse(mut tcp: TcpStream, line: &'static [u8]) {
     let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(line)).await;
 }
 
+/// How many finished handshakes the kernel may queue before popgate accepts them (capped by
+/// `net.core.somaxconn`). The default backlog is too small for a burst of reconnects after a network blip
+/// at an ISP: a full queue leaves clients connected (SYN cookies) but never greeted.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// One listening socket with SO_REUSEADDR (a restart does not wait out TIME_WAIT) and a deep backlog.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Binds every configured listener before any is served, so a bad port fails the start as a whole.
 pub async fn bind_all(
     addrs: &[(String, SocketAddr)],
 ) -> Result<Vec<TcpListener>, crate::StartError> {
     let mut bound = Vec::with_capacity(addrs.len());
     for (name, addr) in addrs {
-        let l =
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| crate::runtime::StartError::Bind {
-                    name: name.clone(),
-                    addr: *addr,
-                    source,
-                })?;
+        let l = bind(*addr).map_err(|source| crate::runtime::StartError::Bind {
+            name: name.clone(),
+            addr: *addr,
+            source,
+        })?;
         bound.push(l);
     }
     Ok(bound)

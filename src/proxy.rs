@@ -346,7 +346,9 @@ async fn auth_http_login(
         Err(LoginError::Rejected(line) | LoginError::Temporary(line)) => {
             AuthHttpOutcome::Refused(line)
         }
-        Err(LoginError::Unavailable(why)) => AuthHttpOutcome::Unavailable(why),
+        Err(LoginError::Unavailable(why) | LoginError::Dropped(why)) => {
+            AuthHttpOutcome::Unavailable(why)
+        }
     }
 }
 
@@ -927,7 +929,8 @@ async fn run(
                         info!("store refused login for now");
                         session.unavailable(line).await
                     }
-                    GroupError::Login(LoginError::Unavailable(why)) | GroupError::NoStore(why) => {
+                    GroupError::Login(LoginError::Unavailable(why) | LoginError::Dropped(why))
+                    | GroupError::NoStore(why) => {
                         warn!(reason = %why, "no store available");
                         session.unavailable(STORE_UNAVAILABLE.to_vec()).await
                     }

@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -484,13 +484,26 @@ impl Runtime {
     }
 }
 
+/// What the config watcher saw, least to most far-reaching.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Change {
+    /// The config file itself was written, created or removed.
+    File,
+    /// A `..data`-style volume swap: any file of the mount may be new.
+    Volume,
+}
+
+/// How long the config directory must be quiet after a change before it is reloaded.
+const CONFIG_SETTLE: Duration = Duration::from_millis(500);
+
 /// Reloads when the config file's directory changes (debounced). Watching the directory rather than the file
 /// catches editors that replace files and Kubernetes, which swaps a ConfigMap's `..data` symlink.
 pub fn watch_config_dir(runtime: &Arc<Runtime>) -> Result<(), String> {
-    use notify_debouncer_mini::{new_debouncer, notify::RecursiveMode};
+    use notify::{EventKind, RecursiveMode, Watcher};
     let Some(path) = runtime.config_path() else {
         return Err("no config file to watch".into());
     };
+    let path = path.to_path_buf();
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -498,42 +511,57 @@ pub fn watch_config_dir(runtime: &Arc<Runtime>) -> Result<(), String> {
         .to_path_buf();
     let file_name = path.file_name().map(std::ffi::OsStr::to_os_string);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut debouncer = new_debouncer(
-        Duration::from_millis(500),
-        move |events: notify_debouncer_mini::DebounceEventResult| {
-            // Only the config file itself, or Kubernetes' `..data` swap, is a reason to reload; other files in
-            // the directory (logs, editors' swap files) are not.
-            let relevant = events.is_ok_and(|events| {
-                events.iter().any(|e| {
-                    let name = e.path.file_name();
-                    name == file_name.as_deref()
-                        || name.is_some_and(|n| n.to_string_lossy().starts_with(".."))
-                })
-            });
-            if relevant {
-                let _ = tx.send(());
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        // Reads (ours included: every reload opens the file) are not changes. Only the config file itself,
+        // or Kubernetes' `..data` swap, is a reason to reload; other files in the directory (logs, editors'
+        // swap files) are not.
+        if !matches!(
+            event.kind,
+            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+        ) {
+            return;
+        }
+        for p in &event.paths {
+            let name = p.file_name();
+            if name.is_some_and(|n| n.to_string_lossy().starts_with("..")) {
+                // A mounted volume was swapped: files beside the config (certificates) may have changed too.
+                let _ = tx.send(Change::Volume);
+            } else if name == file_name.as_deref() {
+                let _ = tx.send(Change::File);
             }
-        },
-    )
+        }
+    })
     .map_err(|e| e.to_string())?;
-    debouncer
-        .watcher()
+    watcher
         .watch(&dir, RecursiveMode::NonRecursive)
         .map_err(|e| format!("watching {}: {e}", dir.display()))?;
+    // What the file held when last loaded: a change event that leaves the bytes as they were (a touch, an
+    // editor's save without edits) is not worth a reload. Read before the watch task runs, so an edit made
+    // right after this call is seen as one.
+    let mut loaded = std::fs::read(&path).ok();
     let runtime = runtime.clone();
     tokio::spawn(async move {
-        // The debouncer stops watching when dropped: keep it for the task's life.
-        let _debouncer = debouncer;
+        // The watcher stops when dropped: keep it for the task's life.
+        let _watcher = watcher;
         loop {
             tokio::select! {
                 () = runtime.context.stop.cancelled() => break,
-                got = rx.recv() => match got {
-                    Some(_) => {
-                        info!(dir = %dir.display(), "config directory changed; reloading");
-                        let _ = runtime.reload().await;
+                got = rx.recv() => {
+                    let Some(mut change) = got else { break };
+                    // Debounce: an editor or a ConfigMap swap is several events; act once they stop.
+                    while let Ok(Some(more)) = tokio::time::timeout(CONFIG_SETTLE, rx.recv()).await {
+                        change = change.max(more);
                     }
-                    None => break,
-                },
+                    let now = tokio::fs::read(&path).await.ok();
+                    if change == Change::File && now.is_some() && now == loaded {
+                        debug!(file = %path.display(), "config file touched but unchanged; not reloading");
+                        continue;
+                    }
+                    info!(dir = %dir.display(), "config directory changed; reloading");
+                    let _ = runtime.reload().await;
+                    loaded = now;
+                }
             }
         }
     });

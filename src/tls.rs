@@ -52,10 +52,21 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Loads a certificate chain and its private key.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     let (chain, key_der) = load_chain_and_key(cert, key)?;
-    certified_key(chain, key_der).map_err(|e| TlsError::Key {
-        path: key.to_path_buf(),
-        reason: e.to_string(),
-    })
+    let signing = provider()
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|e| TlsError::Key {
+            path: key.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let ck = CertifiedKey::new(chain, signing);
+    // A certificate that does not parse, or whose public key is not the key's, is the certificate's fault
+    // as far as the operator can tell: name the certificate file (and the key it was checked against).
+    ck.keys_match().map_err(|e| TlsError::Certificate {
+        path: cert.to_path_buf(),
+        reason: format!("{e} (checked against the key in {})", key.display()),
+    })?;
+    Ok(Arc::new(ck))
 }
 
 fn load_chain_and_key(

@@ -11,29 +11,8 @@ use std::time::Duration;
 
 use popgate::maildrop::{Maildrop, Server, Settings};
 use support::pop3::Pop3;
+use support::popgate::http;
 use tokio_util::sync::CancellationToken;
-
-/// `curl -s` against the admin server; returns (HTTP status, body).
-fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
-    let mut cmd = Command::new("curl");
-    cmd.args([
-        "-s",
-        "--max-time",
-        "10",
-        "-X",
-        method,
-        "-w",
-        "\n%{http_code}",
-        url,
-    ]);
-    if let Some(t) = token {
-        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
-    }
-    let out = cmd.output().expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.parse().unwrap(), body.to_string())
-}
 
 async fn store(users: usize, messages: usize) -> (Maildrop, Server) {
     let md = Maildrop::new(Settings {

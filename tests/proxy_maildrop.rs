@@ -6,7 +6,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use popgate::maildrop::{Faults, Maildrop, Server, Settings};
@@ -56,19 +55,6 @@ fn messages(user: &str) -> Vec<Vec<u8>> {
     ]
 }
 
-fn write_cert(dir: &Path, stem: &str, names: &[&str]) -> Vec<u8> {
-    let ck =
-        rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    std::fs::write(dir.join(format!("{stem}.crt")), ck.cert.pem()).unwrap();
-    std::fs::write(
-        dir.join(format!("{stem}.key")),
-        ck.signing_key.serialize_pem(),
-    )
-    .unwrap();
-    ck.cert.der().to_vec()
-}
-
 /// A loopback port with nothing listening on it.
 fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -89,8 +75,8 @@ async fn store(domain: &str, users: &[(&str, &str)]) -> (Maildrop, Server) {
 
 async fn harness_with(extra_limits: &str) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let default_cert = write_cert(dir.path(), "default", &["localhost"]);
-    let acme_cert = write_cert(dir.path(), "acme", &["pop.example.com"]);
+    let default_cert = support::pki::write_self_signed(dir.path(), "default", &["localhost"]);
+    let acme_cert = support::pki::write_self_signed(dir.path(), "acme", &["pop.example.com"]);
     let (com, com_server) = store(
         "example.com",
         &[

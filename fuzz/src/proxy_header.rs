@@ -6,29 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use popgate::proxy_protocol::{self, Parsed};
 
-/// As [`check_strict`], but tolerating the open finding below so fuzzing can go on past it.
-///
-/// Open finding (tests/fuzz_regressions.rs, `proxy_v1_*`): `parse` takes a v1 header that ends in a
-/// lone LF (`PROXY UNKNOWN \n`) as complete, so with more bytes buffered the same stream gives a longer
-/// header (`PROXY UNKNOWN \nX\r\n`). Remove the tolerance with the fix.
-pub fn check(data: &[u8]) {
-    run(data, false);
-}
-
-/// Every property, with no finding tolerated.
-pub fn check_strict(data: &[u8]) {
-    run(data, true);
-}
-
-/// A v1 header with an LF other than its final CRLF's: the open finding's shape.
-fn v1_bare_lf(header: &[u8]) -> bool {
-    header.starts_with(b"PROXY")
-        && (!header.ends_with(b"\r\n") || header.iter().filter(|&&b| b == b'\n').count() != 1)
-}
-
 /// Parses `data` as the start of a stream; then, when `data` is long enough, builds two addresses
 /// from its first 37 bytes and round-trips them through both header versions.
-fn run(data: &[u8], strict: bool) {
+pub fn check(data: &[u8]) {
     if let Parsed::Complete { len, client } = proxy_protocol::parse(data) {
         assert!(len > 0 && len <= data.len(), "len {len} of {}", data.len());
         let header = &data[..len];
@@ -37,8 +17,7 @@ fn run(data: &[u8], strict: bool) {
             Parsed::Complete { len, client },
             "the header alone parses differently"
         );
-        let tolerated = !strict && v1_bare_lf(header);
-        if header.starts_with(b"PROXY") && !tolerated {
+        if header.starts_with(b"PROXY") {
             assert!(header.ends_with(b"\r\n"), "a v1 header not ended by CRLF");
             assert_eq!(
                 header.iter().filter(|&&b| b == b'\n').count(),
@@ -47,14 +26,10 @@ fn run(data: &[u8], strict: bool) {
             );
         }
         for cut in 0..len {
-            match proxy_protocol::parse(&data[..cut]) {
-                Parsed::Complete { len: l, .. }
-                    if tolerated || (!strict && v1_bare_lf(&data[..l])) => {}
-                Parsed::Complete { len: l, .. } => {
-                    panic!("{cut} of {len} header bytes parsed as a complete header of {l}")
-                }
-                Parsed::Incomplete | Parsed::Invalid => {}
-            }
+            assert!(
+                !matches!(proxy_protocol::parse(&data[..cut]), Parsed::Complete { .. }),
+                "{cut} of {len} header bytes parsed as a complete header"
+            );
         }
     }
 

@@ -57,9 +57,13 @@ pub enum LoginError {
     /// not counted as a failed login.
     #[error("store refused the login for now")]
     Temporary(Vec<u8>),
-    /// The store could not be reached or did not speak POP3 properly.
+    /// The store could not be reached, did not answer in time, or did not speak POP3 properly.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store closed or reset the connection. For a pooled connection that is staleness (the store
+    /// timed it out, or restarted), and a fresh connection is worth a try; a store that is slow is not.
+    #[error("store unavailable: {0}")]
+    Dropped(String),
 }
 
 impl LoginError {
@@ -68,7 +72,7 @@ impl LoginError {
         match self {
             LoginError::Rejected(_) => "rejected",
             LoginError::Temporary(_) => "temporary",
-            LoginError::Unavailable(_) => "unavailable",
+            LoginError::Unavailable(_) | LoginError::Dropped(_) => "unavailable",
         }
     }
 }
@@ -335,12 +339,10 @@ impl Prepared {
                     ));
                 }
                 Ok(Ok(0)) => {
-                    return Err(LoginError::Unavailable(
-                        "store closed the connection".into(),
-                    ));
+                    return Err(LoginError::Dropped("store closed the connection".into()));
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(LoginError::Unavailable(format!("read: {e}"))),
+                Ok(Err(e)) => return Err(LoginError::Dropped(format!("read: {e}"))),
             }
         }
     }
@@ -359,7 +361,7 @@ impl Prepared {
         };
         match timeout(self.reply_timeout, write).await {
             Err(_) => Err(LoginError::Unavailable("timed out writing".into())),
-            Ok(r) => r.map_err(|e| LoginError::Unavailable(format!("write: {e}"))),
+            Ok(r) => r.map_err(|e| LoginError::Dropped(format!("write: {e}"))),
         }
     }
 

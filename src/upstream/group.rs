@@ -338,7 +338,7 @@ impl StoreGroup {
                 Err(LoginError::Temporary(line)) if self.shared_storage && is_sys_temp(&line) => {
                     last = Some(LoginError::Temporary(line));
                 }
-                Err(e @ LoginError::Unavailable(_)) => {
+                Err(e @ (LoginError::Unavailable(_) | LoginError::Dropped(_))) => {
                     warn!(tenant = %self.tenant, store = %store.id, error = %e, "store unavailable");
                     last = Some(e);
                 }
@@ -372,8 +372,9 @@ impl StoreGroup {
                     started.elapsed().as_secs_f64(),
                 );
                 match result {
-                    // A pooled connection can go stale between the check and the use; a fresh one decides.
-                    Err(LoginError::Unavailable(_)) => {}
+                    // A pooled connection can go stale between the check and the use (the store closed
+                    // it): a fresh one decides. A store that did not answer in time gets no second wait.
+                    Err(LoginError::Dropped(_)) => {}
                     other => return other,
                 }
             }

@@ -707,3 +707,103 @@ fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+// === additions for the fault-injection tests and the soak (tests/faults.rs, tests/soak.rs) ===
+
+static NEXT_DELIVERY: AtomicU32 = AtomicU32::new(0);
+
+impl DovecotStore {
+    /// Freezes the whole instance (master first, then every child) with SIGSTOP: the ports still
+    /// accept TCP connections (the kernel completes them into the backlog) but nothing answers, and
+    /// open sessions hang mid-command. The "hung store" of fault tests; undo with [`Self::resume`].
+    pub fn pause(&self) {
+        signal_instance(&self.child, &self.instance, "-STOP");
+    }
+
+    /// Lets a [`Self::pause`]d instance run again.
+    pub fn resume(&self) {
+        signal_instance(&self.child, &self.instance, "-CONT");
+    }
+
+    /// Whether the master process is running (false after [`Self::stop`]).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The raw bytes of every message really on the store for `login` (files in `new/` + `cur/`),
+    /// in no particular order: what a checker compares with the messages it expects to remain.
+    pub fn maildir_messages(&self, login: &str) -> Vec<Vec<u8>> {
+        let maildir = maildir_path(self.dir.path(), login);
+        // Dovecot renames files (new/ to cur/, flag changes in cur/) while sessions run; a file that
+        // moved between the listing and the read makes the whole listing start again.
+        'listing: for _ in 0..10 {
+            let mut out = Vec::new();
+            for sub in ["new", "cur"] {
+                let entries = fs::read_dir(maildir.join(sub))
+                    .unwrap_or_else(|e| panic!("read {}/{sub}: {e}", maildir.display()));
+                for entry in entries.flatten() {
+                    match fs::read(entry.path()) {
+                        Ok(bytes) => out.push(bytes),
+                        Err(_) => continue 'listing,
+                    }
+                }
+            }
+            return out;
+        }
+        panic!("{} kept changing while it was read", maildir.display());
+    }
+
+    /// Delivers one message into `login`'s Maildir as an MTA would (see [`deliver_into`]).
+    pub fn deliver(&self, login: &str, message: &[u8]) {
+        deliver_into(self.dir.path(), login, message);
+    }
+}
+
+/// Delivers one message into `login`'s Maildir under a store's dir ([`DovecotStore::dir`]) as an
+/// MTA would: written to `tmp/`, owned by the mail user, then renamed into `new/`. Safe while the store
+/// runs (or is being restarted) and sessions are open; needs no handle on the store.
+pub fn deliver_into(store_dir: &Path, login: &str, message: &[u8]) {
+    let owner = MailOwner::lookup();
+    let maildir = maildir_path(store_dir, login);
+    let name = format!(
+        "{}.M{}P{}.popgate-delivery",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        NEXT_DELIVERY.fetch_add(1, Ordering::Relaxed),
+        std::process::id()
+    );
+    let tmp = maildir.join("tmp").join(&name);
+    fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(message))
+        .unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    std::os::unix::fs::chown(&tmp, Some(owner.uid), Some(owner.gid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", tmp.display()));
+    fs::rename(&tmp, maildir.join("new").join(&name))
+        .unwrap_or_else(|e| panic!("deliver into {}: {e}", maildir.display()));
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to the master and every process of the instance. The master is
+/// stopped before its children are listed (so it cannot fork one the listing misses) and continued
+/// after them.
+fn signal_instance(master: &Child, instance: &str, signal: &str) {
+    let kill = |pids: &[u32]| {
+        if pids.is_empty() {
+            return;
+        }
+        let status = Command::new("kill")
+            .arg(signal)
+            .args(pids.iter().map(u32::to_string))
+            .stderr(Stdio::null())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pids:?} failed: {status}");
+    };
+    if signal == "-CONT" {
+        kill(&instance_processes(instance));
+        kill(&[master.id()]);
+    } else {
+        kill(&[master.id()]);
+        kill(&instance_processes(instance));
+    }
+}

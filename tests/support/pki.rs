@@ -43,3 +43,17 @@ impl TestCa {
         }
     }
 }
+
+/// A self-signed certificate for `names`, written as `dir/stem.crt` and `dir/stem.key` (PEM); its DER.
+pub fn write_self_signed(dir: &std::path::Path, stem: &str, names: &[&str]) -> Vec<u8> {
+    let ck =
+        rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    std::fs::write(dir.join(format!("{stem}.crt")), ck.cert.pem()).unwrap();
+    std::fs::write(
+        dir.join(format!("{stem}.key")),
+        ck.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    ck.cert.der().to_vec()
+}

@@ -259,3 +259,77 @@ async fn placeholder() -> Stream {
         .expect("connect");
     Stream::Plain(c)
 }
+
+// === additions for the fault-injection tests (tests/faults.rs) ===
+
+impl Pop3 {
+    /// Wraps a TCP stream the test connected itself (say, with a small receive buffer, so a large
+    /// RETR stays in flight); does not read the greeting.
+    pub fn from_tcp(tcp: TcpStream) -> Self {
+        tcp.set_nodelay(true).expect("nodelay");
+        Self {
+            stream: Stream::Plain(tcp),
+            buf: Vec::new(),
+            peer_cert: None,
+        }
+    }
+
+    /// Reads exactly `n` bytes (what was already buffered first). Panics at EOF.
+    pub async fn take_bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(
+                self.fill().await > 0,
+                "EOF after {} of {n} bytes",
+                self.buf.len()
+            );
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Reads one line, or `None` when the peer closed (or reset) the connection first.
+    pub async fn try_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Some(
+                    String::from_utf8_lossy(&line)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string(),
+                );
+            }
+            if self.fill().await == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Vanishes abortively: SO_LINGER 0, so closing sends a reset instead of a FIN and drops whatever
+    /// the peer sent that was not read yet. Plain TCP only.
+    pub fn abort(self) {
+        match &self.stream {
+            Stream::Plain(tcp) => tcp.set_zero_linger().expect("SO_LINGER 0"),
+            _ => panic!("abort: only plain TCP connections can be reset"),
+        }
+        drop(self);
+    }
+}
+
+impl Pop3 {
+    /// Like [`Pop3::multiline`] for bodies of many MiB: looks for the terminator only in what each read
+    /// added, so reading stays linear in the body's size.
+    pub async fn multiline_big(&mut self, line: &str) -> Vec<u8> {
+        self.ok(line).await;
+        let mut scanned: usize = 0;
+        loop {
+            if self.buf.starts_with(b".\r\n") {
+                return self.buf.drain(..3).collect();
+            }
+            let from = scanned.saturating_sub(4);
+            if let Some(i) = self.buf[from..].windows(5).position(|w| w == b"\r\n.\r\n") {
+                return self.buf.drain(..from + i + 5).collect();
+            }
+            scanned = self.buf.len();
+            assert!(self.fill().await > 0, "EOF inside a multi-line body");
+        }
+    }
+}
