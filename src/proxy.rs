@@ -63,6 +63,10 @@ pub struct TenantRuntime {
     pub backend_login: BackendLogin,
     /// The tenant's nginx-style auth service, when it has one.
     pub auth_http: Option<Arc<crate::authhttp::AuthHttp>>,
+    /// Logged-in sessions at once; 0 for no cap.
+    pub max_sessions: usize,
+    /// Minimum time between two logins of one mailbox (`-ERR [LOGIN-DELAY]`).
+    pub min_login_interval: Option<std::time::Duration>,
 }
 
 /// Why the shared state could not be built.
@@ -95,6 +99,21 @@ pub struct ListenerInfo {
 const AUTH_FAILED: &[u8] = b"-ERR [AUTH] Authentication failed.\r\n";
 const LOCKED_OUT: &[u8] = b"-ERR [AUTH] Too many failed logins; try again later\r\n";
 const IN_USE: &[u8] = b"-ERR [IN-USE] Too many sessions for this mailbox\r\n";
+const TENANT_FULL: &[u8] =
+    b"-ERR [SYS/TEMP] Too many sessions for this domain, try again later\r\n";
+
+/// The `LOGIN-DELAY` capability for a connection that can reach `tenants`: their minimum interval
+/// when they agree, else the smallest one with the `USER` tag (it varies by user); none when no
+/// tenant has one (RFC 2449 §6.8).
+fn login_delay_capability(tenants: &[&TenantRuntime]) -> Option<(u64, bool)> {
+    let secs = |t: &&TenantRuntime| t.min_login_interval.map_or(0, |d| d.as_secs());
+    let max = tenants.iter().map(secs).max()?;
+    if max == 0 {
+        return None;
+    }
+    let min = tenants.iter().map(secs).min().unwrap_or(0);
+    Some((min, min != max))
+}
 
 /// Records a failed login with the edge defences; waits the growing delay before the `-ERR` goes out (slows
 /// password guessing without holding a store connection), and turns the reply into a lockout notice once
@@ -415,7 +434,7 @@ impl Shared {
             .await;
             let secrets = match &t.secrets {
                 Some(path) => Some(
-                    crate::config::load_secrets(&config.resolve_path(path))
+                    crate::config::load_secrets(&config.resolve_path(path), t.login_case)
                         .map_err(SharedError::Secrets)?,
                 ),
                 None => None,
@@ -433,6 +452,8 @@ impl Shared {
                 m
             });
             tenants.push(TenantRuntime {
+                max_sessions: t.max_sessions,
+                min_login_interval: t.min_login_interval.map(|s| s.get()),
                 group,
                 plaintext: t.plaintext_login,
                 mechanisms,
@@ -602,6 +623,7 @@ async fn run(
         peer: client_addr,
         local,
         session: id,
+        utf8: false,
     };
 
     // Implicit TLS: handshake inside this task, under its own timeout.
@@ -683,6 +705,8 @@ async fn run(
         .collect();
     mechanisms.sort();
     mechanisms.dedup();
+    let utf8 = config.routing.utf8;
+    let login_delay = login_delay_capability(&reachable);
     // APOP passthrough: the route is fixed before the greeting and the tenant has one store and no secrets:
     // show the client that store's own greeting, so the client's digest is valid there.
     let mut passthrough: Option<(Prepared, ActiveSession, TenantId)> = None;
@@ -708,6 +732,8 @@ async fn run(
                 mechanisms,
                 greeting,
                 challenge: prepared.timestamp().map(str::to_string),
+                utf8,
+                login_delay,
             }
         }
         None if own_challenge => {
@@ -716,6 +742,8 @@ async fn run(
                 mechanisms,
                 greeting: format!("+OK popgate ready {challenge}\r\n").into_bytes(),
                 challenge: Some(challenge),
+                utf8,
+                login_delay,
             }
         }
         None => Offer {
@@ -723,6 +751,8 @@ async fn run(
                 .into_iter()
                 .filter(|m| !matches!(m, Mechanism::Apop | Mechanism::CramMd5))
                 .collect(),
+            utf8,
+            login_delay,
             ..Offer::basic()
         },
     };
@@ -805,11 +835,12 @@ async fn run(
             }
             continue;
         }
-        let mailbox_key = format!(
-            "{}@{}",
-            route.mailbox.local.to_lowercase(),
-            route.mailbox.domain
-        );
+        let mailbox_key = route.key.clone();
+        // Per login: whether the client asked for UTF-8 mode, which the store is then asked for too.
+        let client_info = ClientInfo {
+            utf8: session.utf8_enabled(),
+            ..client_info
+        };
         if !tenant.mechanisms.contains(&creds.mechanism) {
             metrics.login(tenant_name, mechanism, "rejected");
             if let Err(end) = session.reject(AUTH_FAILED.to_vec()).await {
@@ -828,6 +859,21 @@ async fn run(
             }
             continue;
         }
+        // The tenant's session cap, before any store is asked.
+        let _tenant_slot = match ctx
+            .throttle
+            .tenant_session(tenant_name, tenant.max_sessions)
+        {
+            Ok(slot) => slot,
+            Err(reason) => {
+                metrics.throttled(tenant_name, reason);
+                metrics.login(tenant_name, mechanism, "throttled");
+                if let Err(end) = session.unavailable(TENANT_FULL.to_vec()).await {
+                    return Summary::NoLogin(routed_tenant.clone(), end);
+                }
+                continue;
+            }
+        };
         let via_passthrough = passthrough
             .as_ref()
             .is_some_and(|(_, _, t)| *t == route.tenant);
@@ -954,6 +1000,27 @@ async fn run(
                 continue;
             }
         };
+        // The credentials were right (the store said so); now the minimum interval between logins.
+        if let Some(min) = tenant.min_login_interval
+            && let Err(left) = ctx.throttle.login_interval(&mailbox_key, min)
+        {
+            // Close the store session without QUIT: nothing it did may be committed.
+            drop(logged_in);
+            metrics.throttled(tenant_name, "login_delay");
+            metrics.login(tenant_name, mechanism, "throttled");
+            info!(
+                wait_s = left.as_secs(),
+                "login refused: minimum interval between logins"
+            );
+            let reply = format!(
+                "-ERR [LOGIN-DELAY] Logged in too recently; try again in {} seconds\r\n",
+                left.as_secs().max(1)
+            );
+            if let Err(end) = session.unavailable(reply.into_bytes()).await {
+                return Summary::NoLogin(routed_tenant.clone(), end);
+            }
+            continue;
+        }
         metrics.login(tenant_name, mechanism, "ok");
         info!(backend = %addr, mechanism, "logged in");
         let kick = ctx.stop.child_token();

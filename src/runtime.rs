@@ -184,6 +184,8 @@ pub struct Runtime {
     snapshot_tasks: Mutex<CancellationToken>,
     listeners: Mutex<HashMap<String, ListenerHandle>>,
     permits: Arc<Semaphore>,
+    /// `limits.max_connections` in force: what `permits` holds when no connection is open.
+    permits_total: Mutex<usize>,
     tracker: TaskTracker,
     config_path: Option<PathBuf>,
     reloads: Mutex<Vec<ReloadRecord>>,
@@ -223,6 +225,7 @@ impl Runtime {
             snapshot_tasks: Mutex::new(tasks),
             listeners: Mutex::default(),
             permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+            permits_total: Mutex::new(config.limits.max_connections),
             tracker: TaskTracker::new(),
             config_path,
             reloads: Mutex::default(),
@@ -359,6 +362,38 @@ impl Runtime {
         result.map(drop)
     }
 
+    /// Changes the global connection cap. Growing adds permits now; shrinking takes free permits now and
+    /// the rest as open connections end (none is cut).
+    fn resize_permits(&self, wanted: usize) {
+        let mut total = self
+            .permits_total
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if wanted > *total {
+            self.permits.add_permits(wanted - *total);
+        } else if wanted < *total {
+            let excess = *total - wanted;
+            let taken = self.permits.forget_permits(excess);
+            if let Ok(rest) = u32::try_from(excess - taken)
+                && rest > 0
+            {
+                let permits = self.permits.clone();
+                let stop = self.context.stop.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        got = permits.acquire_many_owned(rest) => {
+                            if let Ok(p) = got {
+                                p.forget();
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        *total = wanted;
+    }
+
     async fn try_reload(self: &Arc<Self>) -> Result<String, String> {
         let path = self
             .config_path
@@ -404,6 +439,11 @@ impl Runtime {
         };
         let tenant_names: Vec<String> = config.tenants.keys().cloned().collect();
         self.current.store(shared);
+        // The edge defences and the connection cap take the new settings; their counters stay.
+        self.context
+            .throttle
+            .reconfigure(config.throttle.to_throttle());
+        self.resize_permits(config.limits.max_connections);
         let old = std::mem::replace(
             &mut *self
                 .snapshot_tasks

@@ -1,5 +1,6 @@
 //! Edge defences: failed-login throttling and lockout per client IP and per mailbox, the new-connection
-//! rate and concurrent-session caps per client IP, and the concurrent-session cap per mailbox.
+//! rate and concurrent-session caps per client IP, the concurrent-session caps per mailbox and per
+//! tenant, and the minimum interval between one mailbox's logins.
 //!
 //! This module owns the bookkeeping and the verdicts only: it does no I/O, never sleeps (a
 //! [`Verdict::Delay`] is applied by the caller before it answers `-ERR`), and never logs or exports a
@@ -7,8 +8,8 @@
 //! exact without sleeping or pausing a runtime.
 //!
 //! Memory stays bounded by forgetting: an idle key (no failure for `forget_after`, no lock in force, a full
-//! rate bucket, no session open) carries no information and is dropped by [`Throttle::purge`], which the
-//! caller runs periodically. Session counters drop their key as soon as the last guard is released.
+//! rate bucket, no session open, no login interval running) carries no information and is dropped by
+//! [`Throttle::purge`], which the caller runs periodically. Session counters drop their key as soon as the last guard is released.
 //! IPv6 clients are grouped by prefix (a subscriber gets a whole /64, so counting single addresses would
 //! let one client walk past every per-IP limit), and IPv4-mapped IPv6 addresses count as the IPv4 address.
 
@@ -97,13 +98,17 @@ pub struct Throttle {
 type IpKey = IpAddr;
 
 struct Inner {
-    config: ThrottleConfig,
+    /// Swapped whole by [`Throttle::reconfigure`]; the counters are kept.
+    config: arc_swap::ArcSwap<ThrottleConfig>,
     ip_failures: Mutex<HashMap<IpKey, Failures>>,
     mailbox_failures: Mutex<HashMap<String, Failures>>,
     /// Per client IP, the GCRA "theoretical arrival time": the bucket is full once it is not after now.
     connection_rate: Mutex<HashMap<IpKey, Instant>>,
     ip_sessions: Mutex<HashMap<IpKey, usize>>,
     mailbox_sessions: Mutex<HashMap<String, usize>>,
+    tenant_sessions: Mutex<HashMap<String, usize>>,
+    /// Per mailbox, when its next login may start (only while a minimum interval is running).
+    next_login: Mutex<HashMap<String, Instant>>,
 }
 
 /// Failed logins of one client IP or one mailbox.
@@ -125,11 +130,38 @@ pub struct MailboxGuard {
     slot: Option<(Arc<Inner>, String)>,
 }
 
+/// Holds one of a tenant's session slots; releases it on drop. A no-op when the tenant has no cap.
+pub struct TenantGuard {
+    slot: Option<(Arc<Inner>, String)>,
+}
+
 // === impl Throttle ===
 
 impl Throttle {
     /// Makes the shared state. Durations beyond a year are taken as a year.
-    pub fn new(mut config: ThrottleConfig) -> Self {
+    pub fn new(config: ThrottleConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config: arc_swap::ArcSwap::from_pointee(Self::clamped(config)),
+                ip_failures: Mutex::default(),
+                mailbox_failures: Mutex::default(),
+                connection_rate: Mutex::default(),
+                ip_sessions: Mutex::default(),
+                mailbox_sessions: Mutex::default(),
+                tenant_sessions: Mutex::default(),
+                next_login: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Puts new settings in force (a config reload). Failure counts, lockouts, rate buckets and open
+    /// sessions are kept: a reload must not pardon an attacker or forget who holds a slot.
+    pub fn reconfigure(&self, config: ThrottleConfig) {
+        self.inner.config.store(Arc::new(Self::clamped(config)));
+    }
+
+    /// Durations beyond a year are taken as a year; a zero burst as one.
+    fn clamped(mut config: ThrottleConfig) -> ThrottleConfig {
         for d in [
             &mut config.failed_login_delay,
             &mut config.failed_login_max_delay,
@@ -143,21 +175,12 @@ impl Throttle {
             *per = (*per).min(MAX_SPAN);
         }
         config.ipv6_prefix_len = config.ipv6_prefix_len.min(128);
-        Self {
-            inner: Arc::new(Inner {
-                config,
-                ip_failures: Mutex::default(),
-                mailbox_failures: Mutex::default(),
-                connection_rate: Mutex::default(),
-                ip_sessions: Mutex::default(),
-                mailbox_sessions: Mutex::default(),
-            }),
-        }
+        config
     }
 
     /// The settings in force (after clamping).
-    pub fn config(&self) -> &ThrottleConfig {
-        &self.inner.config
+    pub fn config(&self) -> Arc<ThrottleConfig> {
+        self.inner.config.load_full()
     }
 
     /// Whether `ip` is in a trusted network (exempt from login throttling and per-IP caps).
@@ -165,6 +188,7 @@ impl Throttle {
         let ip = ip.to_canonical();
         self.inner
             .config
+            .load()
             .trusted
             .iter()
             .any(|net| net.contains(&ip))
@@ -185,7 +209,7 @@ impl Throttle {
             return Ok(IpGuard { slot: None });
         }
         let key = self.ip_key(ip);
-        let config = &self.inner.config;
+        let config = self.inner.config.load();
         if let Some((burst, per)) = config.connection_rate_per_ip
             && !per.is_zero()
             && !gcra_take(&mut lock(&self.inner.connection_rate), key, burst, per, now)
@@ -239,21 +263,21 @@ impl Throttle {
         if self.is_trusted(ip) {
             return Verdict::Allow;
         }
-        let config = &self.inner.config;
+        let config = self.inner.config.load();
         let key = self.ip_key(ip);
         let (ip_count, ip_locked) = lock(&self.inner.ip_failures)
             .entry(key)
             .or_insert_with(|| Failures::new(now))
-            .record(now, config);
+            .record(now, &config);
         let (mailbox_count, mailbox_locked) = {
             let mut failures = lock(&self.inner.mailbox_failures);
             // Look up before inserting so a repeat offender's name is not copied again.
             match failures.get_mut(mailbox) {
-                Some(f) => f.record(now, config),
+                Some(f) => f.record(now, &config),
                 None => failures
                     .entry(mailbox.to_owned())
                     .or_insert_with(|| Failures::new(now))
-                    .record(now, config),
+                    .record(now, &config),
             }
         };
         match ip_locked.max(mailbox_locked) {
@@ -283,7 +307,7 @@ impl Throttle {
             lock(&self.inner.ip_failures).remove(&self.ip_key(ip));
         }
         lock(&self.inner.mailbox_failures).remove(mailbox);
-        let Some(max) = self.inner.config.max_sessions_per_mailbox else {
+        let Some(max) = self.inner.config.load().max_sessions_per_mailbox else {
             return Ok(MailboxGuard { slot: None });
         };
         let mut sessions = lock(&self.inner.mailbox_sessions);
@@ -307,10 +331,11 @@ impl Throttle {
 
     /// [`Throttle::purge`] at a given time.
     pub fn purge_at(&self, now: Instant) {
-        let forget_after = self.inner.config.forget_after;
+        let forget_after = self.inner.config.load().forget_after;
         lock(&self.inner.ip_failures).retain(|_, f| !f.is_idle(now, forget_after));
         lock(&self.inner.mailbox_failures).retain(|_, f| !f.is_idle(now, forget_after));
         lock(&self.inner.connection_rate).retain(|_, tat| *tat > now);
+        lock(&self.inner.next_login).retain(|_, next| *next > now);
     }
 
     /// Keys held in all maps (failures, rate buckets, session counters): the memory in use.
@@ -320,11 +345,69 @@ impl Throttle {
             + lock(&self.inner.connection_rate).len()
             + lock(&self.inner.ip_sessions).len()
             + lock(&self.inner.mailbox_sessions).len()
+            + lock(&self.inner.tenant_sessions).len()
+            + lock(&self.inner.next_login).len()
+    }
+
+    /// Before asking a store: takes one of `tenant`'s session slots when it has a cap (`max` > 0).
+    ///
+    /// # Errors
+    /// `"tenant_sessions"` when `max` sessions of the tenant are already open (the caller answers
+    /// `-ERR [SYS/TEMP]`).
+    pub fn tenant_session(&self, tenant: &str, max: usize) -> Result<TenantGuard, &'static str> {
+        if max == 0 {
+            return Ok(TenantGuard { slot: None });
+        }
+        if !take_slot(
+            &mut lock(&self.inner.tenant_sessions),
+            &tenant.to_owned(),
+            max,
+        ) {
+            return Err("tenant_sessions");
+        }
+        Ok(TenantGuard {
+            slot: Some((Arc::clone(&self.inner), tenant.to_owned())),
+        })
+    }
+
+    /// After a successful login of `mailbox` to a tenant with a minimum interval between logins:
+    /// records it, or refuses it when the previous one was less than `min` ago.
+    ///
+    /// # Errors
+    /// The time left until the mailbox may log in again (the caller answers `-ERR [LOGIN-DELAY]`). A
+    /// refused login does not restart the interval.
+    pub fn login_interval(&self, mailbox: &str, min: Duration) -> Result<(), Duration> {
+        self.login_interval_at(mailbox, min, Instant::now())
+    }
+
+    /// [`Throttle::login_interval`] at a given time.
+    pub fn login_interval_at(
+        &self,
+        mailbox: &str,
+        min: Duration,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        let min = min.min(MAX_SPAN);
+        if min.is_zero() {
+            return Ok(());
+        }
+        let mut next = lock(&self.inner.next_login);
+        match next.get_mut(mailbox) {
+            Some(at) if *at > now => Err(at.duration_since(now)),
+            Some(at) => {
+                *at = now + min;
+                Ok(())
+            }
+            None => {
+                next.insert(mailbox.to_owned(), now + min);
+                Ok(())
+            }
+        }
     }
 
     /// `failed_login_delay` doubled per failure after the first, capped at `failed_login_max_delay`.
     fn delay_for(&self, failures: u32) -> Duration {
-        let config = &self.inner.config;
+        let config = self.inner.config.load();
         let doublings = failures.saturating_sub(1).min(31);
         config
             .failed_login_delay
@@ -336,7 +419,7 @@ impl Throttle {
     fn ip_key(&self, ip: IpAddr) -> IpKey {
         match ip.to_canonical() {
             IpAddr::V6(v6) => {
-                let prefix = u32::from(self.inner.config.ipv6_prefix_len);
+                let prefix = u32::from(self.inner.config.load().ipv6_prefix_len);
                 let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
                 IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
             }
@@ -348,7 +431,7 @@ impl Throttle {
 impl fmt::Debug for Throttle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Throttle")
-            .field("config", &self.inner.config)
+            .field("config", &self.inner.config.load())
             .field("tracked_keys", &self.tracked_keys())
             .finish()
     }
@@ -420,6 +503,22 @@ impl Drop for MailboxGuard {
         if let Some((inner, mailbox)) = self.slot.take() {
             release_slot(&mut lock(&inner.mailbox_sessions), &mailbox);
         }
+    }
+}
+
+impl Drop for TenantGuard {
+    fn drop(&mut self) {
+        if let Some((inner, tenant)) = self.slot.take() {
+            release_slot(&mut lock(&inner.tenant_sessions), &tenant);
+        }
+    }
+}
+
+impl fmt::Debug for TenantGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantGuard")
+            .field("counted", &self.slot.is_some())
+            .finish()
     }
 }
 
@@ -508,6 +607,88 @@ mod tests {
         check::<Throttle>();
         check::<IpGuard>();
         check::<MailboxGuard>();
+    }
+
+    #[test]
+    fn tenant_sessions_are_capped_and_released() {
+        let t = Throttle::new(bare());
+        let a = t.tenant_session("acme", 2).unwrap();
+        let _b = t.tenant_session("acme", 2).unwrap();
+        assert_eq!(t.tenant_session("acme", 2).unwrap_err(), "tenant_sessions");
+        // Another tenant has its own count; 0 is no cap and holds nothing.
+        let _c = t.tenant_session("other", 2).unwrap();
+        let before = t.tracked_keys();
+        let _free = t.tenant_session("acme", 0).unwrap();
+        assert_eq!(t.tracked_keys(), before);
+        drop(a);
+        assert!(t.tenant_session("acme", 2).is_ok());
+    }
+
+    #[test]
+    fn login_interval_refuses_early_logins_then_allows_and_forgets() {
+        let t = Throttle::new(bare());
+        let now = Instant::now();
+        let min = 300 * S;
+        assert_eq!(t.login_interval_at("a@example.com", min, now), Ok(()));
+        assert_eq!(
+            t.login_interval_at("a@example.com", min, now + 100 * S),
+            Err(200 * S)
+        );
+        // A refused login does not restart the interval; another mailbox is not affected.
+        assert_eq!(
+            t.login_interval_at("a@example.com", min, now + 299 * S),
+            Err(S)
+        );
+        assert_eq!(
+            t.login_interval_at("b@example.com", min, now + 100 * S),
+            Ok(())
+        );
+        assert_eq!(
+            t.login_interval_at("a@example.com", min, now + 300 * S),
+            Ok(())
+        );
+        assert_eq!(
+            t.login_interval_at("a@example.com", min, now + 301 * S),
+            Err(299 * S)
+        );
+        // Once every interval has run out the keys are forgotten.
+        t.purge_at(now + 601 * S);
+        assert_eq!(t.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn reconfigure_changes_limits_and_keeps_counts() {
+        let t = Throttle::new(ThrottleConfig {
+            lockout_after: 3,
+            ..bare()
+        });
+        let now = Instant::now();
+        let client = ip("192.0.2.7");
+        t.login_failed_at(client, "a@example.com", now);
+        t.login_failed_at(client, "a@example.com", now);
+        assert_eq!(
+            t.check_login_at(client, "a@example.com", now),
+            Verdict::Allow
+        );
+        // The new config locks out after two: the two failures already counted bring the next to a lock.
+        t.reconfigure(ThrottleConfig {
+            lockout_after: 2,
+            ..bare()
+        });
+        assert_eq!(t.config().lockout_after, 2);
+        assert!(matches!(
+            t.login_failed_at(client, "a@example.com", now),
+            Verdict::LockedOut { .. }
+        ));
+        // Trusting the client's network now exempts it.
+        t.reconfigure(ThrottleConfig {
+            trusted: vec!["192.0.2.0/24".parse().unwrap()],
+            ..bare()
+        });
+        assert_eq!(
+            t.check_login_at(client, "a@example.com", now),
+            Verdict::Allow
+        );
     }
 
     #[test]

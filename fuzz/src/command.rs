@@ -16,7 +16,11 @@ pub fn check(data: &[u8]) {
     // The verb is the first word, case-insensitively; the parse does not depend on its case.
     let verb_len = data.iter().position(|&b| b == b' ').unwrap_or(data.len());
     let verb = &data[..verb_len];
-    assert!((1..=8).contains(&verb.len()) && verb.iter().all(u8::is_ascii_alphabetic));
+    assert!(
+        (1..=8).contains(&verb.len())
+            && verb[0].is_ascii_alphabetic()
+            && verb.iter().all(u8::is_ascii_alphanumeric)
+    );
     let mut upper = data.to_vec();
     upper[..verb_len].make_ascii_uppercase();
     assert_eq!(
@@ -57,11 +61,11 @@ pub fn check(data: &[u8]) {
         Command::Other(v) => {
             assert!(!matches!(
                 v.as_str(),
-                "CAPA" | "STLS" | "USER" | "PASS" | "APOP" | "AUTH" | "QUIT"
+                "CAPA" | "STLS" | "USER" | "PASS" | "APOP" | "AUTH" | "QUIT" | "UTF8"
             ));
             assert_eq!(*v, v.to_ascii_uppercase());
         }
-        Command::Capa | Command::Stls | Command::Quit => {
+        Command::Capa | Command::Stls | Command::Quit | Command::Utf8 => {
             // No arguments: the rest of the line is at most spaces.
             assert!(data[verb_len..].iter().all(|&b| b == b' '));
         }

@@ -134,6 +134,10 @@ pub struct RoutingConfig {
     /// Tenant for names without a known domain (or without a domain at all). Default: none.
     #[serde(default)]
     pub default_tenant: Option<String>,
+    /// Offer `UTF8` (RFC 6856): after it, USER and APOP may carry UTF-8 names (SASL names are UTF-8
+    /// anyway), and a store that offers UTF8 is switched to it too. Default true.
+    #[serde(default = "default_true")]
+    pub utf8: bool,
 }
 
 /// Per-phase timeouts. Written as `30s`, `10m`, `1h30m` or plain seconds.
@@ -227,6 +231,33 @@ pub struct TenantConfig {
     /// with the master password, as Dovecot accepts; only after popgate itself checked the client).
     #[serde(default)]
     pub backend_login: BackendLogin,
+    /// How the case of the local part is treated: `insensitive` (default: `John` and `john` are one
+    /// mailbox for popgate's hashing, throttles and secrets; the store gets the name as written),
+    /// `lower` (as `insensitive`, and the store gets it lowercased too), or `sensitive` (different
+    /// mailboxes). Domains are always case-insensitive.
+    #[serde(default)]
+    pub login_case: LoginCase,
+    /// Logged-in sessions of this tenant at once; past it, `-ERR [SYS/TEMP]` before the store is asked.
+    /// 0 (the default) means no cap beyond the global ones.
+    #[serde(default)]
+    pub max_sessions: usize,
+    /// Minimum time between two successful logins to one mailbox, answered with `-ERR [LOGIN-DELAY]` and
+    /// announced as `LOGIN-DELAY` in CAPA (RFC 2449). Default: none.
+    #[serde(default)]
+    pub min_login_interval: Option<Seconds>,
+}
+
+/// How a tenant treats the case of login names' local parts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginCase {
+    /// One mailbox whatever the case; the store sees the name as the client wrote it.
+    #[default]
+    Insensitive,
+    /// One mailbox whatever the case; the store sees it lowercased.
+    Lower,
+    /// Case matters: `John` and `john` are different mailboxes.
+    Sensitive,
 }
 
 /// A tenant certificate and the names it is served for.
@@ -644,7 +675,7 @@ impl Config {
             }
             self.validate_upstream(name, t, line, &mut push);
             if let Some(path) = &t.secrets
-                && let Err(e) = load_secrets(&self.resolve_path(path))
+                && let Err(e) = load_secrets(&self.resolve_path(path), t.login_case)
             {
                 push(format!("{field}.secrets"), line, e);
             }
@@ -809,7 +840,10 @@ fn is_label_safe(name: &str) -> bool {
 }
 
 /// Reads a secrets file: a YAML map of `mailbox: secret`; keys are normalised (`local@domain`, lowercased).
-pub fn load_secrets(path: &Path) -> Result<HashMap<String, crate::secret::Secret>, String> {
+pub fn load_secrets(
+    path: &Path,
+    case: LoginCase,
+) -> Result<HashMap<String, crate::secret::Secret>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let options = serde_saphyr::options! {
@@ -817,9 +851,29 @@ pub fn load_secrets(path: &Path) -> Result<HashMap<String, crate::secret::Secret
     };
     let map: BTreeMap<String, String> = serde_saphyr::from_str_with_options(&text, options)
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    // Keys are written as mailboxes are keyed at login: the tenant's case rule on the local part, the
+    // domain lowercased and IDNA-normalised (so `jörg@Bücher.example` matches a login of either form).
+    let key = |mailbox: &str| -> String {
+        let (local, domain) = match mailbox.rsplit_once('@') {
+            Some((l, d)) => (
+                l,
+                crate::router::normalize_domain(d).unwrap_or_else(|| d.to_lowercase()),
+            ),
+            None => (mailbox, String::new()),
+        };
+        let local = match case {
+            LoginCase::Sensitive => local.to_string(),
+            LoginCase::Insensitive | LoginCase::Lower => local.to_lowercase(),
+        };
+        if domain.is_empty() {
+            local
+        } else {
+            format!("{local}@{domain}")
+        }
+    };
     Ok(map
         .into_iter()
-        .map(|(k, v)| (k.to_lowercase(), crate::secret::Secret::new(v.into_bytes())))
+        .map(|(k, v)| (key(&k), crate::secret::Secret::new(v.into_bytes())))
         .collect())
 }
 
@@ -840,11 +894,16 @@ fn default_separators() -> Vec<char> {
     vec!['@', '+', '%']
 }
 
+fn default_true() -> bool {
+    true
+}
+
 impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
             separators: default_separators(),
             default_tenant: None,
+            utf8: true,
         }
     }
 }

@@ -32,6 +32,8 @@ pub enum Command {
     },
     /// `QUIT`
     Quit,
+    /// `UTF8` (RFC 6856): the client will use UTF-8 in login names and accepts it in messages.
+    Utf8,
     /// Any other verb, upper-cased (`NOOP`, `STAT`, `XYZ`...).
     Other(String),
 }
@@ -39,7 +41,7 @@ pub enum Command {
 /// Why a line is not a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
-    /// Empty line or a verb that is not 1-8 printable ASCII letters.
+    /// Empty line or a verb that is not 1-8 ASCII letters and digits starting with a letter.
     #[error("malformed command")]
     Malformed,
     /// A command that needs an argument lacks it, or has the wrong number.
@@ -60,7 +62,12 @@ impl Command {
             Some(i) => (&line[..i], Some(&line[i + 1..])),
             None => (line, None),
         };
-        if verb.is_empty() || verb.len() > 8 || !verb.iter().all(u8::is_ascii_alphabetic) {
+        // Letters and digits (RFC 6856's `UTF8` has one), starting with a letter.
+        if verb.is_empty()
+            || verb.len() > 8
+            || !verb[0].is_ascii_alphabetic()
+            || !verb.iter().all(u8::is_ascii_alphanumeric)
+        {
             return Err(CommandError::Malformed);
         }
         let verb = String::from_utf8_lossy(verb).to_ascii_uppercase();
@@ -77,6 +84,7 @@ impl Command {
             "CAPA" => no_args(rest, Command::Capa)?,
             "STLS" => no_args(rest, Command::Stls)?,
             "QUIT" => no_args(rest, Command::Quit)?,
+            "UTF8" => no_args(rest, Command::Utf8)?,
             "USER" => {
                 let arg = rest.ok_or(CommandError::Arguments)?;
                 let name = std::str::from_utf8(arg)
@@ -92,6 +100,10 @@ impl Command {
                 _ => return Err(CommandError::Arguments),
             },
             "APOP" => {
+                // The name is routed on: bytes that are not UTF-8 are refused, never replaced.
+                if rest.is_some_and(|r| std::str::from_utf8(r).is_err()) {
+                    return Err(CommandError::Malformed);
+                }
                 let w = words(rest);
                 match w.as_slice() {
                     [name, digest] => Command::Apop {
@@ -133,6 +145,7 @@ impl Command {
             Command::Apop { .. } => "APOP",
             Command::Auth { .. } => "AUTH",
             Command::Quit => "QUIT",
+            Command::Utf8 => "UTF8",
             Command::Other(v) => v,
         }
     }
@@ -198,13 +211,30 @@ mod tests {
             Command::parse(b"noop").unwrap(),
             Command::Other("NOOP".into())
         );
+        assert_eq!(Command::parse(b"utf8").unwrap(), Command::Utf8);
+        assert_eq!(
+            Command::parse("USER jörg@bücher.example".as_bytes()).unwrap(),
+            Command::User("jörg@bücher.example".into())
+        );
+        assert_eq!(
+            Command::parse("APOP jörg c4c9334bac560ecc979e58001b3e22fb".as_bytes()).unwrap(),
+            Command::Apop {
+                name: "jörg".into(),
+                digest: "c4c9334bac560ecc979e58001b3e22fb".into()
+            }
+        );
     }
 
     #[test]
     fn refuses_bad_lines() {
         assert_eq!(Command::parse(b""), Err(CommandError::Malformed));
         assert_eq!(Command::parse(b" USER"), Err(CommandError::Malformed));
-        assert_eq!(Command::parse(b"US3R x"), Err(CommandError::Malformed));
+        assert_eq!(Command::parse(b"U$ER x"), Err(CommandError::Malformed));
+        // Digits are allowed after the first letter (UTF8); an unknown verb is Other, refused by name.
+        assert_eq!(
+            Command::parse(b"US3R x").unwrap(),
+            Command::Other("US3R".into())
+        );
         assert_eq!(Command::parse(b"USER"), Err(CommandError::Arguments));
         assert_eq!(Command::parse(b"PASS"), Err(CommandError::Arguments));
         assert_eq!(Command::parse(b"CAPA x"), Err(CommandError::Arguments));
@@ -220,6 +250,12 @@ mod tests {
             Command::parse(b"USER \xff\xfe"),
             Err(CommandError::Malformed)
         );
+        assert_eq!(
+            Command::parse(b"APOP j\xf6rg c4c9334bac560ecc979e58001b3e22fb"),
+            Err(CommandError::Malformed)
+        );
+        assert_eq!(Command::parse(b"UTF8 USER"), Err(CommandError::Arguments));
+        assert_eq!(Command::parse(b"8BIT"), Err(CommandError::Malformed));
     }
 
     #[test]

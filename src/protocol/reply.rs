@@ -101,6 +101,8 @@ pub struct Capabilities {
     pub stls: bool,
     /// USER offered.
     pub user: bool,
+    /// UTF8 (RFC 6856) offered.
+    pub utf8: bool,
 }
 
 impl Capabilities {
@@ -114,6 +116,7 @@ impl Capabilities {
                 Some("SASL") => caps.sasl = words.map(str::to_ascii_uppercase).collect(),
                 Some("STLS") => caps.stls = true,
                 Some("USER") => caps.user = true,
+                Some("UTF8") => caps.utf8 = true,
                 _ => {}
             }
         }

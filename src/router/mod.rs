@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{Config, UsernameForm};
+use crate::config::{Config, LoginCase, UsernameForm};
 
 /// Index of a tenant in [`TenantTable::tenants`].
 pub type TenantId = usize;
@@ -28,6 +28,8 @@ pub struct TenantRoute {
     pub name: String,
     /// How to build the store login name.
     pub username: UsernameForm,
+    /// How the local part's case is treated.
+    pub case: LoginCase,
 }
 
 /// Where a login goes.
@@ -39,6 +41,9 @@ pub struct Route {
     pub mailbox: Mailbox,
     /// The name to log in to the store with.
     pub backend_user: String,
+    /// The mailbox as popgate keys it (consistent hash, throttles, session caps, secrets): `local@domain`
+    /// with the tenant's case rule applied, or the local part alone for a name without a domain.
+    pub key: String,
 }
 
 /// Why a login name has no route. Both answer the client with the same `-ERR [AUTH]`, so that names
@@ -61,8 +66,8 @@ pub enum RouteError {
 pub struct TenantTable {
     separators: Vec<char>,
     exact: HashMap<String, TenantId>,
-    /// `(".example.com", id)`, longest suffix first.
-    wildcard: Vec<(String, TenantId)>,
+    /// `*.example.com` as `example.com`: any domain ending in `.example.com`.
+    wildcard: HashMap<String, TenantId>,
     default: Option<TenantId>,
     tenants: Vec<TenantRoute>,
 }
@@ -71,7 +76,7 @@ impl TenantTable {
     /// Builds the table from a validated config. Tenant ids follow the config's (sorted) tenant order.
     pub fn new(config: &Config) -> Self {
         let mut exact = HashMap::new();
-        let mut wildcard = Vec::new();
+        let mut wildcard = HashMap::new();
         let mut tenants = Vec::new();
         let mut default = None;
         for (id, (name, tenant)) in config.tenants.iter().enumerate() {
@@ -79,8 +84,10 @@ impl TenantTable {
                 let Ok(norm) = crate::config::normalize_domain_pattern(&d.value) else {
                     continue;
                 };
-                match norm.strip_prefix('*') {
-                    Some(suffix) => wildcard.push((suffix.to_string(), id)),
+                match norm.strip_prefix("*.") {
+                    Some(parent) => {
+                        wildcard.insert(parent.to_string(), id);
+                    }
                     None => {
                         exact.insert(norm, id);
                     }
@@ -92,9 +99,9 @@ impl TenantTable {
             tenants.push(TenantRoute {
                 name: name.clone(),
                 username: tenant.value.backend_username.clone(),
+                case: tenant.value.login_case,
             });
         }
-        wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         Self {
             separators: config.routing.separators.clone(),
             exact,
@@ -146,11 +153,16 @@ impl TenantTable {
         if let Some(id) = self.exact.get(domain) {
             return Some(*id);
         }
-        self.wildcard
-            .iter()
-            .find(|(suffix, _)| domain.len() > suffix.len() && domain.ends_with(suffix.as_str()))
-            .map(|(_, id)| *id)
-            .or(self.default)
+        // The longest wildcard first: for `a.b.example.com` try `b.example.com`, then `example.com`, then
+        // `com` — one hash lookup per label, whatever the number of tenants.
+        let mut rest = domain;
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(id) = self.wildcard.get(parent) {
+                return Some(*id);
+            }
+            rest = parent;
+        }
+        self.default
     }
 
     /// Routes a login name. `bound` is the tenant fixed by the listener or by SNI, if any.
@@ -166,11 +178,27 @@ impl TenantTable {
             (Some(t), Some(b)) if t != b => return Err(RouteError::WrongTenant),
             (Some(t), _) => t,
         };
-        let backend_user = backend_username(&self.tenants[tenant].username, &mailbox);
+        let rules = &self.tenants[tenant];
+        let mut mailbox = mailbox;
+        let key_local = match rules.case {
+            LoginCase::Sensitive => mailbox.local.clone(),
+            LoginCase::Insensitive => mailbox.local.to_lowercase(),
+            LoginCase::Lower => {
+                mailbox.local = mailbox.local.to_lowercase();
+                mailbox.local.clone()
+            }
+        };
+        let key = if mailbox.domain.is_empty() {
+            key_local
+        } else {
+            format!("{key_local}@{}", mailbox.domain)
+        };
+        let backend_user = backend_username(&rules.username, &mailbox);
         Ok(Route {
             tenant,
             mailbox,
             backend_user,
+            key,
         })
     }
 }

@@ -98,3 +98,51 @@ fn unknown_default_and_bound_tenants() {
     );
     assert_eq!(t.route("plain", Some(acme)).unwrap().tenant, acme);
 }
+
+#[test]
+fn wildcard_lookup_walks_labels_from_the_longest_parent() {
+    let t = table("");
+    let acme = t.tenant_by_name("acme").unwrap();
+    let deep = t.tenant_by_name("deep").unwrap();
+    assert_eq!(t.tenant_for_domain("a.b.c.eu.example.com"), Some(deep));
+    assert_eq!(t.tenant_for_domain("eu.example.com"), Some(acme));
+    assert_eq!(t.tenant_for_domain("x.example.com"), Some(acme));
+    assert_eq!(t.tenant_for_domain("example.com.evil.test"), None);
+    assert_eq!(t.tenant_for_domain("notexample.com"), None);
+}
+
+#[test]
+fn case_rules_per_tenant() {
+    let t = table(
+        "  lower:\n    domains: [lower.test]\n    backends: [\"127.0.0.1:1104\"]\n    login_case: lower\n\
+         \x20 exact:\n    domains: [exact.test]\n    backends: [\"127.0.0.1:1105\"]\n    login_case: sensitive\n",
+    );
+    // insensitive (default): one key whatever the case; the store sees the name as written.
+    let r = t.route("John.Doe@Example.COM", None).unwrap();
+    assert_eq!(r.key, "john.doe@example.com");
+    assert_eq!(r.backend_user, "John.Doe@example.com");
+    // lower: the store sees it lowercased too (Unicode lowercase, not only ASCII).
+    let r = t.route("JÖRG@lower.test", None).unwrap();
+    assert_eq!(r.key, "jörg@lower.test");
+    assert_eq!(r.backend_user, "jörg@lower.test");
+    // sensitive: different keys for different case.
+    let a = t.route("John@exact.test", None).unwrap();
+    let b = t.route("john@exact.test", None).unwrap();
+    assert_ne!(a.key, b.key);
+    assert_eq!(a.backend_user, "John@exact.test");
+}
+
+#[test]
+fn utf8_local_parts_and_idna_domains_route() {
+    let t = table("");
+    let net = t.tenant_by_name("net").unwrap();
+    for login in [
+        "jörg@bücher.example",
+        "jörg@BÜCHER.example",
+        "jörg@xn--bcher-kva.example",
+    ] {
+        let r = t.route(login, None).unwrap();
+        assert_eq!(r.tenant, net, "{login}");
+        assert_eq!(r.key, "jörg@xn--bcher-kva.example", "{login}");
+    }
+}

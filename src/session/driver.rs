@@ -114,6 +114,11 @@ impl ClientSession {
         self.stream.as_ref().and_then(Stream::tls_version)
     }
 
+    /// True once the client sent `UTF8` (RFC 6856).
+    pub fn utf8_enabled(&self) -> bool {
+        self.machine.utf8_enabled()
+    }
+
     /// True once TLS is established on the client leg.
     pub fn is_tls(&self) -> bool {
         self.stream.as_ref().is_some_and(Stream::is_tls)

@@ -123,6 +123,11 @@ pub struct Offer {
     pub greeting: Vec<u8>,
     /// The APOP timestamp in the greeting / the CRAM-MD5 challenge, when those can work here.
     pub challenge: Option<String>,
+    /// Whether `UTF8` (RFC 6856) is offered: after it, login names may be UTF-8.
+    pub utf8: bool,
+    /// The `LOGIN-DELAY` capability (RFC 2449) to announce: the minimum seconds between logins, and
+    /// whether it varies by user (the `USER` tag) because tenants reachable here differ.
+    pub login_delay: Option<(u64, bool)>,
 }
 
 impl Offer {
@@ -132,6 +137,8 @@ impl Offer {
             mechanisms: vec![Mechanism::UserPass, Mechanism::Plain, Mechanism::Login],
             greeting: b"+OK popgate ready\r\n".to_vec(),
             challenge: None,
+            utf8: true,
+            login_delay: None,
         }
     }
 }
@@ -188,6 +195,7 @@ pub struct Authorization {
     bad_commands: u32,
     failed_logins: u32,
     quit: bool,
+    utf8: bool,
 }
 
 impl Authorization {
@@ -206,6 +214,7 @@ impl Authorization {
             bad_commands: 0,
             failed_logins: 0,
             quit: false,
+            utf8: false,
         }
     }
 
@@ -252,6 +261,11 @@ impl Authorization {
     /// True once the machine asked to close.
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Closed
+    }
+
+    /// True once the client sent `UTF8` (RFC 6856); the store is asked for UTF-8 mode too.
+    pub fn utf8_enabled(&self) -> bool {
+        self.utf8
     }
 
     /// True when the close was the client's own QUIT.
@@ -318,6 +332,7 @@ impl Authorization {
                 self.bad("-ERR [AUTH] USER/PASS is not available here")
             }
             Command::User(_) if !self.plaintext_ok() => self.tls_required(),
+            Command::User(name) if !name.is_ascii() && !self.utf8 => self.needs_utf8(),
             Command::User(name) => {
                 // +OK whatever the name: refusing here would let anyone probe for names and domains.
                 self.phase = Phase::HaveUser(name);
@@ -333,6 +348,10 @@ impl Authorization {
                 }),
                 _ => self.bad("-ERR USER first"),
             },
+            Command::Apop { name, .. } if !name.is_ascii() && !self.utf8 => {
+                self.phase = Phase::Idle;
+                self.needs_utf8()
+            }
             Command::Apop { name, digest } => {
                 self.phase = Phase::Idle;
                 let valid = digest.len() == 32 && digest.bytes().all(|b| b.is_ascii_hexdigit());
@@ -369,9 +388,15 @@ impl Authorization {
                 self.phase = Phase::Idle;
                 self.auth(&mech, initial)
             }
-            Command::Other(_) => {
-                self.bad("-ERR Not logged in; only CAPA, STLS, USER, PASS, AUTH and QUIT here")
+            Command::Utf8 if self.offer.utf8 => {
+                // RFC 6856: accepted in the AUTHORIZATION state; repeating it changes nothing.
+                self.utf8 = true;
+                vec![Action::Send(b"+OK UTF8 enabled\r\n".to_vec())]
             }
+            Command::Utf8 => self.bad("-ERR UTF8 is not offered here"),
+            Command::Other(_) => self.bad(
+                "-ERR Not logged in; only CAPA, STLS, UTF8, USER, PASS, APOP, AUTH and QUIT here",
+            ),
         }
     }
 
@@ -420,6 +445,18 @@ impl Authorization {
         }
         if self.stls_available() {
             r.extend_from_slice(b"STLS\r\n");
+        }
+        if self.offer.utf8 {
+            r.extend_from_slice(b"UTF8\r\n");
+        }
+        match self.offer.login_delay {
+            Some((secs, true)) => {
+                r.extend_from_slice(format!("LOGIN-DELAY {secs} USER\r\n").as_bytes())
+            }
+            Some((secs, false)) => {
+                r.extend_from_slice(format!("LOGIN-DELAY {secs}\r\n").as_bytes())
+            }
+            None => {}
         }
         r.extend_from_slice(b"IMPLEMENTATION popgate\r\n.\r\n");
         r
@@ -552,6 +589,16 @@ impl Authorization {
     fn login(&mut self, creds: Credentials) -> Vec<Action> {
         self.phase = Phase::LoginPending;
         vec![Action::Login(creds)]
+    }
+
+    /// A non-ASCII login name in USER or APOP before the client sent `UTF8` (RFC 6856 §3).
+    fn needs_utf8(&mut self) -> Vec<Action> {
+        let msg = if self.offer.utf8 {
+            "-ERR [AUTH] Login names outside ASCII need the UTF8 command first"
+        } else {
+            "-ERR [AUTH] Login names outside ASCII are not accepted here"
+        };
+        self.bad(msg)
     }
 
     fn tls_required(&mut self) -> Vec<Action> {

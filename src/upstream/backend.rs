@@ -99,6 +99,8 @@ pub struct ClientInfo {
     pub local: SocketAddr,
     /// popgate's session id, forwarded as XCLIENT SESSION so store and proxy logs can be joined.
     pub session: u64,
+    /// The client enabled `UTF8` (RFC 6856): the store is asked for UTF-8 mode too, where it offers it.
+    pub utf8: bool,
 }
 
 /// A store connection that has been greeted and asked for CAPA, waiting in the AUTHORIZATION state.
@@ -425,6 +427,11 @@ pub async fn login(
         if conn.status().await?.0 != Status::Ok {
             return Err(LoginError::Unavailable("store refused XCLIENT".into()));
         }
+    }
+    if client.is_some_and(|c| c.utf8) && conn.caps.utf8 {
+        // The client will see messages in UTF-8 mode; a store that refuses still serves them raw.
+        conn.send(b"UTF8\r\n").await?;
+        conn.status().await?;
     }
     let (status, line) = match auth {
         StoreAuth::Password {

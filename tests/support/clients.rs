@@ -114,6 +114,8 @@ pub enum PopStep {
     Noop,
     Rset,
     Capa,
+    /// `UTF8` (RFC 6856), via poplib's `utf8()`.
+    Utf8,
     /// Any single-line command, sent as given (e.g. `"LIST 1"`, `"UIDL 2"`).
     Raw(String),
 }
@@ -183,6 +185,7 @@ impl PopStep {
             PopStep::Noop => "noop".into(),
             PopStep::Rset => "rset".into(),
             PopStep::Capa => "capa".into(),
+            PopStep::Utf8 => "utf8".into(),
             PopStep::Raw(command) => format!("raw\t{command}"),
         }
     }
@@ -373,6 +376,7 @@ def run(p, cmd, args):
     if cmd == 'noop': return p.noop()
     if cmd == 'rset': return p.rset()
     if cmd == 'capa': return p._longcmd('CAPA')
+    if cmd == 'utf8': return p.utf8()
     if cmd == 'raw': return p._shortcmd(args[0])
     raise ValueError('unknown step ' + cmd)
 

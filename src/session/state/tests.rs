@@ -264,6 +264,8 @@ fn offering(mechanisms: Vec<Mechanism>, challenge: Option<&str>) -> Authorizatio
             mechanisms,
             greeting: b"+OK hi <1.2@x>\r\n".to_vec(),
             challenge: challenge.map(str::to_string),
+            utf8: true,
+            login_delay: None,
         },
     )
 }
@@ -311,4 +313,74 @@ fn scram_client_first_routes_on_the_user() {
     let mut m = offering(vec![Mechanism::ScramSha256], None);
     assert!(sent(&m.on_line(b"AUTH PLAIN AGEAYg==")).starts_with("-ERR [AUTH]"));
     assert!(sent(&m.on_line(b"USER a@b.c")).starts_with("-ERR"));
+}
+
+#[test]
+fn utf8_names_need_the_utf8_command_first() {
+    let mut m = plain_port(true);
+    let capa = sent(&m.on_line(b"CAPA"));
+    assert!(capa.contains("\r\nUTF8\r\n"), "{capa}");
+    // Before UTF8: a non-ASCII name in USER or APOP is refused with [AUTH], nothing is logged in.
+    let refused = sent(&m.on_line("USER jörg@bücher.example".as_bytes()));
+    assert!(
+        refused.starts_with("-ERR [AUTH]") && refused.contains("UTF8"),
+        "{refused}"
+    );
+    assert!(!m.utf8_enabled());
+    assert_eq!(sent(&m.on_line(b"utf8")), "+OK UTF8 enabled\r\n");
+    assert!(m.utf8_enabled());
+    assert_eq!(
+        sent(&m.on_line("USER jörg@bücher.example".as_bytes())),
+        "+OK\r\n"
+    );
+    let actions = m.on_line("PASS geheim".as_bytes());
+    assert_eq!(login_of(&actions).unwrap().login, "jörg@bücher.example");
+}
+
+/// A machine on an implicit-TLS connection with this offer.
+fn over_tls(offer: Offer) -> Authorization {
+    Authorization::with_offer(
+        Transport {
+            tls: true,
+            stls_offered: false,
+            plaintext_before_tls: false,
+        },
+        LIMITS,
+        offer,
+    )
+}
+
+#[test]
+fn utf8_not_offered_is_refused_and_not_listed() {
+    let mut offer = Offer::basic();
+    offer.utf8 = false;
+    let mut m = over_tls(offer);
+    let capa = sent(&m.on_line(b"CAPA"));
+    assert!(!capa.contains("UTF8"), "{capa}");
+    assert!(sent(&m.on_line(b"UTF8")).starts_with("-ERR"));
+    assert!(!m.utf8_enabled());
+    let refused = sent(&m.on_line("USER jörg@example.com".as_bytes()));
+    assert!(refused.starts_with("-ERR [AUTH]"), "{refused}");
+    // SASL names are UTF-8 by definition (RFC 4616): no UTF8 command needed.
+    let ir = encode_b64("\0jörg@example.com\0pw".as_bytes());
+    let actions = m.on_line(format!("AUTH PLAIN {ir}").as_bytes());
+    assert_eq!(login_of(&actions).unwrap().login, "jörg@example.com");
+}
+
+#[test]
+fn login_delay_is_announced_as_offered() {
+    for (delay, line) in [
+        (Some((300, false)), Some("LOGIN-DELAY 300\r\n")),
+        (Some((0, true)), Some("LOGIN-DELAY 0 USER\r\n")),
+        (None, None),
+    ] {
+        let mut offer = Offer::basic();
+        offer.login_delay = delay;
+        let mut m = over_tls(offer);
+        let capa = sent(&m.on_line(b"CAPA"));
+        match line {
+            Some(l) => assert!(capa.contains(l), "{capa}"),
+            None => assert!(!capa.contains("LOGIN-DELAY"), "{capa}"),
+        }
+    }
 }
