@@ -166,7 +166,8 @@ tenants:
     let home: Vec<usize> = (0..12)
         .map(|i| {
             let user = format!("a{i}@affine.test");
-            assert!(try_login(&pg, "pop3", &user, "pw").starts_with("+OK"));
+            let r = try_login(&pg, "pop3", &user, "pw");
+            assert!(r.starts_with("+OK"), "{user}: {r}");
             store_of(&[&a, &b, &c], &user)
         })
         .collect();

@@ -103,6 +103,8 @@ pub struct Capabilities {
     pub user: bool,
     /// UTF8 (RFC 6856) offered.
     pub utf8: bool,
+    /// PIPELINING (RFC 2449) offered: commands may be sent without waiting for each reply.
+    pub pipelining: bool,
 }
 
 impl Capabilities {
@@ -117,6 +119,7 @@ impl Capabilities {
                 Some("STLS") => caps.stls = true,
                 Some("USER") => caps.user = true,
                 Some("UTF8") => caps.utf8 = true,
+                Some("PIPELINING") => caps.pipelining = true,
                 _ => {}
             }
         }

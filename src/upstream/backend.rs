@@ -108,6 +108,8 @@ pub struct ClientInfo {
 pub struct Prepared {
     stream: Stream,
     buf: BytesMut,
+    /// Commands queued to go out in one write before the next reply is read (pipelining).
+    out: Vec<u8>,
     framer: LineFramer,
     reply_timeout: Duration,
     caps: Capabilities,
@@ -211,6 +213,7 @@ impl Connector {
         let mut conn = Prepared {
             stream,
             buf: BytesMut::with_capacity(512),
+            out: Vec::new(),
             framer: LineFramer::new(),
             reply_timeout: self.timeouts.reply,
             caps: Capabilities::default(),
@@ -350,15 +353,30 @@ impl Prepared {
     }
 
     async fn status(&mut self) -> Result<(Status, Vec<u8>), LoginError> {
+        if !self.out.is_empty() {
+            self.flush_queued().await?;
+        }
         let line = self.read_line().await?;
         let status = Status::parse(&line)
             .map_err(|_| LoginError::Unavailable("reply is not POP3".into()))?;
         Ok((status, line))
     }
 
+    /// Queues a command; it goes out with the next `status` or `send`, in one write with any others.
+    fn queue(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// Sends `bytes` now, behind anything queued.
     async fn send(&mut self, bytes: &[u8]) -> Result<(), LoginError> {
+        self.queue(bytes);
+        self.flush_queued().await
+    }
+
+    async fn flush_queued(&mut self) -> Result<(), LoginError> {
+        let out = std::mem::take(&mut self.out);
         let write = async {
-            self.stream.write_all(bytes).await?;
+            self.stream.write_all(&out).await?;
             self.stream.flush().await
         };
         match timeout(self.reply_timeout, write).await {
@@ -416,6 +434,14 @@ pub async fn login(
             b"-ERR [AUTH] Authentication failed.\r\n".to_vec(),
         ));
     }
+    // XCLIENT and UTF8 come before the login. A store that offers PIPELINING (RFC 2449) gets them and the
+    // login command(s) in one write, saving a round trip each; their replies are read in order before the
+    // login's (`Preamble::settle`).
+    let mut preamble = Preamble {
+        pipelining: conn.caps.pipelining,
+        xclient: false,
+        utf8: false,
+    };
     if let (ClientIpForwarding::Xclient, true, Some(client)) = (forwarding, conn.xclient, client) {
         let cmd = format!(
             "XCLIENT ADDR={} PORT={} SESSION=popgate-{}\r\n",
@@ -423,15 +449,15 @@ pub async fn login(
             client.peer.port(),
             client.session
         );
-        conn.send(cmd.as_bytes()).await?;
-        if conn.status().await?.0 != Status::Ok {
-            return Err(LoginError::Unavailable("store refused XCLIENT".into()));
-        }
+        conn.queue(cmd.as_bytes());
+        preamble.xclient = true;
+        preamble.settle_unless_pipelining(&mut conn).await?;
     }
     if client.is_some_and(|c| c.utf8) && conn.caps.utf8 {
         // The client will see messages in UTF-8 mode; a store that refuses still serves them raw.
-        conn.send(b"UTF8\r\n").await?;
-        conn.status().await?;
+        conn.queue(b"UTF8\r\n");
+        preamble.utf8 = true;
+        preamble.settle_unless_pipelining(&mut conn).await?;
     }
     let (status, line) = match auth {
         StoreAuth::Password {
@@ -442,32 +468,33 @@ pub async fn login(
         } => {
             if *plain && conn.caps.sasl.iter().any(|m| m == "PLAIN") {
                 let b64 = sasl::encode_plain(*authzid, user, password);
-                conn.send(format!("AUTH PLAIN {b64}\r\n").as_bytes())
-                    .await?;
+                conn.queue(format!("AUTH PLAIN {b64}\r\n").as_bytes());
+                preamble.settle(&mut conn).await?;
                 conn.status().await?
             } else {
-                user_pass(&mut conn, user, password).await?
+                user_pass(&mut conn, &mut preamble, user, password).await?
             }
         }
         StoreAuth::ApopPassthrough { user, digest } => {
-            conn.send(format!("APOP {user} {digest}\r\n").as_bytes())
-                .await?;
+            conn.queue(format!("APOP {user} {digest}\r\n").as_bytes());
+            preamble.settle(&mut conn).await?;
             conn.status().await?
         }
         StoreAuth::Secret { user, secret } => match conn.timestamp.clone() {
             Some(ts) => {
                 let digest = sasl::apop_digest(&ts, secret.expose());
-                conn.send(format!("APOP {user} {digest}\r\n").as_bytes())
-                    .await?;
+                conn.queue(format!("APOP {user} {digest}\r\n").as_bytes());
+                preamble.settle(&mut conn).await?;
                 conn.status().await?
             }
-            None => user_pass(&mut conn, user, secret).await?,
+            None => user_pass(&mut conn, &mut preamble, user, secret).await?,
         },
         StoreAuth::Sasl { mechanism, initial } => {
             let mut cmd = format!("AUTH {mechanism} ").into_bytes();
             cmd.extend_from_slice(initial);
             cmd.extend_from_slice(b"\r\n");
-            conn.send(&cmd).await?;
+            conn.queue(&cmd);
+            preamble.settle(&mut conn).await?;
             // Relay challenges and answers until the store decides; bounded so a chatty peer cannot loop.
             let mut rounds = 0;
             loop {
@@ -502,12 +529,52 @@ pub async fn login(
     }
 }
 
+/// Replies owed for commands queued before the login (XCLIENT, UTF8).
+struct Preamble {
+    pipelining: bool,
+    xclient: bool,
+    utf8: bool,
+}
+
+impl Preamble {
+    /// Reads the owed replies now when the store does not pipeline (one command, one reply).
+    async fn settle_unless_pipelining(&mut self, conn: &mut Prepared) -> Result<(), LoginError> {
+        if self.pipelining {
+            Ok(())
+        } else {
+            self.settle(conn).await
+        }
+    }
+
+    /// Reads the owed replies, in the order the commands went: a refused XCLIENT makes the store
+    /// unusable (it would log the wrong client address); a refused UTF8 does not matter.
+    async fn settle(&mut self, conn: &mut Prepared) -> Result<(), LoginError> {
+        if std::mem::take(&mut self.xclient) && conn.status().await?.0 != Status::Ok {
+            return Err(LoginError::Unavailable("store refused XCLIENT".into()));
+        }
+        if std::mem::take(&mut self.utf8) {
+            conn.status().await?;
+        }
+        Ok(())
+    }
+}
+
 async fn user_pass(
     conn: &mut Prepared,
+    preamble: &mut Preamble,
     user: &str,
     password: &Secret,
 ) -> Result<(Status, Vec<u8>), LoginError> {
-    conn.send(format!("USER {user}\r\n").as_bytes()).await?;
+    let mut pass = Vec::with_capacity(password.expose().len() + 7);
+    pass.extend_from_slice(b"PASS ");
+    pass.extend_from_slice(password.expose());
+    pass.extend_from_slice(b"\r\n");
+    conn.queue(format!("USER {user}\r\n").as_bytes());
+    if preamble.pipelining {
+        // USER and PASS in one write; a store that refuses USER answers PASS with -ERR as well.
+        conn.queue(&pass);
+    }
+    preamble.settle(conn).await?;
     match conn.status().await? {
         (Status::Ok, _) => {}
         (Status::Err { .. }, line) => return Ok((Status::Err { code: None }, line)),
@@ -515,11 +582,9 @@ async fn user_pass(
             return Err(LoginError::Unavailable("unexpected continuation".into()));
         }
     }
-    let mut pass = Vec::with_capacity(password.expose().len() + 7);
-    pass.extend_from_slice(b"PASS ");
-    pass.extend_from_slice(password.expose());
-    pass.extend_from_slice(b"\r\n");
-    conn.send(&pass).await?;
+    if !preamble.pipelining {
+        conn.queue(&pass);
+    }
     conn.status().await
 }
 

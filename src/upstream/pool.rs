@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -65,6 +65,10 @@ pub struct Pool<T> {
     next_id: AtomicU64,
     /// Signalled on every change of the idle set; wakes the refill task.
     changed: Notify,
+    /// How many idle connections the refill task aims for: `min_idle`, raised by one for each `take` that
+    /// found none (up to `max_idle`) and lowered by one for each connection that expired unused, so the
+    /// pool follows the login rate without a setting per deployment.
+    demand: AtomicUsize,
     counters: Counters,
 }
 
@@ -116,6 +120,7 @@ impl<T: AsyncRead + Unpin + Send + 'static> Pool<T> {
             idle: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
             changed: Notify::new(),
+            demand: AtomicUsize::new(settings.min_idle.min(settings.max_idle)),
             counters: Counters::default(),
         })
     }
@@ -159,6 +164,7 @@ impl<T: AsyncRead + Unpin + Send + 'static> Pool<T> {
             let entry = self.lock_idle().pop();
             let Some(entry) = entry else {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                self.adjust_demand(true);
                 return None;
             };
             self.changed.notify_waiters();
@@ -171,6 +177,32 @@ impl<T: AsyncRead + Unpin + Send + 'static> Pool<T> {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 return Some(conn);
             }
+        }
+    }
+
+    /// The number of idle connections the refill task aims for now (see `demand`).
+    pub fn target(&self) -> usize {
+        self.demand.load(Ordering::Relaxed)
+    }
+
+    /// One step of demand up (a take found the pool empty) or down (a connection expired unused), within
+    /// `min_idle..=max_idle`. A pool without pre-warming (`min_idle` 0) stays without.
+    fn adjust_demand(&self, up: bool) {
+        let floor = self.settings.min_idle.min(self.settings.max_idle);
+        if floor == 0 {
+            return;
+        }
+        let ceiling = self.settings.max_idle;
+        let step = |d: usize| {
+            let next = if up { d + 1 } else { d.saturating_sub(1) };
+            Some(next.clamp(floor, ceiling))
+        };
+        let before = self
+            .demand
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, step)
+            .unwrap_or(floor);
+        if up && before < ceiling {
+            self.changed.notify_waiters();
         }
     }
 
@@ -228,7 +260,10 @@ impl<T: AsyncRead + Unpin + Send + 'static> Pool<T> {
         let counter = match why {
             Watched::Readable => &self.counters.discarded_readable,
             Watched::Closed => &self.counters.discarded_closed,
-            Watched::Expired => &self.counters.discarded_expired,
+            Watched::Expired => {
+                self.adjust_demand(false);
+                &self.counters.discarded_expired
+            }
             Watched::Wanted(_) | Watched::Abandoned => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -302,8 +337,6 @@ async fn refill<T, F, Fut, E>(
     E: Send + 'static,
 {
     let limit = pool.settings.max_concurrent_connects.max(1);
-    // Aiming above max_idle would reconnect forever: every connection beyond it is closed on put.
-    let target = pool.settings.min_idle.min(pool.settings.max_idle);
     let mut connecting: JoinSet<(Instant, Result<T, E>)> = JoinSet::new();
     let mut backoff = Backoff::default();
     let mut retry_at: Option<Instant> = None;
@@ -312,6 +345,8 @@ async fn refill<T, F, Fut, E>(
         let changed = pool.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
+        // Never above max_idle (`demand` is kept within it): every connection beyond it is closed on put.
+        let target = pool.target();
         if retry_at.is_none() {
             while connecting.len() < limit && pool.idle() + connecting.len() < target {
                 // The store's clock starts when it accepts, so age counts from before the connect.
@@ -570,6 +605,38 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(pool.idle(), 2);
         assert_eq!(connector.attempts.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn the_pool_grows_with_misses_and_shrinks_with_expiries() {
+        let pool = Pool::new(PoolSettings {
+            max_age: Duration::from_millis(300),
+            ..settings(1, 4)
+        });
+        assert_eq!(pool.target(), 1);
+        // Logins that find the pool empty: each raises the target by one, up to max_idle...
+        for _ in 0..6 {
+            assert!(pool.take().await.is_none());
+        }
+        assert_eq!(pool.target(), 4);
+        // ...and the refill follows.
+        let connector = Connector::default();
+        let c = connector.clone();
+        let task = pool.spawn_refill(move || c.connect(), |_| {}, CancellationToken::new());
+        until(&pool, |p| p.idle() == 4).await;
+        // Nobody takes: connections expire unused, each lowering the target, back to min_idle.
+        until(&pool, |p| p.target() == 1).await;
+        assert!(pool.stats().discarded_expired >= 3);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_pool_without_pre_warming_stays_without() {
+        let pool = Pool::<DuplexStream>::new(settings(0, 4));
+        for _ in 0..3 {
+            assert!(pool.take().await.is_none());
+        }
+        assert_eq!(pool.target(), 0);
     }
 
     #[tokio::test]
