@@ -46,6 +46,51 @@ pub struct Shared {
     pub tls: Option<(Arc<rustls::ServerConfig>, Arc<SniResolver>)>,
     /// Listener facts by name.
     pub listeners: HashMap<String, Arc<ListenerInfo>>,
+    /// What a connection not bound to one tenant can offer (every tenant can log in on it).
+    unbound: Reach,
+}
+
+/// What a connection can offer, given which tenants can log in on it. Computed once per config
+/// snapshot, so accepting a connection costs the same with one tenant or ten thousand.
+#[derive(Debug, Clone, Default)]
+pub struct Reach {
+    /// Mechanisms some of the tenants accept, sorted, without repeats.
+    mechanisms: Vec<Mechanism>,
+    /// Some tenant checks APOP/CRAM-MD5 itself (secrets): the greeting carries popgate's own timestamp.
+    own_challenge: bool,
+    /// The LOGIN-DELAY capability to announce.
+    login_delay: Option<(u64, bool)>,
+    /// Some tenant allows plaintext logins.
+    plaintext: bool,
+}
+
+impl Reach {
+    fn of<'a>(tenants: impl Iterator<Item = &'a TenantRuntime> + Clone) -> Self {
+        let mut mechanisms: Vec<Mechanism> = tenants
+            .clone()
+            .flat_map(|t| t.mechanisms.iter().copied())
+            .collect();
+        mechanisms.sort();
+        mechanisms.dedup();
+        let secs = |t: &TenantRuntime| t.min_login_interval.map_or(0, |d| d.as_secs());
+        let longest = tenants.clone().map(secs).max().unwrap_or(0);
+        let shortest = tenants.clone().map(secs).min().unwrap_or(0);
+        Self {
+            mechanisms,
+            own_challenge: tenants.clone().any(|t| {
+                t.secrets.is_some()
+                    && t.mechanisms
+                        .iter()
+                        .any(|m| matches!(m, Mechanism::Apop | Mechanism::CramMd5))
+            }),
+            // RFC 2449 §6.8: the tenants' interval when they agree, else the shortest with USER (it
+            // varies by user); nothing when no tenant has one.
+            login_delay: (longest > 0).then_some((shortest, shortest != longest)),
+            plaintext: tenants
+                .clone()
+                .any(|t| t.plaintext == PlaintextLogin::Allow),
+        }
+    }
 }
 
 /// Per-tenant runtime state.
@@ -67,6 +112,8 @@ pub struct TenantRuntime {
     pub max_sessions: usize,
     /// Minimum time between two logins of one mailbox (`-ERR [LOGIN-DELAY]`).
     pub min_login_interval: Option<std::time::Duration>,
+    /// What a connection bound to this tenant alone can offer.
+    reach: Reach,
 }
 
 /// Why the shared state could not be built.
@@ -101,19 +148,6 @@ const LOCKED_OUT: &[u8] = b"-ERR [AUTH] Too many failed logins; try again later\
 const IN_USE: &[u8] = b"-ERR [IN-USE] Too many sessions for this mailbox\r\n";
 const TENANT_FULL: &[u8] =
     b"-ERR [SYS/TEMP] Too many sessions for this domain, try again later\r\n";
-
-/// The `LOGIN-DELAY` capability for a connection that can reach `tenants`: their minimum interval
-/// when they agree, else the smallest one with the `USER` tag (it varies by user); none when no
-/// tenant has one (RFC 2449 §6.8).
-fn login_delay_capability(tenants: &[&TenantRuntime]) -> Option<(u64, bool)> {
-    let secs = |t: &&TenantRuntime| t.min_login_interval.map_or(0, |d| d.as_secs());
-    let max = tenants.iter().map(secs).max()?;
-    if max == 0 {
-        return None;
-    }
-    let min = tenants.iter().map(secs).min().unwrap_or(0);
-    Some((min, min != max))
-}
 
 /// Records a failed login with the edge defences; waits the growing delay before the `-ERR` goes out (slows
 /// password guessing without holding a store connection), and turns the reply into a lockout notice once
@@ -452,6 +486,7 @@ impl Shared {
                 m
             });
             tenants.push(TenantRuntime {
+                reach: Reach::default(),
                 max_sessions: t.max_sessions,
                 min_login_interval: t.min_login_interval.map(|s| s.get()),
                 group,
@@ -503,27 +538,31 @@ impl Shared {
                 (l.name.clone(), Arc::new(info))
             })
             .collect();
+        for t in &mut tenants {
+            t.reach = Reach::of(std::iter::once(&*t));
+        }
+        let unbound = Reach::of(tenants.iter());
         Ok(Self {
             config,
             table,
             tenants,
             tls,
             listeners,
+            unbound,
         })
+    }
+
+    /// What a connection bound to `tenant` (or to none) can offer.
+    fn reach(&self, tenant: Option<TenantId>) -> &Reach {
+        match tenant.and_then(|t| self.tenants.get(t)) {
+            Some(t) => &t.reach,
+            None => &self.unbound,
+        }
     }
 
     /// Whether some tenant reachable through this listener allows plaintext login.
     fn plaintext_possible(&self, listener: &ListenerInfo) -> bool {
-        match listener.tenant {
-            Some(t) => self
-                .tenants
-                .get(t)
-                .is_some_and(|t| t.plaintext == PlaintextLogin::Allow),
-            None => self
-                .tenants
-                .iter()
-                .any(|t| t.plaintext == PlaintextLogin::Allow),
-        }
+        self.reach(listener.tenant).plaintext
     }
 }
 
@@ -695,22 +734,15 @@ async fn run(
         });
     // What this connection can offer depends on which tenants can log in here.
     let bound_before_greeting = listener.tenant.or(sni_tenant);
-    let reachable: Vec<&TenantRuntime> = match bound_before_greeting {
-        Some(t) => shared.tenants.get(t).into_iter().collect(),
-        None => shared.tenants.iter().collect(),
-    };
-    let mut mechanisms: Vec<Mechanism> = reachable
-        .iter()
-        .flat_map(|t| t.mechanisms.iter().copied())
-        .collect();
-    mechanisms.sort();
-    mechanisms.dedup();
+    let reach = shared.reach(bound_before_greeting);
+    let mechanisms = reach.mechanisms.clone();
     let utf8 = config.routing.utf8;
-    let login_delay = login_delay_capability(&reachable);
+    let login_delay = reach.login_delay;
     // APOP passthrough: the route is fixed before the greeting and the tenant has one store and no secrets:
     // show the client that store's own greeting, so the client's digest is valid there.
     let mut passthrough: Option<(Prepared, ActiveSession, TenantId)> = None;
-    if let (Some(t), [tenant]) = (bound_before_greeting, reachable.as_slice())
+    if let Some(t) = bound_before_greeting
+        && let Some(tenant) = shared.tenants.get(t)
         && tenant.secrets.is_none()
         && tenant.mechanisms.contains(&Mechanism::Apop)
         && let Some((prepared, active)) = tenant.group.prepare_for_greeting(&client_info).await
@@ -718,12 +750,7 @@ async fn run(
     {
         passthrough = Some((prepared, active, t));
     }
-    let own_challenge = reachable.iter().any(|t| {
-        t.secrets.is_some()
-            && t.mechanisms
-                .iter()
-                .any(|m| matches!(m, Mechanism::Apop | Mechanism::CramMd5))
-    });
+    let own_challenge = reach.own_challenge;
     let offer = match &passthrough {
         Some((prepared, _, _)) => {
             let mut greeting = prepared.greeting().to_vec();
