@@ -237,8 +237,10 @@ impl StoreGroup {
                 min_idle: self.pool.min_idle,
                 max_idle: self.pool.max_idle,
                 max_age: self.pool.max_age.get(),
-                // A cold pool fills a couple at a time instead of hitting a restarted store with a burst.
-                max_concurrent_connects: 2,
+                // Enough in flight to keep up with a busy tenant's logins once the pool has grown to
+                // its demand (each connect waits for a greeting and CAPA), few enough that a restarted
+                // store is not hit with a burst.
+                max_concurrent_connects: 8,
             });
             let (connector, ep, tenant, store_id) =
                 (self.connector.clone(), endpoint.clone(), self.tenant.clone(), id.clone());
