@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
@@ -16,8 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{BackendLogin, Config, ListenerTls, PlaintextLogin};
+use crate::metrics::TenantMetrics;
 use crate::relay::{RelayConfig, relay};
 use crate::router::{TenantId, TenantTable};
+use crate::runtime::Registered;
 use crate::runtime::{Context, SessionEntry};
 use crate::secret::Secret;
 use crate::session::driver::StartTls;
@@ -25,6 +28,7 @@ use crate::session::state::Limits;
 use crate::session::{Authorization, ClientSession, SessionEnd, Transport};
 use crate::session::{Credentials, Mechanism, Offer};
 use crate::stream::Stream;
+use crate::throttle::MailboxGuard;
 use crate::tls::SniResolver;
 use crate::upstream::backend::{ClientInfo, Connector};
 use crate::upstream::backend::{Prepared, StoreAuth};
@@ -518,11 +522,16 @@ pub async fn serve(
     let span = info_span!("session", id, client = %peer, listener = %listener.name, tenant = tracing::field::Empty);
     async move {
         let started = Instant::now();
-        let summary = run(&ctx, &shared, &listener, tcp, peer, id).await;
+        // Boxed, and relayed only after it returns: the login phase's state (session driver, offer,
+        // credentials) is freed before relaying, so an idle logged-in session keeps only what the relay needs.
+        let summary = match Box::pin(run(&ctx, &shared, &listener, tcp, peer, id)).await {
+            Summary::LoggedIn(handover) => Ok(handover.relay().await),
+            Summary::NoLogin(tenant, end) => Err((tenant, end)),
+        };
         let secs = started.elapsed().as_secs_f64();
         let metrics = &ctx.metrics;
         match summary {
-            Summary::Relayed { tenant, backend, stats } => {
+            Ok(Relayed { tenant, backend, stats }) => {
                 metrics.session_ended(&tenant, &listener.name, stats.end.as_str());
                 let t = metrics.tenant(&tenant);
                 t.duration.observe(secs);
@@ -539,7 +548,7 @@ pub async fn serve(
                     "session closed"
                 )
             }
-            Summary::NoLogin(tenant, end) => {
+            Err((tenant, end)) => {
                 let tenant = tenant.as_deref().unwrap_or(crate::metrics::UNKNOWN_TENANT);
                 metrics.session_ended(tenant, &listener.name, end.as_str());
                 info!(duration_s = secs, outcome = end.as_str(), detail = %end, "session closed before login")
@@ -550,24 +559,65 @@ pub async fn serve(
     .await
 }
 
-enum Summary {
-    Relayed {
-        tenant: String,
-        backend: String,
-        stats: crate::relay::RelayStats,
-    },
+enum Summary<'c> {
+    /// Logged in; the relay is still to run (see `serve`).
+    LoggedIn(Box<Handover<'c>>),
     /// The session ended before a login; the tenant, when one was routed to.
     NoLogin(Option<String>, SessionEnd),
 }
 
-async fn run(
-    ctx: &Context,
+/// A logged-in session on its way to the relay: what the relay needs and what must live as long as it.
+struct Handover<'c> {
+    client: Stream,
+    store: Stream,
+    to_store: BytesMut,
+    to_client: BytesMut,
+    config: RelayConfig,
+    tenant: String,
+    backend: String,
+    metrics: Arc<TenantMetrics>,
+    kick: CancellationToken,
+    _active: Option<ActiveSession>,
+    _registered: Registered<'c>,
+    _mailbox_slot: MailboxGuard,
+}
+
+/// A relayed session's summary.
+struct Relayed {
+    tenant: String,
+    backend: String,
+    stats: crate::relay::RelayStats,
+}
+
+impl Handover<'_> {
+    async fn relay(self) -> Relayed {
+        let stats = relay(
+            self.client,
+            self.store,
+            self.to_store,
+            self.to_client,
+            self.config,
+            &self.metrics,
+            self.kick,
+        )
+        .await;
+        self.metrics.active.dec();
+        Relayed {
+            tenant: self.tenant,
+            backend: self.backend,
+            stats,
+        }
+    }
+}
+
+async fn run<'c>(
+    ctx: &'c Context,
     shared: &Shared,
     listener: &ListenerInfo,
     mut tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
-) -> Summary {
+) -> Summary<'c> {
     let config = &shared.config;
     let metrics = &ctx.metrics;
     let mut routed_tenant: Option<String> = None;
@@ -974,25 +1024,22 @@ async fn run(
         if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &logged_in.reply).await {
             return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Io(e));
         }
-        let stats = relay(
+        return Summary::LoggedIn(Box::new(Handover {
             client,
-            logged_in.stream,
-            pipelined,
-            logged_in.leftover,
-            RelayConfig {
+            store: logged_in.stream,
+            to_store: pipelined,
+            to_client: logged_in.leftover,
+            config: RelayConfig {
                 idle: config.timeouts.idle.get(),
                 quit_drain: config.timeouts.quit_drain.get(),
             },
-            &tenant_metrics,
-            kick,
-        )
-        .await;
-        tenant_metrics.active.dec();
-        drop(active);
-        return Summary::Relayed {
             tenant: tenant_name.clone(),
             backend: addr,
-            stats,
-        };
+            metrics: tenant_metrics,
+            kick,
+            _active: active,
+            _registered,
+            _mailbox_slot,
+        }));
     }
 }
