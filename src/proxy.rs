@@ -6,10 +6,11 @@
 //! which stays in AUTHORIZATION so the client can try again.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
@@ -18,7 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{BackendLogin, Config, ListenerTls, PlaintextLogin};
 use crate::metrics::TenantMetrics;
-use crate::relay::{RelayConfig, relay};
+use crate::relay::{RelayConfig, RelayStats, relay};
 use crate::router::{TenantId, TenantTable};
 use crate::runtime::Registered;
 use crate::runtime::{Context, SessionEntry};
@@ -566,17 +567,13 @@ enum Summary<'c> {
     NoLogin(Option<String>, SessionEnd),
 }
 
-/// A logged-in session on its way to the relay: what the relay needs and what must live as long as it.
+/// A logged-in session on its way to the relay: the relay, and what must live as long as it.
 struct Handover<'c> {
-    client: Stream,
-    store: Stream,
-    to_store: BytesMut,
-    to_client: BytesMut,
-    config: RelayConfig,
+    /// Boxed: allocated once at its own size, not stored again in each future that awaits it.
+    relay: Pin<Box<dyn Future<Output = RelayStats> + Send>>,
     tenant: String,
     backend: String,
     metrics: Arc<TenantMetrics>,
-    kick: CancellationToken,
     _active: Option<ActiveSession>,
     _registered: Registered<'c>,
     _mailbox_slot: MailboxGuard,
@@ -586,21 +583,12 @@ struct Handover<'c> {
 struct Relayed {
     tenant: String,
     backend: String,
-    stats: crate::relay::RelayStats,
+    stats: RelayStats,
 }
 
 impl Handover<'_> {
     async fn relay(self) -> Relayed {
-        let stats = relay(
-            self.client,
-            self.store,
-            self.to_store,
-            self.to_client,
-            self.config,
-            &self.metrics,
-            self.kick,
-        )
-        .await;
+        let stats = self.relay.await;
         self.metrics.active.dec();
         Relayed {
             tenant: self.tenant,
@@ -1025,18 +1013,21 @@ async fn run<'c>(
             return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Io(e));
         }
         return Summary::LoggedIn(Box::new(Handover {
-            client,
-            store: logged_in.stream,
-            to_store: pipelined,
-            to_client: logged_in.leftover,
-            config: RelayConfig {
-                idle: config.timeouts.idle.get(),
-                quit_drain: config.timeouts.quit_drain.get(),
-            },
+            relay: Box::pin(relay(
+                client,
+                logged_in.stream,
+                pipelined,
+                logged_in.leftover,
+                RelayConfig {
+                    idle: config.timeouts.idle.get(),
+                    quit_drain: config.timeouts.quit_drain.get(),
+                },
+                tenant_metrics.clone(),
+                kick,
+            )),
             tenant: tenant_name.clone(),
             backend: addr,
             metrics: tenant_metrics,
-            kick,
             _active: active,
             _registered,
             _mailbox_slot,

@@ -18,6 +18,7 @@ mod splice;
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -159,17 +160,19 @@ impl CommandScanner {
 }
 
 /// Relays until one side ends. `to_store` holds commands the client pipelined behind its login;
-/// Relays until one side ends. `to_store` holds commands the client pipelined behind its login;
 /// `to_client` holds bytes the store sent behind its `+OK`. Both are sent before anything else.
-pub async fn relay(
+///
+/// Not an `async fn`: its arguments would be stored in the future beside the `Legs` made from them, and
+/// an idle session is mostly this future.
+pub fn relay(
     client: Stream,
     store: Stream,
     to_store: BytesMut,
     to_client: BytesMut,
     config: RelayConfig,
-    metrics: &TenantMetrics,
+    metrics: Arc<TenantMetrics>,
     shutdown: CancellationToken,
-) -> RelayStats {
+) -> impl Future<Output = RelayStats> + Send + 'static {
     let legs = Legs::new(
         client,
         store,
@@ -177,7 +180,7 @@ pub async fn relay(
         to_client,
         cfg!(target_os = "linux"),
     );
-    run(legs, config, metrics, shutdown).await
+    run(legs, config, metrics, shutdown)
 }
 
 /// What ended the first phase of a relay.
@@ -190,14 +193,46 @@ enum First {
     Shutdown,
 }
 
-async fn run(
+/// Not an `async fn` either, for the same reason: `legs` is kept once, as the future's own capture.
+fn run(
     mut legs: Legs,
     config: RelayConfig,
-    metrics: &TenantMetrics,
+    metrics: Arc<TenantMetrics>,
     shutdown: CancellationToken,
-) -> RelayStats {
+) -> impl Future<Output = RelayStats> + Send + 'static {
     legs.scanner
         .feed_with(&legs.up.spill, &mut |verb| metrics.command(verb));
+    async move {
+        let end = match until_one_side_ends(&mut legs, config, &metrics, &shutdown).await {
+            First::Up(Err(e)) | First::Down(Err(e)) => e,
+            First::Up(Ok(())) if legs.scanner.quit => {
+                // The client said QUIT and hung up: let the store finish UPDATE and answer before closing.
+                let _ = timeout(config.quit_drain, poll_fn(|cx| legs.poll_down(cx))).await;
+                RelayEnd::QuitThenGone
+            }
+            First::Up(Ok(())) => RelayEnd::ClientGone,
+            First::Down(Ok(())) if legs.scanner.quit => RelayEnd::Quit,
+            First::Down(Ok(())) => RelayEnd::StoreClosed,
+            First::Idle => RelayEnd::IdleTimeout,
+            First::Shutdown => RelayEnd::Shutdown,
+        };
+        RelayStats {
+            bytes_up: legs.up.bytes,
+            bytes_down: legs.down.bytes,
+            commands: legs.scanner.commands,
+            end,
+        }
+    }
+}
+
+/// Both directions, the idle timer and shutdown. A function of its own so that its timer and shutdown
+/// waiter share space in the relay's future with the QUIT drain's timer.
+async fn until_one_side_ends(
+    legs: &mut Legs,
+    config: RelayConfig,
+    metrics: &TenantMetrics,
+    shutdown: &CancellationToken,
+) -> First {
     // One timer, armed for `idle` after the last byte. Activity only sets a flag; the clock is read at most
     // once per wakeup that moved bytes, and the timer is re-armed only when it fires early.
     let idle = sleep(config.idle);
@@ -205,7 +240,7 @@ async fn run(
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
     let mut last_active = Instant::now();
-    let first = poll_fn(|cx| {
+    poll_fn(|cx| {
         if let Poll::Ready(r) = legs.poll_up(cx, metrics) {
             return Poll::Ready(First::Up(r));
         }
@@ -223,26 +258,7 @@ async fn run(
         }
         Poll::Pending
     })
-    .await;
-    let end = match first {
-        First::Up(Err(e)) | First::Down(Err(e)) => e,
-        First::Up(Ok(())) if legs.scanner.quit => {
-            // The client said QUIT and hung up: let the store finish UPDATE and answer before closing.
-            let _ = timeout(config.quit_drain, poll_fn(|cx| legs.poll_down(cx))).await;
-            RelayEnd::QuitThenGone
-        }
-        First::Up(Ok(())) => RelayEnd::ClientGone,
-        First::Down(Ok(())) if legs.scanner.quit => RelayEnd::Quit,
-        First::Down(Ok(())) => RelayEnd::StoreClosed,
-        First::Idle => RelayEnd::IdleTimeout,
-        First::Shutdown => RelayEnd::Shutdown,
-    };
-    RelayStats {
-        bytes_up: legs.up.bytes,
-        bytes_down: legs.down.bytes,
-        commands: legs.scanner.commands,
-        end,
-    }
+    .await
 }
 
 /// Whether the idle timer ran out with no activity since `due - idle`; re-arms it at `due` otherwise.
@@ -535,7 +551,6 @@ impl Direction {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -644,7 +659,7 @@ mod tests {
                 read_to_end(&mut client).await
             };
             let (stats, seen) = tokio::join!(
-                run(s.legs, CONFIG, &s.metrics, CancellationToken::new()),
+                run(s.legs, CONFIG, s.metrics.clone(), CancellationToken::new()),
                 script
             );
             assert_eq!(
@@ -673,7 +688,7 @@ mod tests {
                 read_to_end(&mut store).await
             };
             let (stats, rest) = tokio::join!(
-                run(s.legs, CONFIG, &s.metrics, CancellationToken::new()),
+                run(s.legs, CONFIG, s.metrics.clone(), CancellationToken::new()),
                 script
             );
             assert_eq!(stats.end, RelayEnd::ClientGone, "{zero_copy}");
@@ -696,7 +711,7 @@ mod tests {
                 read_to_end(&mut client).await
             };
             let (stats, seen) = tokio::join!(
-                run(s.legs, CONFIG, &s.metrics, CancellationToken::new()),
+                run(s.legs, CONFIG, s.metrics.clone(), CancellationToken::new()),
                 script
             );
             assert_eq!(stats.end, RelayEnd::QuitThenGone, "{zero_copy}");
@@ -714,7 +729,7 @@ mod tests {
                 read_to_end(&mut client).await
             };
             let (stats, seen) = tokio::join!(
-                run(s.legs, CONFIG, &s.metrics, CancellationToken::new()),
+                run(s.legs, CONFIG, s.metrics.clone(), CancellationToken::new()),
                 script
             );
             assert_eq!(stats.end, RelayEnd::StoreClosed, "{zero_copy}");
@@ -729,7 +744,7 @@ mod tests {
             let (_client, mut store) = (s.client, s.store);
             let stop = CancellationToken::new();
             stop.cancel();
-            let stats = run(s.legs, CONFIG, &s.metrics, stop).await;
+            let stats = run(s.legs, CONFIG, s.metrics.clone(), stop).await;
             assert_eq!(stats.end, RelayEnd::Shutdown);
             assert!(read_to_end(&mut store).await.is_empty());
         }
@@ -757,7 +772,7 @@ mod tests {
                 (sent, seen, read_to_end(&mut store).await)
             };
             let (stats, (sent, seen, rest)) = tokio::join!(
-                run(s.legs, config, &s.metrics, CancellationToken::new()),
+                run(s.legs, config, s.metrics.clone(), CancellationToken::new()),
                 script
             );
             let ended = Instant::now();
@@ -796,7 +811,7 @@ mod tests {
                 tokio::join!(writer, reader).1
             };
             let (stats, seen) = tokio::join!(
-                run(s.legs, CONFIG, &s.metrics, CancellationToken::new()),
+                run(s.legs, CONFIG, s.metrics.clone(), CancellationToken::new()),
                 script
             );
             assert_eq!(stats.end, RelayEnd::StoreClosed, "{zero_copy}");
