@@ -6,7 +6,9 @@
 //! which stays in AUTHORIZATION so the client can try again.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
@@ -16,8 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{BackendLogin, Config, ListenerTls, PlaintextLogin};
-use crate::relay::{RelayConfig, relay};
+use crate::metrics::TenantMetrics;
+use crate::relay::{RelayConfig, RelayStats, relay};
 use crate::router::{TenantId, TenantTable};
+use crate::runtime::Registered;
 use crate::runtime::{Context, SessionEntry};
 use crate::secret::Secret;
 use crate::session::driver::StartTls;
@@ -25,6 +29,7 @@ use crate::session::state::Limits;
 use crate::session::{Authorization, ClientSession, SessionEnd, Transport};
 use crate::session::{Credentials, Mechanism, Offer};
 use crate::stream::Stream;
+use crate::throttle::MailboxGuard;
 use crate::tls::SniResolver;
 use crate::upstream::backend::{ClientInfo, Connector};
 use crate::upstream::backend::{Prepared, StoreAuth};
@@ -578,11 +583,16 @@ pub async fn serve(
     let span = info_span!("session", id, client = %peer, listener = %listener.name, tenant = tracing::field::Empty);
     async move {
         let started = Instant::now();
-        let summary = run(&ctx, &shared, &listener, tcp, peer, id).await;
+        // Boxed, and relayed only after it returns: the login phase's state (session driver, offer,
+        // credentials) is freed before relaying, so an idle logged-in session keeps only what the relay needs.
+        let summary = match Box::pin(run(&ctx, &shared, &listener, tcp, peer, id)).await {
+            Summary::LoggedIn(handover) => Ok(handover.relay().await),
+            Summary::NoLogin(tenant, end) => Err((tenant, end)),
+        };
         let secs = started.elapsed().as_secs_f64();
         let metrics = &ctx.metrics;
         match summary {
-            Summary::Relayed { tenant, backend, stats } => {
+            Ok(Relayed { tenant, backend, stats }) => {
                 metrics.session_ended(&tenant, &listener.name, stats.end.as_str());
                 let t = metrics.tenant(&tenant);
                 t.duration.observe(secs);
@@ -599,7 +609,7 @@ pub async fn serve(
                     "session closed"
                 )
             }
-            Summary::NoLogin(tenant, end) => {
+            Err((tenant, end)) => {
                 let tenant = tenant.as_deref().unwrap_or(crate::metrics::UNKNOWN_TENANT);
                 metrics.session_ended(tenant, &listener.name, end.as_str());
                 info!(duration_s = secs, outcome = end.as_str(), detail = %end, "session closed before login")
@@ -610,24 +620,52 @@ pub async fn serve(
     .await
 }
 
-enum Summary {
-    Relayed {
-        tenant: String,
-        backend: String,
-        stats: crate::relay::RelayStats,
-    },
+enum Summary<'c> {
+    /// Logged in; the relay is still to run (see `serve`).
+    LoggedIn(Box<Handover<'c>>),
     /// The session ended before a login; the tenant, when one was routed to.
     NoLogin(Option<String>, SessionEnd),
 }
 
-async fn run(
-    ctx: &Context,
+/// A logged-in session on its way to the relay: the relay, and what must live as long as it.
+struct Handover<'c> {
+    /// Boxed: allocated once at its own size, not stored again in each future that awaits it.
+    relay: Pin<Box<dyn Future<Output = RelayStats> + Send>>,
+    tenant: String,
+    backend: String,
+    metrics: Arc<TenantMetrics>,
+    _active: Option<ActiveSession>,
+    _registered: Registered<'c>,
+    _mailbox_slot: MailboxGuard,
+}
+
+/// A relayed session's summary.
+struct Relayed {
+    tenant: String,
+    backend: String,
+    stats: RelayStats,
+}
+
+impl Handover<'_> {
+    async fn relay(self) -> Relayed {
+        let stats = self.relay.await;
+        self.metrics.active.dec();
+        Relayed {
+            tenant: self.tenant,
+            backend: self.backend,
+            stats,
+        }
+    }
+}
+
+async fn run<'c>(
+    ctx: &'c Context,
     shared: &Shared,
     listener: &ListenerInfo,
     mut tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
-) -> Summary {
+) -> Summary<'c> {
     let config = &shared.config;
     let metrics = &ctx.metrics;
     let mut routed_tenant: Option<String> = None;
@@ -1068,25 +1106,25 @@ async fn run(
         if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &logged_in.reply).await {
             return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Io(e));
         }
-        let stats = relay(
-            client,
-            logged_in.stream,
-            pipelined,
-            logged_in.leftover,
-            RelayConfig {
-                idle: config.timeouts.idle.get(),
-                quit_drain: config.timeouts.quit_drain.get(),
-            },
-            &tenant_metrics,
-            kick,
-        )
-        .await;
-        tenant_metrics.active.dec();
-        drop(active);
-        return Summary::Relayed {
+        return Summary::LoggedIn(Box::new(Handover {
+            relay: Box::pin(relay(
+                client,
+                logged_in.stream,
+                pipelined,
+                logged_in.leftover,
+                RelayConfig {
+                    idle: config.timeouts.idle.get(),
+                    quit_drain: config.timeouts.quit_drain.get(),
+                },
+                tenant_metrics.clone(),
+                kick,
+            )),
             tenant: tenant_name.clone(),
             backend: addr,
-            stats,
-        };
+            metrics: tenant_metrics,
+            _active: active,
+            _registered,
+            _mailbox_slot,
+        }));
     }
 }
