@@ -637,6 +637,7 @@ struct Handover<'c> {
     _active: Option<ActiveSession>,
     _registered: Registered<'c>,
     _mailbox_slot: MailboxGuard,
+    _tenant_slot: crate::throttle::TenantGuard,
 }
 
 /// A relayed session's summary.
@@ -1099,13 +1100,14 @@ async fn run<'c>(
             },
         );
         let tenant_metrics = metrics.tenant(tenant_name);
-        tenant_metrics.active.inc();
         let Some((mut client, pipelined)) = session.into_parts() else {
             return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Disconnected);
         };
         if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &logged_in.reply).await {
             return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Io(e));
         }
+        // Counted from here: `Handover::relay` takes it off when the relay ends.
+        tenant_metrics.active.inc();
         return Summary::LoggedIn(Box::new(Handover {
             relay: Box::pin(relay(
                 client,
@@ -1125,6 +1127,7 @@ async fn run<'c>(
             _active: active,
             _registered,
             _mailbox_slot,
+            _tenant_slot,
         }));
     }
 }
