@@ -46,16 +46,24 @@ enum LogFormat {
     Json,
 }
 
-fn init_logs(format: LogFormat) {
+/// Logs go to stderr through a writer thread, so a session's worker formats a line but never waits in
+/// `write(2)`. Not lossy: when the writer falls behind by its whole buffer, logging waits rather than
+/// dropping lines. The guard flushes what is queued when `main` returns.
+fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("POPGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("popgate-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }
 
 /// Serves until SIGTERM or Ctrl-C, then drains for `grace`. SIGHUP reloads the config.
@@ -103,7 +111,7 @@ fn main() -> anyhow::Result<()> {
     if let Command::Bench(args) = &cli.command {
         std::process::exit(popgate::loadgen::main(args));
     }
-    init_logs(cli.log_format);
+    let _log_writer = init_logs(cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
