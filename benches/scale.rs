@@ -156,7 +156,7 @@ impl PopgateProcess {
             .arg("run")
             .arg("-c")
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("POPGATE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)

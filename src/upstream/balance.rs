@@ -176,16 +176,21 @@ fn rank<'a>(stores: impl Iterator<Item = (&'a str, u32)>, key: &str) -> Vec<usiz
         let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
         f64::from(weight) / -u.ln()
     };
+    // Each store's score once (not two `ln`s per comparison). With equal weights the order is the
+    // hash's (the score grows with it), without relying on libm's ln being identical everywhere.
+    let scores: Vec<f64> = if equal_weights {
+        Vec::new()
+    } else {
+        scored.iter().map(|&(h, w, _)| score(h, w)).collect()
+    };
     let mut order: Vec<usize> = (0..scored.len()).collect();
     order.sort_by(|&a, &b| {
-        let (ha, wa, ida) = scored[a];
-        let (hb, wb, idb) = scored[b];
+        let (ha, _, ida) = scored[a];
+        let (hb, _, idb) = scored[b];
         let by_score = if equal_weights {
-            // Same order as the score (it grows with h), without relying on libm's ln being identical
-            // everywhere.
             CmpOrdering::Equal
         } else {
-            score(hb, wb).total_cmp(&score(ha, wa))
+            scores[b].total_cmp(&scores[a])
         };
         // Equal scores fall back to the hash, then the id, so the input order never matters.
         by_score
