@@ -310,14 +310,8 @@ impl Throttle {
         let Some(max) = self.inner.config.load().max_sessions_per_mailbox else {
             return Ok(MailboxGuard { slot: None });
         };
-        let mut sessions = lock(&self.inner.mailbox_sessions);
-        match sessions.get_mut(mailbox) {
-            Some(open) if *open >= max => return Err("mailbox_sessions"),
-            Some(open) => *open += 1,
-            None if max == 0 => return Err("mailbox_sessions"),
-            None => {
-                sessions.insert(mailbox.to_owned(), 1);
-            }
+        if !take_slot(&mut lock(&self.inner.mailbox_sessions), mailbox, max) {
+            return Err("mailbox_sessions");
         }
         Ok(MailboxGuard {
             slot: Some((Arc::clone(&self.inner), mailbox.to_owned())),
@@ -556,13 +550,23 @@ fn gcra_take(
     true
 }
 
-fn take_slot<K: Hash + Eq + Clone>(counts: &mut HashMap<K, usize>, key: &K, max: usize) -> bool {
-    let open = counts.get(key).copied().unwrap_or(0);
-    if open >= max {
-        return false;
+fn take_slot<Q>(counts: &mut HashMap<Q::Owned, usize>, key: &Q, max: usize) -> bool
+where
+    Q: ?Sized + Hash + Eq + ToOwned,
+    Q::Owned: Hash + Eq + std::borrow::Borrow<Q>,
+{
+    match counts.get_mut(key) {
+        Some(open) if *open >= max => false,
+        Some(open) => {
+            *open += 1;
+            true
+        }
+        None if max == 0 => false,
+        None => {
+            counts.insert(key.to_owned(), 1);
+            true
+        }
     }
-    counts.insert(key.clone(), open + 1);
-    true
 }
 
 fn release_slot<K: Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {

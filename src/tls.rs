@@ -243,7 +243,7 @@ pub fn store_client_config(
     let builder = match (&tls.ca, tls.insecure_skip_verify) {
         (_, true) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoStoreVerification(provider()))),
+            .with_custom_certificate_verifier(unverified_chain()),
         (Some(ca), false) => builder.with_root_certificates(load_roots(&config.resolve_path(ca))?),
         (None, false) => builder.with_root_certificates(rustls::RootCertStore::empty()),
     };
@@ -258,11 +258,16 @@ pub fn store_client_config(
     Ok(Arc::new(client))
 }
 
-/// `insecure_skip_verify`: signatures are still checked (the handshake stays sound), the chain is not.
-#[derive(Debug)]
-struct NoStoreVerification(Arc<rustls::crypto::CryptoProvider>);
+/// A verifier that does not check the server's chain (stores' `insecure_skip_verify`, the load tool's
+/// `--insecure`); handshake signatures are still checked, so the session itself stays sound.
+pub fn unverified_chain() -> Arc<dyn rustls::client::danger::ServerCertVerifier> {
+    Arc::new(UnverifiedChain(provider()))
+}
 
-impl rustls::client::danger::ServerCertVerifier for NoStoreVerification {
+#[derive(Debug)]
+struct UnverifiedChain(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for UnverifiedChain {
     fn verify_server_cert(
         &self,
         _: &CertificateDer<'_>,

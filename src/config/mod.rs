@@ -851,24 +851,15 @@ pub fn load_secrets(
     };
     let map: BTreeMap<String, String> = serde_saphyr::from_str_with_options(&text, options)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    // Keys are written as mailboxes are keyed at login: the tenant's case rule on the local part, the
-    // domain lowercased and IDNA-normalised (so `jörg@Bücher.example` matches a login of either form).
+    // Keys are written as mailboxes are keyed at login (`jörg@Bücher.example` matches a login of either form).
     let key = |mailbox: &str| -> String {
-        let (local, domain) = match mailbox.rsplit_once('@') {
-            Some((l, d)) => (
-                l,
-                crate::router::normalize_domain(d).unwrap_or_else(|| d.to_lowercase()),
-            ),
-            None => (mailbox, String::new()),
-        };
-        let local = match case {
-            LoginCase::Sensitive => local.to_string(),
-            LoginCase::Insensitive | LoginCase::Lower => local.to_lowercase(),
-        };
-        if domain.is_empty() {
-            local
-        } else {
-            format!("{local}@{domain}")
+        match mailbox.rsplit_once('@') {
+            Some((local, domain)) => {
+                let domain = crate::router::normalize_domain(domain)
+                    .unwrap_or_else(|| domain.to_lowercase());
+                crate::router::mailbox_key(local, &domain, case)
+            }
+            None => crate::router::mailbox_key(mailbox, "", case),
         }
     };
     Ok(map

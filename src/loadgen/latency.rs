@@ -62,11 +62,7 @@ pub async fn run(args: &LatencyArgs) -> Result<LatencyReport, LoadError> {
     if args.count == 0 {
         return Err(LoadError::Usage("--count must be at least 1".into()));
     }
-    let connector = args.target.connector()?;
-    let accounts = args.accounts.load()?;
-    let account = accounts.get(0);
-    let mut pop = connector.connect().await?;
-    pop.login(&account.user_line, &account.pass_line).await?;
+    let (connector, mut pop) = super::first_account_session(&args.target, &args.accounts).await?;
     let list = format!("LIST {}\r\n", args.message).into_bytes();
     let retr = format!("RETR {}\r\n", args.message).into_bytes();
     let octets = pop.list_one(&list, args.message).await?;

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::ServerName;
 
 pub use client::{ClientError, Connector, Pop3, TlsMode};
 pub use report::Report;
@@ -247,14 +247,13 @@ impl TargetArgs {
     }
 
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, LoadError> {
-        let provider = crate::tls::provider();
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| LoadError::Tls(e.to_string()))?;
         let mut config = match (&self.ca, self.insecure) {
             (_, true) => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+                .with_custom_certificate_verifier(crate::tls::unverified_chain())
                 .with_no_client_auth(),
             (Some(ca), false) => builder
                 .with_root_certificates(
@@ -392,59 +391,24 @@ impl Accounts {
     }
 }
 
+/// One logged-in session on the first account: what the single-session workloads (`retr`, `latency`) start
+/// from.
+pub(crate) async fn first_account_session(
+    target: &TargetArgs,
+    accounts: &AccountArgs,
+) -> Result<(Connector, Pop3), LoadError> {
+    let connector = target.connector()?;
+    let accounts = accounts.load()?;
+    let account = accounts.get(0);
+    let mut pop = connector.connect().await?;
+    pop.login(&account.user_line, &account.pass_line).await?;
+    Ok((connector, pop))
+}
+
 /// Seconds from the command line as a `Duration`, refusing negative, infinite and NaN values.
 pub(crate) fn seconds(value: f64, what: &str) -> Result<Duration, LoadError> {
     Duration::try_from_secs_f64(value)
         .map_err(|_| LoadError::Usage(format!("{what} must be a non-negative number of seconds")))
-}
-
-/// `--insecure`: the chain is not checked; handshake signatures still are, so the session stays sound.
-#[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]

@@ -51,11 +51,7 @@ pub async fn run(args: &RetrArgs) -> Result<RetrReport, LoadError> {
     if args.count == 0 {
         return Err(LoadError::Usage("--count must be at least 1".into()));
     }
-    let connector = args.target.connector()?;
-    let accounts = args.accounts.load()?;
-    let account = accounts.get(0);
-    let mut pop = connector.connect().await?;
-    pop.login(&account.user_line, &account.pass_line).await?;
+    let (connector, mut pop) = super::first_account_session(&args.target, &args.accounts).await?;
     let octets = pop
         .list_one(
             format!("LIST {}\r\n", args.message).as_bytes(),

@@ -180,19 +180,10 @@ impl TenantTable {
         };
         let rules = &self.tenants[tenant];
         let mut mailbox = mailbox;
-        let key_local = match rules.case {
-            LoginCase::Sensitive => mailbox.local.clone(),
-            LoginCase::Insensitive => mailbox.local.to_lowercase(),
-            LoginCase::Lower => {
-                mailbox.local = mailbox.local.to_lowercase();
-                mailbox.local.clone()
-            }
-        };
-        let key = if mailbox.domain.is_empty() {
-            key_local
-        } else {
-            format!("{key_local}@{}", mailbox.domain)
-        };
+        if rules.case == LoginCase::Lower {
+            mailbox.local = mailbox.local.to_lowercase();
+        }
+        let key = mailbox_key(&mailbox.local, &mailbox.domain, rules.case);
         let backend_user = backend_username(&rules.username, &mailbox);
         Ok(Route {
             tenant,
@@ -200,6 +191,21 @@ impl TenantTable {
             backend_user,
             key,
         })
+    }
+}
+
+/// The mailbox as popgate keys it (consistent hash, throttles, session caps, secrets): `local@domain` with
+/// the tenant's case rule on the local part, or the local part alone when there is no domain. `domain` must
+/// already be normalised ([`normalize_domain`]).
+pub fn mailbox_key(local: &str, domain: &str, case: LoginCase) -> String {
+    let local = match case {
+        LoginCase::Sensitive => std::borrow::Cow::Borrowed(local),
+        LoginCase::Insensitive | LoginCase::Lower => std::borrow::Cow::Owned(local.to_lowercase()),
+    };
+    if domain.is_empty() {
+        local.into_owned()
+    } else {
+        format!("{local}@{domain}")
     }
 }
 
