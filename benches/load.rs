@@ -122,6 +122,9 @@ struct Via<'a> {
     process: Option<&'a Proxy>,
 }
 
+/// What `--only` can pick (default: all of them).
+const SECTIONS: [&str; 4] = ["logins", "retr", "latency", "memory"];
+
 /// Per-round figures, keyed by name; medians are taken at the end.
 #[derive(Default)]
 struct Figures(Vec<(String, Vec<f64>)>);
@@ -135,6 +138,7 @@ fn main() {
     };
     let mut popgate_bin = PathBuf::from("target/release/popgate");
     let mut serve: Option<u64> = None;
+    let mut only: Option<Vec<String>> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -149,6 +153,21 @@ fn main() {
                         .expect("--serve SECONDS"),
                 )
             }
+            "--only" => {
+                let list: Vec<String> = it
+                    .next()
+                    .expect("--only SECTIONS")
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect();
+                for s in &list {
+                    assert!(
+                        SECTIONS.contains(&s.as_str()),
+                        "--only: unknown section {s:?} (known: {SECTIONS:?})"
+                    );
+                }
+                only = Some(list);
+            }
             // `cargo bench` passes `--bench`; `--quick` is read above.
             _ => {}
         }
@@ -158,6 +177,7 @@ fn main() {
         "{} is missing: build it with `cargo build --release` (scripts/bench does)",
         popgate_bin.display()
     );
+    let runs = |section: &str| only.as_ref().is_none_or(|l| l.iter().any(|s| s == section));
     let began = Instant::now();
     let store = start_store(profile);
     let work = tempfile::Builder::new()
@@ -266,7 +286,10 @@ fn main() {
             began.elapsed().as_secs_f64()
         );
         // Each list in an order that rotates every round, so neither side always goes first.
-        for paths in [&login_paths, &tls_login_paths] {
+        for paths in [&login_paths, &tls_login_paths]
+            .into_iter()
+            .filter(|_| runs("logins"))
+        {
             for p in rotated(paths, round) {
                 let cpu_before = p.process.map(|x| cpu_seconds(x.pid()));
                 let admin = p.process.and_then(|x| x.admin);
@@ -306,7 +329,7 @@ fn main() {
                 );
             }
         }
-        for p in rotated(&session_paths, round) {
+        for p in rotated(&session_paths, round).filter(|_| runs("retr")) {
             let r = rt
                 .block_on(retr::run(&RetrArgs {
                     target: p.target.clone(),
@@ -322,7 +345,7 @@ fn main() {
                 r.median_mib_per_sec()
             );
         }
-        for p in rotated(&session_paths, round) {
+        for p in rotated(&session_paths, round).filter(|_| runs("latency")) {
             let r = rt
                 .block_on(latency::run(&LatencyArgs {
                     target: p.target.clone(),
@@ -353,6 +376,9 @@ fn main() {
         ];
         if setup.haproxy {
             holds.push(("haproxy", Variant::Haproxy, TlsMode::None));
+        }
+        if !runs("memory") {
+            holds.clear();
         }
         for (name, variant, tls) in holds {
             hold_round(&rt, &setup, profile, &mut figs, name, variant, tls, round);

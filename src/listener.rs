@@ -55,11 +55,14 @@ pub async fn accept_loop(
                         continue;
                     };
                     let ctx = runtime.context.clone();
-                    tracker.spawn(async move {
-                        crate::proxy::serve(ctx, shared, info, tcp, peer).await;
-                        drop(ip_guard);
-                        drop(permit);
-                    });
+                    tracker.spawn(crate::proxy::serve(
+                        ctx,
+                        shared,
+                        info,
+                        tcp,
+                        peer,
+                        (ip_guard, permit),
+                    ));
                 }
                 Err(_) => {
                     warn!(listener = %name, client = %peer, "connection cap reached; refusing");

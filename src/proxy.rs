@@ -571,33 +571,51 @@ impl Shared {
     }
 }
 
-/// Serves one accepted client connection to its end.
-pub async fn serve(
+/// Serves one accepted client connection to its end; `keep` (the connection's admission guards) is held
+/// until then.
+///
+/// Not an `async fn`: its arguments would be stored in the task beside the block that moves them. The
+/// session's span lives through the login phase only: an idle relayed session keeps no span (its slot and
+/// formatted fields), and the closing line is logged in a fresh span with the same fields.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would store its arguments beside the block's own copies (rust-lang/rust#62958)"
+)]
+pub fn serve<K: Send + 'static>(
     ctx: Arc<Context>,
     shared: Arc<Shared>,
     listener: Arc<ListenerInfo>,
     tcp: TcpStream,
     peer: SocketAddr,
-) {
-    let id = ctx.next_session_id();
-    let span = info_span!("session", id, client = %peer, listener = %listener.name, tenant = tracing::field::Empty);
+    keep: K,
+) -> impl Future<Output = ()> + Send + 'static {
     async move {
+        let id = ctx.next_session_id();
         let started = Instant::now();
-        // Boxed, and relayed only after it returns: the login phase's state (session driver, offer,
+        let span = info_span!("session", id, client = %peer, listener = %listener.name, tenant = tracing::field::Empty);
+        // Boxed, and dropped at the end of this statement: the login phase's state (session driver, offer,
         // credentials) is freed before relaying, so an idle logged-in session keeps only what the relay needs.
-        let summary = match Box::pin(run(&ctx, &shared, &listener, tcp, peer, id)).await {
-            Summary::LoggedIn(handover) => Ok(handover.relay().await),
-            Summary::NoLogin(tenant, end) => Err((tenant, end)),
-        };
-        let secs = started.elapsed().as_secs_f64();
+        let summary = Box::pin(run(&ctx, &shared, &listener, tcp, peer, id))
+            .instrument(span.clone())
+            .await;
         let metrics = &ctx.metrics;
         match summary {
-            Ok(Relayed { tenant, backend, stats }) => {
+            Summary::LoggedIn(handover) => {
+                drop(span);
+                let client = handover.client;
+                let Relayed {
+                    tenant,
+                    backend,
+                    stats,
+                } = handover.relay().await;
+                let secs = started.elapsed().as_secs_f64();
                 metrics.session_ended(&tenant, &listener.name, stats.end.as_str());
                 let t = metrics.tenant(&tenant);
                 t.duration.observe(secs);
                 t.bytes_to_store.inc_by(stats.bytes_up);
                 t.bytes_to_client.inc_by(stats.bytes_down);
+                let span = info_span!("session", id, client = %client, listener = %listener.name, tenant = %tenant);
+                let _entered = span.enter();
                 info!(
                     tenant = %tenant,
                     backend = %backend,
@@ -609,15 +627,16 @@ pub async fn serve(
                     "session closed"
                 )
             }
-            Err((tenant, end)) => {
+            Summary::NoLogin(tenant, end) => {
+                let secs = started.elapsed().as_secs_f64();
                 let tenant = tenant.as_deref().unwrap_or(crate::metrics::UNKNOWN_TENANT);
                 metrics.session_ended(tenant, &listener.name, end.as_str());
+                let _entered = span.enter();
                 info!(duration_s = secs, outcome = end.as_str(), detail = %end, "session closed before login")
             }
         }
+        drop(keep);
     }
-    .instrument(span)
-    .await
 }
 
 enum Summary<'c> {
@@ -631,8 +650,8 @@ enum Summary<'c> {
 struct Handover<'c> {
     /// Boxed: allocated once at its own size, not stored again in each future that awaits it.
     relay: Pin<Box<dyn Future<Output = RelayStats> + Send>>,
-    tenant: String,
-    backend: String,
+    /// The client's address (from the PROXY header when there was one), for the closing log line.
+    client: SocketAddr,
     metrics: Arc<TenantMetrics>,
     _active: Option<ActiveSession>,
     _registered: Registered<'c>,
@@ -648,12 +667,14 @@ struct Relayed {
 }
 
 impl Handover<'_> {
-    async fn relay(self) -> Relayed {
-        let stats = self.relay.await;
+    /// Kept boxed while it runs: the session's task holds a pointer, not the handover.
+    async fn relay(mut self: Box<Self>) -> Relayed {
+        let stats = self.relay.as_mut().await;
         self.metrics.active.dec();
+        let entry = self._registered.entry();
         Relayed {
-            tenant: self.tenant,
-            backend: self.backend,
+            tenant: entry.tenant.clone(),
+            backend: entry.store.clone(),
             stats,
         }
     }
@@ -1095,7 +1116,7 @@ async fn run<'c>(
             SessionEntry {
                 tenant: tenant_name.clone(),
                 mailbox: mailbox_key.clone(),
-                store: addr.clone(),
+                store: addr,
                 kick: kick.clone(),
             },
         );
@@ -1121,8 +1142,7 @@ async fn run<'c>(
                 tenant_metrics.clone(),
                 kick,
             )),
-            tenant: tenant_name.clone(),
-            backend: addr,
+            client: client_addr,
             metrics: tenant_metrics,
             _active: active,
             _registered,

@@ -34,10 +34,11 @@ pub struct SessionEntry {
     pub kick: CancellationToken,
 }
 
-/// Logged-in sessions by id.
+/// Logged-in sessions by id. Entries are shared with their sessions (which read the tenant and store from
+/// them), and keep the table's buckets small.
 #[derive(Debug, Default)]
 pub struct SessionRegistry {
-    map: Mutex<HashMap<u64, SessionEntry>>,
+    map: Mutex<HashMap<u64, Arc<SessionEntry>>>,
 }
 
 /// Removes its session from the registry when dropped.
@@ -45,6 +46,14 @@ pub struct SessionRegistry {
 pub struct Registered<'a> {
     registry: &'a SessionRegistry,
     id: u64,
+    entry: Arc<SessionEntry>,
+}
+
+impl Registered<'_> {
+    /// The session's entry.
+    pub fn entry(&self) -> &SessionEntry {
+        &self.entry
+    }
 }
 
 impl Drop for Registered<'_> {
@@ -60,11 +69,16 @@ impl Drop for Registered<'_> {
 impl SessionRegistry {
     /// Adds a session; it stays until the guard drops.
     pub fn register(&self, id: u64, entry: SessionEntry) -> Registered<'_> {
+        let entry = Arc::new(entry);
         self.map
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, entry);
-        Registered { registry: self, id }
+            .insert(id, entry.clone());
+        Registered {
+            registry: self,
+            id,
+            entry,
+        }
     }
 
     /// Ends every session of `mailbox` (normalised); returns how many.
