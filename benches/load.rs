@@ -582,7 +582,11 @@ impl Proxy {
     fn start(setup: &Setup<'_>, variant: Variant, label: &str) -> Self {
         let (plain, pop3s) = (free_port(), free_port());
         let mut admin = None;
-        let log = setup.dir.join(format!("{label}.log"));
+        // Logs in a directory of their own: popgate watches its config's directory, and each log line
+        // written beside the config would wake its watcher.
+        let logs = setup.dir.join("logs");
+        fs::create_dir_all(&logs).unwrap();
+        let log = logs.join(format!("{label}.log"));
         let config = setup.dir.join(format!("{label}.cfg"));
         let store = setup.store;
         let mut command = if variant == Variant::Haproxy {

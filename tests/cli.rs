@@ -139,7 +139,7 @@ fn run_logs_sessions_but_never_secrets() {
         .args(["run", "-c"])
         .arg(&config)
         .env("POPGATE_LOG", "debug")
-        .env("NO_COLOR", "1")
+        .env_remove("NO_COLOR")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -220,4 +220,17 @@ fn run_logs_sessions_but_never_secrets() {
         "{log}"
     );
     assert!(log.contains("bytes_out="), "{log}");
+    // The closing line of a relayed session is in a span with the session's fields, as the login lines are.
+    assert!(
+        log.lines().any(|l| l.contains("session{id=")
+            && l.contains("tenant=acme}")
+            && l.contains("session closed")
+            && l.contains("outcome=\"quit\"")),
+        "{log}"
+    );
+    // stderr is a pipe here, not a terminal: no colour codes.
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a piped log:\n{log}"
+    );
 }
