@@ -47,7 +47,7 @@ enum LogFormat {
 }
 
 /// Logs go to stderr through a writer thread, so a session's worker formats a line but never waits in
-/// `write(2)`. Not lossy: when the writer falls behind by its whole buffer, logging waits rather than
+/// `write(2)`; the thread writes what has queued up in one call. Not lossy: when the writer falls behind by its whole buffer, logging waits rather than
 /// dropping lines. The guard flushes what is queued when `main` returns.
 fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("POPGATE_LOG")
@@ -55,7 +55,9 @@ fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("popgate-log")
-        .finish(std::io::stderr());
+        // Buffered: the writer thread drains everything queued, then flushes, so a burst of lines is one
+        // write(2) and a quiet moment still sees each line at once.
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     // Colours only for a person at a terminal: a file, a pipe or journald would get escape codes.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());

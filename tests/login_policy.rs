@@ -200,6 +200,52 @@ async fn utf8_mode_is_asked_of_a_store_that_offers_it_and_only_for_utf8_clients(
     );
 }
 
+/// A store's CAPA answer is remembered (health probes refresh it): logins after the first do not ask
+/// again, and still act on what it said (UTF8 sent before USER for a UTF8 client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_capabilities_are_remembered_not_asked_per_login() {
+    let (store, seen) = utf8_store().await;
+    let pg = start(&config("", &tenant("acme", "example.com", store, ""))).await;
+    let addr = pg.local_addr("pop3").unwrap();
+    for n in 0..4 {
+        let (mut c, reply) = login_reply(addr, &format!("u{n}@example.com"), "pw").await;
+        assert!(reply.starts_with("+OK"), "{reply}");
+        c.ok("QUIT").await;
+    }
+    let mut c = Pop3::greeted(addr).await;
+    assert_eq!(c.cmd("UTF8").await, "+OK UTF8 enabled");
+    c.ok("USER zoë@example.com").await;
+    c.ok("PASS pw").await;
+    c.ok("QUIT").await;
+    pg.shutdown();
+
+    let logins: Vec<Vec<String>> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.iter().any(|l| l.starts_with("USER ")))
+        .cloned()
+        .collect();
+    assert_eq!(logins.len(), 5, "{logins:?}");
+    let asked = logins
+        .iter()
+        .filter(|s| s.iter().any(|l| l == "CAPA"))
+        .count();
+    assert!(
+        asked <= 1,
+        "{asked} of 5 store logins asked CAPA: {logins:?}"
+    );
+    let utf8 = logins
+        .iter()
+        .find(|s| s.iter().any(|l| l == "USER zoë@example.com"))
+        .unwrap();
+    assert_eq!(
+        utf8.iter().position(|l| l == "UTF8"),
+        Some(0),
+        "UTF8 was not the first command: {utf8:?}"
+    );
+}
+
 // === case rules ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

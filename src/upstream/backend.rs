@@ -8,7 +8,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -103,6 +103,46 @@ pub struct ClientInfo {
     pub utf8: bool,
 }
 
+/// What a store's CAPA said, remembered so that each new connection need not ask again: every health
+/// probe asks and refreshes it (a failed probe forgets it), and a connection asks itself when it is older
+/// than [`KnownCaps::TTL`]. Not used for STLS stores, whose capabilities change with the handshake.
+#[derive(Debug, Default)]
+pub struct KnownCaps {
+    slot: Mutex<Option<(Instant, Arc<Capabilities>)>>,
+}
+
+impl KnownCaps {
+    /// How long an answer is trusted without a probe confirming it.
+    pub const TTL: Duration = Duration::from_secs(30);
+
+    fn fresh(&self) -> Option<Arc<Capabilities>> {
+        let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.as_ref()
+            .filter(|(at, _)| at.elapsed() < Self::TTL)
+            .map(|(_, caps)| caps.clone())
+    }
+
+    fn remember(&self, caps: Arc<Capabilities>) {
+        *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), caps));
+    }
+
+    /// Forgets the answer (the store failed a probe: it may come back as another version).
+    pub fn forget(&self) {
+        *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+/// Whether a new connection asks the store for CAPA.
+#[derive(Debug, Clone, Copy)]
+pub enum AskCapa<'a> {
+    /// Always (nothing remembered: a store named by auth_http, or a test).
+    Always,
+    /// Only when the remembered answer is missing or stale; a fresh answer is remembered.
+    Unless(&'a KnownCaps),
+    /// Always, and remember the answer (health probes).
+    Refresh(&'a KnownCaps),
+}
+
 /// A store connection that has been greeted and asked for CAPA, waiting in the AUTHORIZATION state.
 #[derive(Debug)]
 pub struct Prepared {
@@ -112,7 +152,7 @@ pub struct Prepared {
     out: Vec<u8>,
     framer: LineFramer,
     reply_timeout: Duration,
-    caps: Capabilities,
+    caps: Arc<Capabilities>,
     xclient: bool,
     greeting: Vec<u8>,
     timestamp: Option<String>,
@@ -187,12 +227,14 @@ impl Connector {
     }
 
     /// Connects to `endpoint`, sends the PROXY header for `client` when configured, does TLS or STLS as `mode`
-    /// says (a store's own mode, or the tenant's), reads the greeting and CAPA.
+    /// says (a store's own mode, or the tenant's), reads the greeting and CAPA (or takes CAPA from what
+    /// `ask` remembers).
     pub async fn prepare(
         &self,
         endpoint: &Endpoint,
         mode: BackendTlsMode,
         client: Option<&ClientInfo>,
+        ask: AskCapa<'_>,
     ) -> Result<Prepared, LoginError> {
         let mut tcp = timeout(self.timeouts.connect, TcpStream::connect(endpoint.addr))
             .await
@@ -216,7 +258,7 @@ impl Connector {
             out: Vec::new(),
             framer: LineFramer::new(),
             reply_timeout: self.timeouts.reply,
-            caps: Capabilities::default(),
+            caps: Arc::default(),
             xclient: false,
             greeting: Vec::new(),
             timestamp: None,
@@ -228,7 +270,22 @@ impl Connector {
         conn.xclient = contains_code(&greeting, b"[XCLIENT]");
         conn.timestamp = apop_timestamp(&greeting);
         conn.greeting = greeting;
-        conn.caps = conn.capabilities().await?;
+        conn.caps = match ask {
+            AskCapa::Unless(known) if mode != BackendTlsMode::Starttls => match known.fresh() {
+                Some(caps) => caps,
+                None => {
+                    let caps = Arc::new(conn.capabilities().await?);
+                    known.remember(caps.clone());
+                    caps
+                }
+            },
+            AskCapa::Refresh(known) if mode != BackendTlsMode::Starttls => {
+                let caps = Arc::new(conn.capabilities().await?);
+                known.remember(caps.clone());
+                caps
+            }
+            _ => Arc::new(conn.capabilities().await?),
+        };
         if mode == BackendTlsMode::Starttls {
             if !conn.caps.stls {
                 return Err(LoginError::Unavailable("store does not offer STLS".into()));
@@ -248,7 +305,7 @@ impl Connector {
             conn.stream = self.handshake(tcp, endpoint).await?;
             conn.framer = LineFramer::new();
             // RFC 2595: capabilities may change after STLS; ask again.
-            conn.caps = conn.capabilities().await?;
+            conn.caps = Arc::new(conn.capabilities().await?);
         }
         Ok(conn)
     }

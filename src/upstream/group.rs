@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::backend::{
-    self, ClientInfo, Connector, LoggedIn, LoginError, Prepared, SaslRelay, StoreAuth,
+    self, AskCapa, ClientInfo, Connector, KnownCaps, LoggedIn, LoginError, Prepared, SaslRelay,
+    StoreAuth,
 };
 use super::balance::{Balancer, Candidate, Policy};
 use super::dns::{Discovery, Endpoint, Target};
@@ -31,6 +32,8 @@ pub struct Store {
     pub health: Arc<HealthState>,
     /// TLS mode on the way to this store.
     pub tls_mode: BackendTlsMode,
+    /// Its CAPA answer, so that new connections (pooled or not) need not ask each time.
+    caps: Arc<KnownCaps>,
     active: AtomicUsize,
     pool: Option<Arc<Pool<Prepared>>>,
     /// Cancels this store's probe and refill tasks when it leaves the group.
@@ -232,6 +235,7 @@ impl StoreGroup {
         };
         let tasks = self.shutdown.child_token();
         let health = Arc::new(HealthState::default());
+        let caps = Arc::new(KnownCaps::default());
         let pool = (self.pool.min_idle > 0 && self.connector.can_prewarm()).then(|| {
             let pool = Pool::new(PoolSettings {
                 min_idle: self.pool.min_idle,
@@ -242,12 +246,21 @@ impl StoreGroup {
                 // store is not hit with a burst.
                 max_concurrent_connects: 8,
             });
-            let (connector, ep, tenant, store_id) =
-                (self.connector.clone(), endpoint.clone(), self.tenant.clone(), id.clone());
+            let (connector, ep, tenant, store_id, known) = (
+                self.connector.clone(),
+                endpoint.clone(),
+                self.tenant.clone(),
+                id.clone(),
+                caps.clone(),
+            );
             pool.spawn_refill(
                 move || {
-                    let (connector, ep) = (connector.clone(), ep.clone());
-                    async move { connector.prepare(&ep, tls_mode, None).await }
+                    let (connector, ep, known) = (connector.clone(), ep.clone(), known.clone());
+                    async move {
+                        connector
+                            .prepare(&ep, tls_mode, None, AskCapa::Unless(&known))
+                            .await
+                    }
                 },
                 move |e: LoginError| {
                     tracing::debug!(tenant = %tenant, store = %store_id, error = %e, "pre-warming a connection failed")
@@ -266,9 +279,12 @@ impl StoreGroup {
             let (tenant, store_id, metrics) =
                 (self.tenant.clone(), id.clone(), self.metrics.clone());
             tokio::spawn(health::probe_loop(
-                self.connector.clone(),
-                endpoint.clone(),
-                tls_mode,
+                health::ProbeTarget {
+                    connector: self.connector.clone(),
+                    endpoint: endpoint.clone(),
+                    mode: tls_mode,
+                    caps: caps.clone(),
+                },
                 health.clone(),
                 settings,
                 move |up, reason| {
@@ -287,6 +303,7 @@ impl StoreGroup {
             id,
             health,
             tls_mode,
+            caps,
             active: AtomicUsize::new(0),
             pool,
             tasks,
@@ -384,7 +401,12 @@ impl StoreGroup {
         let started = std::time::Instant::now();
         let prepared = self
             .connector
-            .prepare(&store.endpoint, store.tls_mode, Some(client))
+            .prepare(
+                &store.endpoint,
+                store.tls_mode,
+                Some(client),
+                AskCapa::Unless(&store.caps),
+            )
             .await;
         self.metrics
             .backend_connect(&self.tenant, &store.id, started.elapsed().as_secs_f64());
@@ -429,7 +451,12 @@ impl StoreGroup {
         }
         let p = self
             .connector
-            .prepare(&store.endpoint, store.tls_mode, Some(client))
+            .prepare(
+                &store.endpoint,
+                store.tls_mode,
+                Some(client),
+                AskCapa::Unless(&store.caps),
+            )
             .await
             .ok()?;
         Some((p, session))
@@ -468,7 +495,7 @@ impl StoreGroup {
     ) -> Result<LoggedIn, LoginError> {
         let prepared = self
             .connector
-            .prepare(endpoint, self.default_tls, Some(client))
+            .prepare(endpoint, self.default_tls, Some(client), AskCapa::Always)
             .await?;
         backend::login(
             prepared,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::backend::Connector;
+use super::backend::{AskCapa, Connector, KnownCaps};
 use super::dns::Endpoint;
 use crate::config::BackendTlsMode;
 
@@ -85,19 +85,43 @@ pub struct ProbeSettings {
     pub fall: u32,
 }
 
-/// Probes `endpoint` every interval until `stop`, reporting flips through `on_change(up, reason)`.
+/// The store a probe loop watches, and how to reach it.
+#[derive(Debug)]
+pub struct ProbeTarget {
+    /// The tenant's connector.
+    pub connector: Arc<Connector>,
+    /// The store.
+    pub endpoint: Endpoint,
+    /// TLS on the way there.
+    pub mode: BackendTlsMode,
+    /// Refreshed by each probe's CAPA.
+    pub caps: Arc<KnownCaps>,
+}
+
+/// Probes the target every interval until `stop`, reporting flips through `on_change(up, reason)`.
 pub async fn probe_loop(
-    connector: Arc<Connector>,
-    endpoint: Endpoint,
-    mode: BackendTlsMode,
+    target: ProbeTarget,
     state: Arc<HealthState>,
     settings: ProbeSettings,
     on_change: impl Fn(bool, &str) + Send,
     stop: CancellationToken,
 ) {
+    let ProbeTarget {
+        connector,
+        endpoint,
+        mode,
+        caps,
+    } = target;
     loop {
-        let result =
-            tokio::time::timeout(settings.timeout, connector.prepare(&endpoint, mode, None)).await;
+        // Each probe asks for CAPA and refreshes what new connections to this store take as its answer.
+        let result = tokio::time::timeout(
+            settings.timeout,
+            connector.prepare(&endpoint, mode, None, AskCapa::Refresh(&caps)),
+        )
+        .await;
+        if !matches!(result, Ok(Ok(_))) {
+            caps.forget();
+        }
         let (ok, reason) = match result {
             Ok(Ok(_conn)) => (true, String::new()),
             Ok(Err(e)) => (false, e.to_string()),
