@@ -614,7 +614,7 @@ pub fn serve<K: Send + 'static>(
                 t.duration.observe(secs);
                 t.bytes_to_store.inc_by(stats.bytes_up);
                 t.bytes_to_client.inc_by(stats.bytes_down);
-                let span = info_span!("session", id, client = %client, listener = %listener.name, tenant = %tenant);
+                let span = info_span!("session", id, client = %client, listener = %listener.name, tenant = tenant.as_str());
                 let _entered = span.enter();
                 info!(
                     tenant = %tenant,

@@ -220,10 +220,10 @@ fn run_logs_sessions_but_never_secrets() {
         "{log}"
     );
     assert!(log.contains("bytes_out="), "{log}");
-    // The closing line of a relayed session is in a span with the session's fields, as the login lines are.
+    // The closing line of a relayed session is in a span with the session's fields, written as the login lines' span writes them.
     assert!(
         log.lines().any(|l| l.contains("session{id=")
-            && l.contains("tenant=acme}")
+            && l.contains("tenant=\"acme\"}")
             && l.contains("session closed")
             && l.contains("outcome=\"quit\"")),
         "{log}"
