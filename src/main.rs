@@ -47,8 +47,9 @@ enum LogFormat {
 }
 
 /// Logs go to stderr through a writer thread, so a session's worker formats a line but never waits in
-/// `write(2)`; the thread writes what has queued up in one call. Not lossy: when the writer falls behind by its whole buffer, logging waits rather than
-/// dropping lines. The guard flushes what is queued when `main` returns.
+/// `write(2)`; the thread writes what has queued up in one call. Not lossy: when the writer falls behind
+/// by its whole buffer, logging waits rather than dropping lines. The guard flushes what is queued when
+/// `main` returns.
 fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("POPGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

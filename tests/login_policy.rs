@@ -110,11 +110,24 @@ fn utf8_login_names_reach_dovecot_after_the_utf8_command() {
     );
 }
 
+/// Every line each connection to a scripted store sent, a list per connection.
+type Seen = Arc<Mutex<Vec<Vec<String>>>>;
+
+/// The recorded connections that logged in (sent USER): health probes and idle pooled ones left out.
+fn store_logins(seen: &Seen) -> Vec<Vec<String>> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.iter().any(|l| l.starts_with("USER ")))
+        .cloned()
+        .collect()
+}
+
 /// A scripted store that offers UTF8 and records every line each connection sent.
-async fn utf8_store() -> (SocketAddr, Arc<Mutex<Vec<Vec<String>>>>) {
+async fn utf8_store() -> (SocketAddr, Seen) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let seen: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let record = seen.clone();
     tokio::spawn(async move {
         loop {
@@ -172,13 +185,7 @@ async fn utf8_mode_is_asked_of_a_store_that_offers_it_and_only_for_utf8_clients(
     plain.ok("QUIT").await;
     pg.shutdown();
 
-    let sessions: Vec<Vec<String>> = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|s| s.iter().any(|l| l.starts_with("USER ")))
-        .cloned()
-        .collect();
+    let sessions = store_logins(&seen);
     let of = |name: &str| {
         sessions
             .iter()
@@ -219,13 +226,7 @@ async fn store_capabilities_are_remembered_not_asked_per_login() {
     c.ok("QUIT").await;
     pg.shutdown();
 
-    let logins: Vec<Vec<String>> = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|s| s.iter().any(|l| l.starts_with("USER ")))
-        .cloned()
-        .collect();
+    let logins = store_logins(&seen);
     assert_eq!(logins.len(), 5, "{logins:?}");
     let asked = logins
         .iter()

@@ -270,21 +270,24 @@ impl Connector {
         conn.xclient = contains_code(&greeting, b"[XCLIENT]");
         conn.timestamp = apop_timestamp(&greeting);
         conn.greeting = greeting;
-        conn.caps = match ask {
-            AskCapa::Unless(known) if mode != BackendTlsMode::Starttls => match known.fresh() {
-                Some(caps) => caps,
-                None => {
-                    let caps = Arc::new(conn.capabilities().await?);
-                    known.remember(caps.clone());
-                    caps
-                }
-            },
-            AskCapa::Refresh(known) if mode != BackendTlsMode::Starttls => {
+        // STLS stores are always asked: their capabilities change with the handshake.
+        let known = match ask {
+            AskCapa::Unless(k) | AskCapa::Refresh(k) if mode != BackendTlsMode::Starttls => Some(k),
+            _ => None,
+        };
+        let remembered = match ask {
+            AskCapa::Unless(k) if known.is_some() => k.fresh(),
+            _ => None,
+        };
+        conn.caps = match remembered {
+            Some(caps) => caps,
+            None => {
                 let caps = Arc::new(conn.capabilities().await?);
-                known.remember(caps.clone());
+                if let Some(k) = known {
+                    k.remember(caps.clone());
+                }
                 caps
             }
-            _ => Arc::new(conn.capabilities().await?),
         };
         if mode == BackendTlsMode::Starttls {
             if !conn.caps.stls {

@@ -119,14 +119,14 @@ pub async fn probe_loop(
             connector.prepare(&endpoint, mode, None, AskCapa::Refresh(&caps)),
         )
         .await;
-        if !matches!(result, Ok(Ok(_))) {
-            caps.forget();
-        }
         let (ok, reason) = match result {
             Ok(Ok(_conn)) => (true, String::new()),
             Ok(Err(e)) => (false, e.to_string()),
             Err(_) => (false, "probe timed out".to_string()),
         };
+        if !ok {
+            caps.forget();
+        }
         if let Some(up) = state.record_probe(ok, settings.rise, settings.fall) {
             on_change(up, &reason);
         }
