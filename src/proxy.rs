@@ -270,7 +270,7 @@ fn store_auth(
         // Only after popgate itself checked the client: a master login ignores the user's password.
         let checked = verified_secret.is_some()
             || secret().is_some_and(|s| {
-                creds.mechanism.reveals_secret() && s.expose() == creds.password.expose()
+                creds.mechanism.reveals_secret() && s.matches(creds.password.expose())
             });
         if !checked {
             return Err(());

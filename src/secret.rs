@@ -2,8 +2,11 @@
 
 use std::fmt;
 
+use subtle::ConstantTimeEq;
+
 /// Secret bytes (password, token). Read them with [`Secret::expose`] only where they go on the wire.
-#[derive(Clone, PartialEq, Eq)]
+/// `==` compares as [`Secret::matches`] does.
+#[derive(Clone)]
 pub struct Secret(Vec<u8>);
 
 impl Secret {
@@ -16,7 +19,21 @@ impl Secret {
     pub fn expose(&self) -> &[u8] {
         &self.0
     }
+
+    /// Whether a client presented this secret; the time taken reveals the length at most, never how
+    /// many leading bytes were right.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        self.0.ct_eq(presented).into()
+    }
 }
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(&other.0)
+    }
+}
+
+impl Eq for Secret {}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -25,7 +42,8 @@ impl fmt::Debug for Secret {
 }
 
 /// A secret read from the config (an API token): `Debug` prints `MASKED`.
-#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+/// `==` compares as [`Secret::matches`] does.
+#[derive(Clone, serde::Deserialize)]
 #[serde(transparent)]
 pub struct SecretString(String);
 
@@ -34,10 +52,50 @@ impl SecretString {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether a client presented this token, as [`Secret::matches`] compares.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        self.0.as_bytes().ct_eq(presented).into()
+    }
 }
+
+impl PartialEq for SecretString {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(other.0.as_bytes())
+    }
+}
+
+impl Eq for SecretString {}
 
 impl fmt::Debug for SecretString {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("MASKED")
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_only_the_same_bytes() {
+        let secret = Secret::new(b"secret".to_vec());
+        assert!(secret.matches(b"secret"));
+        assert!(!secret.matches(b"secreT"));
+        assert!(!secret.matches(b"secret-longer"));
+        assert!(!secret.matches(b"secre"));
+        assert!(!secret.matches(b""));
+        let token: SecretString = serde_json::from_str("\"tok\"").unwrap();
+        assert!(token.matches(b"tok"));
+        assert!(!token.matches(b"tok "));
+        assert!(!token.matches(b""));
+        assert_eq!(secret, Secret::new(b"secret".to_vec()));
+        assert_ne!(secret, Secret::new(b"secreT".to_vec()));
+    }
+
+    #[test]
+    fn debug_never_shows_the_bytes() {
+        assert_eq!(format!("{:?}", Secret::new(b"hunter2".to_vec())), "MASKED");
     }
 }
