@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, ReadyWhen};
 use crate::metrics::Metrics;
 use crate::proxy::{ListenerInfo, Shared};
 
@@ -337,15 +337,21 @@ impl Runtime {
             .clone()
     }
 
-    /// Ready: not draining, listening, and every tenant has a store that is up.
+    /// Ready: not draining, listening, and the stores `admin.ready_when` asks for are up.
     pub fn is_ready(&self) -> bool {
         if self.context.draining.is_cancelled() || self.addrs().is_empty() {
             return false;
         }
-        self.snapshot()
+        let snapshot = self.snapshot();
+        let mut store_up = snapshot
             .tenants
             .iter()
-            .all(|t| t.group.status().iter().any(|s| s.up))
+            .map(|t| t.group.status().iter().any(|s| s.up));
+        match snapshot.config.admin.as_ref().map(|a| a.ready_when) {
+            Some(ReadyWhen::AllTenants) => store_up.all(|up| up),
+            Some(ReadyWhen::Listening) => true,
+            Some(ReadyWhen::AnyTenant) | None => store_up.any(|up| up),
+        }
     }
 
     /// Re-reads the config file; if it is valid, swaps it in (sessions in flight keep theirs). A bad file

@@ -390,3 +390,56 @@ async fn status_page_renders_in_headless_chromium() {
     );
     pg.shutdown();
 }
+
+/// One tenant's outage must not take the replica out of the load balancer for every tenant: by default
+/// `/readyz` needs some tenant with a store up; `all_tenants` asks for every tenant, `listening` for none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_ready_when_not_one_tenants_outage() {
+    let (_md, server) = store(1, 1).await;
+    // A loopback port nothing listens on: its stores fail every probe.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let health = "health: {interval: 50ms, timeout: 1s, rise: 1, fall: 1}";
+    let acme = format!(
+        "  acme:\n    domains: [example.com]\n    backends: [\"{}\"]\n    {health}\n",
+        server.local_addr()
+    );
+    let gone =
+        format!("  gone:\n    domains: [gone.example]\n    backends: [\"{dead}\"]\n    {health}\n");
+    let cases = [
+        // (admin.ready_when, tenants, /readyz status)
+        (None, format!("{acme}{gone}"), 200),
+        (Some("all_tenants"), format!("{acme}{gone}"), 503),
+        (Some("any_tenant"), gone.clone(), 503),
+        (Some("listening"), gone.clone(), 200),
+    ];
+    for (ready_when, tenants, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let line = ready_when.map_or(String::new(), |w| format!("  ready_when: {w}\n"));
+        let yaml = format!(
+            "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\nadmin:\n  bind: 127.0.0.1:0\n{line}tenants:\n{tenants}"
+        );
+        let pg = start(&yaml, dir.path()).await;
+        // Stores start up; wait until the probes have marked the dead one down.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while pg
+            .stores()
+            .iter()
+            .any(|(t, stores)| t == "gone" && stores.iter().any(|s| s.up))
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the dead store was never marked down"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let url = format!("http://{}/readyz", pg.admin_addr().unwrap());
+        let (code, body) = tokio::task::spawn_blocking(move || http("GET", &url, None))
+            .await
+            .unwrap();
+        assert_eq!(code, expected, "ready_when {ready_when:?}: {body}");
+        pg.shutdown();
+    }
+}

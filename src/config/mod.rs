@@ -75,6 +75,25 @@ pub struct AdminConfig {
     /// Require the token for GET endpoints too. Default false (Prometheus and probes read freely).
     #[serde(default)]
     pub token_for_reads: bool,
+    /// Which store health `/readyz` waits for, beside bound listeners and no drain. Default `any_tenant`.
+    #[serde(default)]
+    pub ready_when: ReadyWhen,
+}
+
+/// What `/readyz` needs of the stores. Every tenant shares the process, so a readiness probe that fails
+/// for one tenant's outage takes the replica away from all of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyWhen {
+    /// Some tenant has a store up: only a replica that reaches no store at all (its own network or DNS
+    /// broken, most likely) leaves the load balancer. The default.
+    #[default]
+    AnyTenant,
+    /// Every tenant has a store up: one tenant's outage takes the replica out for every tenant.
+    AllTenants,
+    /// Stores do not matter: ready whenever listening and not draining; clients of a tenant whose stores
+    /// are all down get `-ERR [SYS/TEMP]`.
+    Listening,
 }
 
 fn default_admin_bind() -> SocketAddr {
