@@ -14,6 +14,7 @@
 //! - [`tls`], [`stream`], [`secret`], [`metrics`], [`proxy_protocol`]: side modules used by any stage.
 //! - [`maildrop`]: a small in-memory POP3 server for the demo and for fault-injection tests.
 //! - [`demo`]: `popgate demo`.
+//! - [`logs`]: the log writer (a buffer written out by one thread every 50 ms).
 
 pub mod admin;
 pub mod authhttp;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod demo;
 pub mod listener;
 pub mod loadgen;
+pub mod logs;
 pub mod maildrop;
 pub mod metrics;
 pub mod protocol;
