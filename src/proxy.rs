@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::config::{BackendLogin, Config, ListenerTls, PlaintextLogin};
+use crate::config::{BackendLogin, ClientIpForwarding, Config, ListenerTls, PlaintextLogin};
 use crate::metrics::TenantMetrics;
 use crate::relay::{RelayConfig, RelayStats, relay};
 use crate::router::{TenantId, TenantTable};
@@ -53,6 +53,9 @@ pub struct Shared {
     pub listeners: HashMap<String, Arc<ListenerInfo>>,
     /// What a connection not bound to one tenant can offer (every tenant can log in on it).
     unbound: Reach,
+    /// Some tenant sends PROXY headers to its stores, which name the address the client connected to:
+    /// only then is it asked of the socket (`getsockname(2)`) on every connection.
+    proxy_headers_out: bool,
 }
 
 /// What a connection can offer, given which tenants can log in on it. Computed once per config
@@ -547,6 +550,12 @@ impl Shared {
             t.reach = Reach::of(std::iter::once(&*t));
         }
         let unbound = Reach::of(tenants.iter());
+        let proxy_headers_out = config.tenants.values().any(|t| {
+            matches!(
+                t.value.client_ip,
+                ClientIpForwarding::ProxyV1 | ClientIpForwarding::ProxyV2
+            )
+        });
         Ok(Self {
             config,
             table,
@@ -554,6 +563,7 @@ impl Shared {
             tls,
             listeners,
             unbound,
+            proxy_headers_out,
         })
     }
 
@@ -693,7 +703,11 @@ async fn run<'c>(
     let mut routed_tenant: Option<String> = None;
     let deadline = Instant::now() + config.timeouts.pre_login.get();
     let _ = tcp.set_nodelay(true);
-    let local = tcp.local_addr().unwrap_or(peer);
+    let local = if shared.proxy_headers_out {
+        Some(tcp.local_addr().unwrap_or(peer))
+    } else {
+        None
+    };
 
     // PROXY protocol from a trusted balancer: the client address is the one it names.
     let mut client_addr = peer;

@@ -373,15 +373,19 @@ impl Legs {
         Poll::Ready(Ok(()))
     }
 
-    /// Store to client; `Ready(Ok)` when the store has closed, everything is delivered and the client's side
-    /// is shut down.
+    /// Store to client; `Ready(Ok)` when the store has closed, everything is delivered and, on TLS, the
+    /// client's side is shut down (plain TCP gets its FIN when the relay drops the socket).
     fn poll_down(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RelayEnd>> {
         if !self.down.closing {
             ready!(self.poll_down_copy(cx))?;
             self.down.closing = true;
         }
-        // Errors here do not matter: everything has been delivered.
-        let _ = ready!(Pin::new(&mut self.client).poll_shutdown(cx));
+        // TLS ends with close_notify. Plain TCP needs no shutdown(2) of its own: the relay ends here and
+        // closing the socket sends the FIN, one system call fewer per session.
+        if self.client.is_tls() {
+            // Errors here do not matter: everything has been delivered.
+            let _ = ready!(Pin::new(&mut self.client).poll_shutdown(cx));
+        }
         Poll::Ready(Ok(()))
     }
 

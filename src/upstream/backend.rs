@@ -95,8 +95,8 @@ pub struct Connector {
 pub struct ClientInfo {
     /// The client's address (from PROXY protocol when a trusted balancer sent one).
     pub peer: SocketAddr,
-    /// The address the client connected to.
-    pub local: SocketAddr,
+    /// The address the client connected to; known only when some store gets PROXY headers.
+    pub local: Option<SocketAddr>,
     /// popgate's session id, forwarded as XCLIENT SESSION so store and proxy logs can be joined.
     pub session: u64,
     /// The client enabled `UTF8` (RFC 6856): the store is asked for UTF-8 mode too, where it offers it.
@@ -348,7 +348,10 @@ impl Connector {
         };
         let _ = store;
         Ok(Some(match client {
-            Some(client) => crate::proxy_protocol::encode(version, client.peer, client.local),
+            Some(client) => {
+                let local = client.local.unwrap_or(client.peer);
+                crate::proxy_protocol::encode(version, client.peer, local)
+            }
             None => crate::proxy_protocol::encode_local(version),
         }))
     }
