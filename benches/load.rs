@@ -292,6 +292,8 @@ fn main() {
         {
             for p in rotated(paths, round) {
                 let cpu_before = p.process.map(|x| cpu_seconds(x.pid()));
+                let machine_before = MachineCpu::now();
+                let own_before = cpu_seconds(std::process::id());
                 let admin = p.process.and_then(|x| x.admin);
                 let pool_before = admin.map(pool_checkouts);
                 let r = rt
@@ -314,6 +316,19 @@ fn main() {
                         );
                     }
                 }
+                // The whole machine's CPU per login, and how much of it stood idle: when nothing is idle, the
+                // login rate is the machine's CPU divided by what every process spends on a login.
+                let machine = MachineCpu::now().since(&machine_before);
+                let per_login_ms = |secs: f64| 1000.0 * secs / r.sessions as f64;
+                figs.add(
+                    &format!("logins.{name}.machine_ms_per_login"),
+                    per_login_ms(machine.busy_secs),
+                );
+                figs.add(&format!("logins.{name}.idle_pct"), machine.idle_pct);
+                figs.add(
+                    &format!("logins.{name}.loadgen_ms_per_login"),
+                    per_login_ms(cpu_seconds(std::process::id()) - own_before),
+                );
                 if let (Some(x), Some(before)) = (p.process, cpu_before) {
                     let cpu = cpu_seconds(x.pid()) - before;
                     figs.add(
@@ -438,6 +453,7 @@ fn hold_round(
     tls: TlsMode,
     round: usize,
 ) {
+    let store_procs = dovecot::instance_processes(setup.store.instance_name()).len();
     let fresh = Proxy::start(setup, variant, &format!("hold-{name}-{round}"));
     let target = match tls {
         TlsMode::None => TargetArgs::plain(fresh.plain),
@@ -491,6 +507,23 @@ fn hold_round(
         report.noops
     );
     fresh.stop();
+    settle_store(setup.store, store_procs);
+}
+
+/// Waits until the store is back to `procs` processes: Dovecot takes seconds to end the `pop3` processes of
+/// thousands of held sessions, and a login run that starts meanwhile measures that instead of its path (the
+/// first path of the next round ran at a third of its rate before this wait).
+fn settle_store(store: &DovecotStore, procs: usize) {
+    let began = Instant::now();
+    let mut left = dovecot::instance_processes(store.instance_name()).len();
+    while left > procs && began.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(50));
+        left = dovecot::instance_processes(store.instance_name()).len();
+    }
+    println!(
+        "  settle  store back to {left} processes (had {procs} before the hold) in {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
 }
 
 /// The paths starting at `round` (mod their number).
@@ -757,6 +790,45 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / clock_ticks()
 }
 
+/// Jiffies of the machine's CPUs from the `cpu` line of /proc/stat: busy (user, nice, system, irq,
+/// softirq, steal) and idle (idle, iowait).
+struct MachineCpu {
+    busy: u64,
+    idle: u64,
+}
+
+/// CPU the machine spent between two readings.
+struct MachineCpuUse {
+    busy_secs: f64,
+    idle_pct: f64,
+}
+
+impl MachineCpu {
+    fn now() -> Self {
+        let stat = fs::read_to_string("/proc/stat").unwrap();
+        let line = stat.lines().find(|l| l.starts_with("cpu ")).unwrap();
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is already inside user).
+        Self {
+            busy: f[0] + f[1] + f[2] + f[5] + f[6] + f[7],
+            idle: f[3] + f[4],
+        }
+    }
+
+    fn since(&self, before: &Self) -> MachineCpuUse {
+        let busy = self.busy - before.busy;
+        let idle = self.idle - before.idle;
+        MachineCpuUse {
+            busy_secs: busy as f64 / clock_ticks(),
+            idle_pct: 100.0 * idle as f64 / (busy + idle).max(1) as f64,
+        }
+    }
+}
+
 fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
@@ -1003,13 +1075,52 @@ impl Figures {
             None,
             "report",
         );
+        let d = Some("logins.direct.machine_ms_per_login");
+        row(
+            "machine CPU ms per login, all processes, pool on ⁴",
+            d,
+            "logins.pool.machine_ms_per_login",
+            Some("logins.haproxy.machine_ms_per_login"),
+            "",
+        );
+        row(
+            "machine CPU ms per login, all processes, pool off ⁴",
+            d,
+            "logins.nopool.machine_ms_per_login",
+            None,
+            "",
+        );
+        let d = Some("logins.direct.loadgen_ms_per_login");
+        row(
+            "load tool's CPU ms per login ⁴",
+            d,
+            "logins.pool.loadgen_ms_per_login",
+            Some("logins.haproxy.loadgen_ms_per_login"),
+            "",
+        );
         let _ = writeln!(
             out,
             "\n¹ direct: the client speaks POP3S to the store; through popgate: plain client, popgate → store over TLS.\n\
              ² (proxy RSS with the sessions open − RSS before) ÷ sessions, on a fresh process; the HAProxy column is \
              HAProxy's own figure, not a ratio.\n\
-             ³ the proxy's utime + stime during the run ÷ thousands of sessions; the HAProxy column is HAProxy's own figure."
+             ³ the proxy's utime + stime during the run ÷ thousands of sessions; the HAProxy column is HAProxy's own figure.\n\
+             ⁴ from /proc/stat over the login run, all CPUs: busy time (user, system, irq, softirq, steal) ÷ \
+             logins, and the idle share; the load tool is this process (one thread)."
         );
+        let idle: Vec<String> = ["direct", "pool", "nopool", "haproxy"]
+            .iter()
+            .filter_map(|p| {
+                self.median(&format!("logins.{p}.idle_pct"))
+                    .map(|v| format!("{p} {v:.1} %"))
+            })
+            .collect();
+        if !idle.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nIdle share of the machine's CPUs during the plaintext login runs (medians): {}.",
+                idle.join(", ")
+            );
+        }
         let _ = writeln!(out, "\n## Every round\n");
         for (k, values) in &self.0 {
             let each: Vec<String> = values.iter().map(|v| figure(*v)).collect();
