@@ -292,13 +292,11 @@ pub fn cram_md5_digest(challenge: &str, secret: &[u8]) -> String {
     hex(&mac.finalize().into_bytes())
 }
 
-/// Compares two digests without an early exit.
+/// Compares two hex digests in constant time, ignoring the case of `b` (clients may send upper-case hex).
 pub fn digests_match(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |d, (x, y)| d | (x ^ y.to_ascii_lowercase()))
-            == 0
+    use subtle::ConstantTimeEq;
+    let b = b.to_ascii_lowercase();
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
 fn hex(bytes: &[u8]) -> String {

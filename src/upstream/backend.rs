@@ -242,7 +242,7 @@ impl Connector {
             .map_err(|e| LoginError::Unavailable(format!("connect: {e}")))?;
         // Commands and short replies must not wait for Nagle: a POP3 session is a string of small round trips.
         let _ = tcp.set_nodelay(true);
-        if let Some(header) = self.proxy_header(client, endpoint.addr)? {
+        if let Some(header) = self.proxy_header(client) {
             timeout(self.timeouts.reply, tcp.write_all(&header))
                 .await
                 .map_err(|_| LoginError::Unavailable("PROXY header write timed out".into()))?
@@ -336,24 +336,21 @@ impl Connector {
         Ok(Stream::ClientTls(Box::new(tls)))
     }
 
-    fn proxy_header(
-        &self,
-        client: Option<&ClientInfo>,
-        store: SocketAddr,
-    ) -> Result<Option<Vec<u8>>, LoginError> {
+    /// The PROXY header this store gets before its greeting, when the tenant forwards the client's address
+    /// that way; without a client (a pool connection made ahead of any login) a LOCAL header.
+    fn proxy_header(&self, client: Option<&ClientInfo>) -> Option<Vec<u8>> {
         let version = match self.client_ip {
             ClientIpForwarding::ProxyV1 => 1,
             ClientIpForwarding::ProxyV2 => 2,
-            _ => return Ok(None),
+            _ => return None,
         };
-        let _ = store;
-        Ok(Some(match client {
+        Some(match client {
             Some(client) => {
                 let local = client.local.unwrap_or(client.peer);
                 crate::proxy_protocol::encode(version, client.peer, local)
             }
             None => crate::proxy_protocol::encode_local(version),
-        }))
+        })
     }
 }
 
