@@ -62,9 +62,16 @@ pub async fn spawn(runtime: Arc<Runtime>, config: &AdminConfig) -> Result<Socket
     Ok(addr)
 }
 
-async fn route(runtime: &Arc<Runtime>, config: &AdminConfig, req: Request<Incoming>) -> Reply {
+async fn route(runtime: &Arc<Runtime>, started: &AdminConfig, req: Request<Incoming>) -> Reply {
     let write = req.method() == Method::POST;
-    if (write || config.token_for_reads) && !authorized(config, &req) {
+    // The token and token_for_reads follow reloads (a rotated token file takes effect on the next one); a
+    // config that drops the admin section keeps the settings the server started with.
+    let allowed = {
+        let snapshot = runtime.snapshot();
+        let config = snapshot.config.admin.as_ref().unwrap_or(started);
+        !(write || config.token_for_reads) || authorized(config, &req)
+    };
+    if !allowed {
         return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
     }
     match (req.method(), req.uri().path()) {

@@ -458,6 +458,10 @@ impl Runtime {
             }
         };
         let tenant_names: Vec<String> = config.tenants.keys().cloned().collect();
+        let admin_bind = |c: &Config| c.admin.as_ref().map(|a| a.bind);
+        if admin_bind(&config) != admin_bind(&self.snapshot().config) {
+            warn!("admin.bind changed: the admin server keeps its address until a restart");
+        }
         self.current.store(shared);
         // The edge defences and the connection cap take the new settings; their counters stay.
         self.context

@@ -48,6 +48,11 @@ impl fmt::Debug for Secret {
 pub struct SecretString(String);
 
 impl SecretString {
+    /// Wraps text read from somewhere other than the config file itself (a token file).
+    pub fn new(text: String) -> Self {
+        Self(text)
+    }
+
     /// The text, for comparing with what a client presented.
     pub fn expose(&self) -> &str {
         &self.0

@@ -239,6 +239,45 @@ async fn reload_follows_file_changes_and_post_reload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_file_rotates_on_reload() {
+    let (_md, server) = store(1, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "first-token\n").unwrap();
+    let yaml = config(server.local_addr(), "").replace(
+        "  token: s3cret-token",
+        "  token_file: admin-token\n  token_for_reads: true",
+    );
+    let pg = start(&yaml, dir.path()).await;
+    let admin = pg.admin_addr().unwrap();
+    let call = |method: &'static str, path: &'static str, token: Option<&'static str>| {
+        let url = format!("http://{admin}{path}");
+        tokio::task::spawn_blocking(move || http(method, &url, token))
+    };
+    let status = |token| async move { call("GET", "/status", token).await.unwrap().0 };
+
+    assert_eq!(status(None).await, 401);
+    assert_eq!(status(Some("wrong")).await, 401);
+    assert_eq!(status(Some("first-token")).await, 200);
+
+    // The Secret behind the file is rotated; the next reload (here POST /reload with the old token) reads it.
+    std::fs::write(&token, "second-token\n").unwrap();
+    let (code, body) = call("POST", "/reload", Some("first-token")).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(status(Some("first-token")).await, 401);
+    assert_eq!(status(Some("second-token")).await, 200);
+
+    // An emptied token file is a bad config: the reload is refused and the running token stays.
+    std::fs::write(&token, "").unwrap();
+    let (code, body) = call("POST", "/reload", Some("second-token")).await.unwrap();
+    assert_ne!(code, 200, "{body}");
+    assert!(body.contains("admin.token_file"), "{body}");
+    assert!(!body.contains("second-token"), "token echoed: {body}");
+    assert_eq!(status(Some("second-token")).await, 200);
+    pg.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_refuses_new_work_lets_relays_finish_then_closes_without_quit() {
     let (md, server) = store(3, 2).await;
     let dir = tempfile::tempdir().unwrap();

@@ -72,6 +72,10 @@ pub struct AdminConfig {
     /// `token_for_reads` is true). Default: none.
     #[serde(default)]
     pub token: Option<crate::secret::SecretString>,
+    /// A file holding the token instead (a mounted Kubernetes Secret, a systemd credential): its first line,
+    /// read at start and at every reload, so a rotated token takes effect on the next reload. Not with `token`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// Require the token for GET endpoints too. Default false (Prometheus and probes read freely).
     #[serde(default)]
     pub token_for_reads: bool,
@@ -518,6 +522,19 @@ impl Config {
             .map_err(|e| ConfigError::Parse(e.to_string()))?;
         config.base_dir = base_dir.to_path_buf();
         config.validate()?;
+        if let Some(path) = config.admin.as_ref().and_then(|a| a.token_file.clone()) {
+            // validate() has read it once; a file that vanished since is still reported, not ignored.
+            let token = read_token_file(&config.resolve_path(&path)).map_err(|message| {
+                ConfigError::Invalid(vec![Problem {
+                    field: "admin.token_file".into(),
+                    line: None,
+                    message,
+                }])
+            })?;
+            if let Some(admin) = config.admin.as_mut() {
+                admin.token = Some(token);
+            }
+        }
         Ok(config)
     }
 
@@ -582,6 +599,28 @@ impl Config {
                     line,
                     format!("no tenant named `{t}`"),
                 );
+            }
+        }
+
+        if let Some(admin) = &self.admin {
+            if admin.token.is_some() && admin.token_file.is_some() {
+                push(
+                    "admin.token_file".into(),
+                    None,
+                    "set `token` or `token_file`, not both".into(),
+                );
+            }
+            if admin.token.as_ref().is_some_and(|t| t.expose().is_empty()) {
+                push(
+                    "admin.token".into(),
+                    None,
+                    "must not be empty (leave it out for no token)".into(),
+                );
+            }
+            if let Some(path) = &admin.token_file
+                && let Err(e) = read_token_file(&self.resolve_path(path))
+            {
+                push("admin.token_file".into(), None, e);
             }
         }
 
@@ -859,6 +898,21 @@ fn is_label_safe(name: &str) -> bool {
 }
 
 /// Reads a secrets file: a YAML map of `mailbox: secret`; keys are normalised (`local@domain`, lowercased).
+/// The admin token in a token file: its first line without surrounding whitespace; an empty one is refused
+/// (it would let anybody through who sends an empty bearer token).
+pub fn read_token_file(path: &Path) -> Result<crate::secret::SecretString, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    if token.is_empty() {
+        return Err(format!(
+            "{} holds no token on its first line",
+            path.display()
+        ));
+    }
+    Ok(crate::secret::SecretString::new(token.to_owned()))
+}
+
 pub fn load_secrets(
     path: &Path,
     case: LoginCase,

@@ -117,6 +117,47 @@ fn unreadable_certificate_is_reported() {
 }
 
 #[test]
+fn admin_token_file_is_read_relative_to_the_config_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("token"),
+        "  t0ken-from-file \nsecond line ignored\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("empty"), "\n").unwrap();
+    let with = |admin: &str| Config::from_yaml_str(&format!("{GOOD}admin:\n{admin}"), dir.path());
+
+    let c = with("  token_file: token\n").unwrap();
+    let token = c.admin.unwrap().token.unwrap();
+    assert!(token.matches(b"t0ken-from-file"), "first line, trimmed");
+
+    let err = with("  token_file: missing\n").unwrap_err().to_string();
+    assert!(
+        err.contains("admin.token_file") && err.contains("missing"),
+        "{err}"
+    );
+    let err = with("  token_file: empty\n").unwrap_err().to_string();
+    assert!(
+        err.contains("admin.token_file") && err.contains("no token"),
+        "{err}"
+    );
+    let err = with("  token: inline\n  token_file: token\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not both"), "{err}");
+    // Errors name the file, never what is in it.
+    assert!(
+        !err.contains("t0ken-from-file") && !err.contains("inline"),
+        "{err}"
+    );
+    let err = with("  token: \"\"\n").unwrap_err().to_string();
+    assert!(
+        err.contains("admin.token") && err.contains("must not be empty"),
+        "{err}"
+    );
+}
+
+#[test]
 fn booleans_and_enums_are_strict() {
     let err = parse(&GOOD.replace("bind: 127.0.0.1:1110", "bind: 127.0.0.1:1110\n    tls: yes"))
         .unwrap_err()

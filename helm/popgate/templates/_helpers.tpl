@@ -65,7 +65,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 The popgate config file: .Values.config plus
   - listeners built from .Values.listeners (bind = listenAddress:port; PROXY protocol when the Service has it),
-  - admin.bind = listenAddress:admin.port,
+  - admin.bind = listenAddress:admin.port, and admin.token_file when admin.tokenSecret names a Secret,
   - tls / tenants.<name>.tls certificate and key paths for the mounted certificate Secrets, where the config
     does not name them itself.
 .Values is never modified (deepCopy), so every template that includes this renders the same text. */}}
@@ -101,6 +101,12 @@ The popgate config file: .Values.config plus
 {{- $_ := set $cfg "listeners" $listeners }}
 {{- $admin := deepCopy (get $cfg "admin" | default dict) }}
 {{- $_ := set $admin "bind" (include "popgate.hostPort" (list .Values.listenAddress .Values.admin.port)) }}
+{{- if .Values.admin.tokenSecret.name }}
+{{- if or (hasKey $admin "token") (hasKey $admin "token_file") }}
+{{- fail "admin.tokenSecret is set: remove config.admin.token / config.admin.token_file (the chart sets token_file)" }}
+{{- end }}
+{{- $_ := set $admin "token_file" "/etc/popgate/admin/token" }}
+{{- end }}
 {{- $_ := set $cfg "admin" $admin }}
 {{- if and .Values.certificates.default.secretName (not (hasKey $cfg "tls")) }}
 {{- $_ := set $cfg "tls" (dict "certificate" "/etc/popgate/tls/tls.crt" "key" "/etc/popgate/tls/tls.key") }}
