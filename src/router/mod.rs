@@ -196,11 +196,22 @@ impl TenantTable {
 
 /// The mailbox as popgate keys it (consistent hash, throttles, session caps, secrets): `local@domain` with
 /// the tenant's case rule on the local part, or the local part alone when there is no domain. `domain` must
-/// already be normalised ([`normalize_domain`]).
+/// already be normalised ([`normalize_domain`]). The local part is put in Unicode NFC after case mapping
+/// (as RFC 7613 prepares user names), so `jörg` typed as `o` + U+0308 is the same mailbox, on the same
+/// store, as `jörg` with a precomposed `ö`; the store still gets the name as the client wrote it.
 pub fn mailbox_key(local: &str, domain: &str, case: LoginCase) -> String {
+    const NFC: icu_normalizer::ComposingNormalizerBorrowed<'static> =
+        icu_normalizer::ComposingNormalizerBorrowed::new_nfc();
     let local = match case {
-        LoginCase::Sensitive => std::borrow::Cow::Borrowed(local),
-        LoginCase::Insensitive | LoginCase::Lower => std::borrow::Cow::Owned(local.to_lowercase()),
+        LoginCase::Sensitive => NFC.normalize(local),
+        LoginCase::Insensitive | LoginCase::Lower => {
+            let lower = local.to_lowercase();
+            // Already in NFC (every ASCII name): keep the lowercased string, no second allocation.
+            match NFC.normalize(&lower) {
+                std::borrow::Cow::Borrowed(_) => std::borrow::Cow::Owned(lower),
+                std::borrow::Cow::Owned(nfc) => std::borrow::Cow::Owned(nfc),
+            }
+        }
     };
     if domain.is_empty() {
         local.into_owned()

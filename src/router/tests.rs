@@ -133,6 +133,32 @@ fn case_rules_per_tenant() {
 }
 
 #[test]
+fn canonically_equivalent_names_are_one_mailbox() {
+    let t = table(
+        "  exact:\n    domains: [exact.test]\n    backends: [\"127.0.0.1:1105\"]\n    login_case: sensitive\n",
+    );
+    // Precomposed ö (U+00F6) and o + combining diaeresis (U+0308): one mailbox key, so one store under a
+    // consistent hash, one throttle and one secret; the store still sees what the client typed.
+    for domain in ["example.com", "exact.test"] {
+        let composed = t.route(&format!("j\u{f6}rg@{domain}"), None).unwrap();
+        let decomposed = t.route(&format!("jo\u{308}rg@{domain}"), None).unwrap();
+        assert_eq!(composed.key, decomposed.key, "{domain}");
+        assert_eq!(composed.key, format!("j\u{f6}rg@{domain}"));
+        assert_eq!(decomposed.backend_user, format!("jo\u{308}rg@{domain}"));
+    }
+    // Case folding first, then NFC: Å (U+212B, ANGSTROM SIGN) and Å (U+00C5) and å + ring all meet.
+    let keys: Vec<String> = [
+        "\u{212b}sa@example.com",
+        "\u{c5}sa@example.com",
+        "a\u{30a}sa@example.com",
+    ]
+    .iter()
+    .map(|l| t.route(l, None).unwrap().key)
+    .collect();
+    assert!(keys.iter().all(|k| k == "\u{e5}sa@example.com"), "{keys:?}");
+}
+
+#[test]
 fn utf8_local_parts_and_idna_domains_route() {
     let t = table("");
     let net = t.tenant_by_name("net").unwrap();
