@@ -112,7 +112,14 @@ async fn route(runtime: &Arc<Runtime>, started: &AdminConfig, req: Request<Incom
             });
             match mailbox {
                 Some(m) if !m.is_empty() => {
-                    let kicked = runtime.context.sessions.kick(&m);
+                    // Keyed as a login is (SDPS forms, IDNA domain, case rule, NFC), so any way the user
+                    // could have typed the name finds the sessions; a name that no longer routes (its
+                    // tenant was removed by a reload) is compared as given.
+                    let key = runtime.snapshot().table.route(&m, None).map(|r| r.key);
+                    let kicked = match &key {
+                        Ok(key) => runtime.context.sessions.kick(key, true),
+                        Err(_) => runtime.context.sessions.kick(&m, false),
+                    };
                     info!(sessions = kicked, "kicked a mailbox's sessions");
                     json_reply(StatusCode::OK, json!({"kicked": kicked}))
                 }

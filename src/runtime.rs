@@ -81,14 +81,18 @@ impl SessionRegistry {
         }
     }
 
-    /// Ends every session of `mailbox` (normalised); returns how many.
-    pub fn kick(&self, mailbox: &str) -> usize {
+    /// Ends every session of `mailbox` (a mailbox key, compared exactly when `exact`, else ignoring ASCII
+    /// case); returns how many.
+    pub fn kick(&self, mailbox: &str, exact: bool) -> usize {
         let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         let mut n = 0;
-        for entry in map
-            .values()
-            .filter(|e| e.mailbox.eq_ignore_ascii_case(mailbox))
-        {
+        for entry in map.values().filter(|e| {
+            if exact {
+                e.mailbox == mailbox
+            } else {
+                e.mailbox.eq_ignore_ascii_case(mailbox)
+            }
+        }) {
             entry.kick.cancel();
             n += 1;
         }

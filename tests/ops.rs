@@ -334,8 +334,9 @@ async fn kick_closes_a_mailboxs_sessions_without_quit() {
     let mut other = Pop3::greeted(pop3).await;
     other.login("u1@example.com", "pw").await;
 
+    // Named another way than the login was (SDPS `%` form, other case): the same mailbox.
     let url = format!(
-        "http://{}/kick?mailbox=U0%40example.com",
+        "http://{}/kick?mailbox=U0%25example.com",
         pg.admin_addr().unwrap()
     );
     let (code, body) =
