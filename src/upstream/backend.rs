@@ -494,9 +494,13 @@ pub async fn login(
             b"-ERR [AUTH] Authentication failed.\r\n".to_vec(),
         ));
     }
-    // XCLIENT and UTF8 come before the login. A store that offers PIPELINING (RFC 2449) gets them and the
-    // login command(s) in one write, saving a round trip each; their replies are read in order before the
-    // login's (`Preamble::settle`).
+    // XCLIENT and UTF8 come before the login. A store that offers PIPELINING (RFC 2449) gets them (and
+    // USER) in one write, saving a round trip each; their replies are read in order (`Preamble::settle`).
+    // The command that carries the credentials (PASS, AUTH, APOP) goes only once every earlier reply is in:
+    // the store answers it after its credential lookup, and if an earlier reply of ours is still unacked by
+    // then, the store's Nagle algorithm holds the answer until our delayed ACK, 40 ms later on Linux
+    // (Dovecot 2.3 on a fresh connection: 42 ms against 0.7 ms per login). Sent after the replies, the
+    // command itself carries that ACK.
     let mut preamble = Preamble {
         pipelining: conn.caps.pipelining,
         xclient: false,
@@ -528,23 +532,23 @@ pub async fn login(
         } => {
             if *plain && conn.caps.sasl.iter().any(|m| m == "PLAIN") {
                 let b64 = sasl::encode_plain(*authzid, user, password);
-                conn.queue(format!("AUTH PLAIN {b64}\r\n").as_bytes());
                 preamble.settle(&mut conn).await?;
+                conn.queue(format!("AUTH PLAIN {b64}\r\n").as_bytes());
                 conn.status().await?
             } else {
                 user_pass(&mut conn, &mut preamble, user, password).await?
             }
         }
         StoreAuth::ApopPassthrough { user, digest } => {
-            conn.queue(format!("APOP {user} {digest}\r\n").as_bytes());
             preamble.settle(&mut conn).await?;
+            conn.queue(format!("APOP {user} {digest}\r\n").as_bytes());
             conn.status().await?
         }
         StoreAuth::Secret { user, secret } => match conn.timestamp.clone() {
             Some(ts) => {
                 let digest = sasl::apop_digest(&ts, secret.expose());
-                conn.queue(format!("APOP {user} {digest}\r\n").as_bytes());
                 preamble.settle(&mut conn).await?;
+                conn.queue(format!("APOP {user} {digest}\r\n").as_bytes());
                 conn.status().await?
             }
             None => user_pass(&mut conn, &mut preamble, user, secret).await?,
@@ -553,8 +557,8 @@ pub async fn login(
             let mut cmd = format!("AUTH {mechanism} ").into_bytes();
             cmd.extend_from_slice(initial);
             cmd.extend_from_slice(b"\r\n");
-            conn.queue(&cmd);
             preamble.settle(&mut conn).await?;
+            conn.queue(&cmd);
             // Relay challenges and answers until the store decides; bounded so a chatty peer cannot loop.
             let mut rounds = 0;
             loop {
@@ -629,11 +633,8 @@ async fn user_pass(
     pass.extend_from_slice(b"PASS ");
     pass.extend_from_slice(password.expose());
     pass.extend_from_slice(b"\r\n");
+    // USER goes with the preamble under PIPELINING; PASS only after USER's reply (see `login`).
     conn.queue(format!("USER {user}\r\n").as_bytes());
-    if preamble.pipelining {
-        // USER and PASS in one write; a store that refuses USER answers PASS with -ERR as well.
-        conn.queue(&pass);
-    }
     preamble.settle(conn).await?;
     match conn.status().await? {
         (Status::Ok, _) => {}
@@ -642,9 +643,7 @@ async fn user_pass(
             return Err(LoginError::Unavailable("unexpected continuation".into()));
         }
     }
-    if !preamble.pipelining {
-        conn.queue(&pass);
-    }
+    conn.queue(&pass);
     conn.status().await
 }
 
