@@ -344,6 +344,26 @@ fn main() {
                 );
             }
         }
+        // One client at a time: latency-bound, not CPU-bound, so each login's own path shows (a stall
+        // in the store login is invisible at 50 concurrent clients on two CPUs, not here).
+        for p in rotated(&login_paths, round).filter(|_| runs("logins")) {
+            let r = rt
+                .block_on(logins::run(&LoginsArgs {
+                    concurrency: 1,
+                    ..logins_args(p.target.clone(), profile.login_secs / 2.0)
+                }))
+                .unwrap();
+            check_logins(&r, p.name);
+            let name = p.name;
+            figs.add(&format!("logins1.{name}.per_s"), r.sessions_per_sec());
+            figs.add(&format!("logins1.{name}.pass_p50_us"), us(r.pass.p50));
+            println!(
+                "  logins1 {name:<11} {:>6.0}/s  PASS p50 {:>6.0} µs  session p50 {:>6.0} µs",
+                r.sessions_per_sec(),
+                us(r.pass.p50),
+                us(r.session.p50)
+            );
+        }
         for p in rotated(&session_paths, round).filter(|_| runs("retr")) {
             let r = rt
                 .block_on(retr::run(&RetrArgs {
@@ -950,6 +970,36 @@ impl Figures {
             "whole session p50 µs, pool off",
             d,
             "logins.nopool.session_p50_us",
+            None,
+            "",
+        );
+        let d = Some("logins1.direct.per_s");
+        row(
+            "logins/s, 1 client at a time, pool on",
+            d,
+            "logins1.pool.per_s",
+            Some("logins1.haproxy.per_s"),
+            "",
+        );
+        row(
+            "logins/s, 1 client at a time, pool off",
+            d,
+            "logins1.nopool.per_s",
+            Some("logins1.haproxy.per_s"),
+            "",
+        );
+        let d = Some("logins1.direct.pass_p50_us");
+        row(
+            "PASS round trip p50 µs, 1 client, pool on",
+            d,
+            "logins1.pool.pass_p50_us",
+            Some("logins1.haproxy.pass_p50_us"),
+            "",
+        );
+        row(
+            "PASS round trip p50 µs, 1 client, pool off",
+            d,
+            "logins1.nopool.pass_p50_us",
             None,
             "",
         );
