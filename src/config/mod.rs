@@ -321,6 +321,17 @@ pub struct ThrottleSettings {
     pub connections_per_second: u32,
     /// Concurrent logged-in sessions per mailbox (`-ERR [IN-USE]` past it); 0 off. Default 0.
     pub max_sessions_per_mailbox: usize,
+    /// Keys each of the throttle's tables holds at most (failures per address and per mailbox, rate
+    /// buckets, login intervals, known addresses); past it the least informative eighth is forgotten (idle
+    /// keys first, then the locks closest to their end). About 80 bytes a key. Default 100000.
+    pub max_tracked_keys: usize,
+    /// A mailbox locked out by failed logins still admits an address it logged in from successfully within
+    /// `known_address_for`, so strangers guessing cannot lock its owner out. Trade-off: a guesser sharing
+    /// the owner's address (carrier-grade NAT) is then held back only by the per-address lockout and the
+    /// growing delays. Default true.
+    pub spare_known_addresses: bool,
+    /// How long a successful login's address is remembered for `spare_known_addresses`. Default 7d.
+    pub known_address_for: Seconds,
 }
 
 impl Default for ThrottleSettings {
@@ -339,6 +350,9 @@ impl Default for ThrottleSettings {
             connection_burst: 30,
             connections_per_second: 5,
             max_sessions_per_mailbox: 0,
+            max_tracked_keys: 100_000,
+            spare_known_addresses: true,
+            known_address_for: Seconds::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -363,6 +377,9 @@ impl ThrottleSettings {
                 }),
             max_sessions_per_mailbox: (self.max_sessions_per_mailbox > 0)
                 .then_some(self.max_sessions_per_mailbox),
+            max_tracked_keys: self.max_tracked_keys,
+            spare_known_addresses: self.spare_known_addresses,
+            known_address_for: self.known_address_for.get(),
             ..crate::throttle::ThrottleConfig::default()
         }
     }
@@ -443,7 +460,76 @@ pub enum UsernameForm {
     /// The local part alone.
     Local,
     /// A template with `{local}`, `{domain}` and `{login}` (the name exactly as the client sent it).
-    Template(String),
+    Template(UsernameTemplate),
+}
+
+/// A `backend_username` template, parsed once when the config loads: literal text and placeholders.
+/// Filling it appends each part in turn, so braces typed by a client are copied, never expanded.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct UsernameTemplate {
+    parts: Vec<TemplatePart>,
+}
+
+/// One piece of a [`UsernameTemplate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePart {
+    /// Copied as written.
+    Text(String),
+    /// The local part.
+    Local,
+    /// The normalised domain.
+    Domain,
+    /// The login name as the client sent it.
+    Login,
+}
+
+impl UsernameTemplate {
+    /// The parts in order.
+    pub fn parts(&self) -> &[TemplatePart] {
+        &self.parts
+    }
+}
+
+impl TryFrom<String> for UsernameTemplate {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = text.as_str();
+        while !rest.is_empty() {
+            let Some(open) = rest.find(['{', '}']) else {
+                parts.push(TemplatePart::Text(rest.to_string()));
+                break;
+            };
+            if open > 0 {
+                parts.push(TemplatePart::Text(rest[..open].to_string()));
+            }
+            rest = &rest[open..];
+            let Some(close) = rest.find('}').filter(|_| rest.starts_with('{')) else {
+                return Err(format!(
+                    "template `{text}`: a brace outside {{local}}, {{domain}} or {{login}}"
+                ));
+            };
+            parts.push(match &rest[1..close] {
+                "local" => TemplatePart::Local,
+                "domain" => TemplatePart::Domain,
+                "login" => TemplatePart::Login,
+                other => {
+                    return Err(format!(
+                        "template `{text}`: unknown placeholder {{{other}}} (use {{local}}, {{domain}} or {{login}})"
+                    ));
+                }
+            });
+            rest = &rest[close + 1..];
+        }
+        if !parts.iter().any(|p| !matches!(p, TemplatePart::Text(_))) {
+            return Err(format!(
+                "template `{text}` needs at least one of {{local}}, {{domain}}, {{login}}"
+            ));
+        }
+        Ok(Self { parts })
+    }
 }
 
 /// Whether plaintext logins are allowed before TLS.
@@ -664,6 +750,13 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
+        if self.throttle.max_tracked_keys == 0 {
+            push(
+                "throttle.max_tracked_keys".into(),
+                None,
+                "must be at least 1".into(),
+            );
+        }
         if self.limits.max_failed_logins == 0 {
             push(
                 "limits.max_failed_logins".into(),
@@ -745,15 +838,6 @@ impl Config {
                         .into(),
                 );
             }
-            if let UsernameForm::Template(tpl) = &t.backend_username
-                && !tpl.contains('{')
-            {
-                push(
-                    format!("{field}.backend_username.template"),
-                    line,
-                    "a template needs at least one of {local}, {domain}, {login}".into(),
-                );
-            }
             if let Some(tls) = &t.tls {
                 check_cert_files(
                     self,
@@ -773,6 +857,7 @@ impl Config {
         if let Some(files) = &self.tls {
             check_cert_files(self, &files.certificate, &files.key, "tls", None, &mut push);
         }
+        self.validate_server_names(&mut push);
 
         if problems.is_empty() {
             Ok(())
@@ -783,6 +868,85 @@ impl Config {
 }
 
 impl Config {
+    /// SNI names select a tenant's certificate and bind the connection to that tenant, so a name that two
+    /// tenants claim, or that lies under another tenant's domain, would silently lock that tenant's users
+    /// out. Checked on each tenant's effective names (`server_names`, or each domain `d` as `d` and `*.d`).
+    fn validate_server_names(&self, push: &mut impl FnMut(String, Option<u64>, String)) {
+        // name (normalised, `*.` kept for wildcards) → tenant claiming it
+        let mut claimed: BTreeMap<String, &str> = BTreeMap::new();
+        for (name, tenant) in &self.tenants {
+            let Some(tls) = &tenant.value.tls else {
+                continue;
+            };
+            let line = Some(tenant.defined.line());
+            let names: Vec<String> = if tls.server_names.is_empty() {
+                tenant
+                    .value
+                    .domains
+                    .iter()
+                    .filter_map(|d| normalize_domain_pattern(&d.value).ok())
+                    .flat_map(|d| {
+                        let d = d.trim_start_matches("*.").to_string();
+                        [format!("*.{d}"), d]
+                    })
+                    .collect()
+            } else {
+                tls.server_names
+                    .iter()
+                    .filter_map(|n| normalize_domain_pattern(n).ok())
+                    .collect()
+            };
+            for n in names {
+                if let Some(other) = claimed.insert(n.clone(), name)
+                    && other != name
+                {
+                    push(
+                        format!("tenants.{name}.tls.server_names"),
+                        line,
+                        format!("`{n}` is also a server name of tenant `{other}`"),
+                    );
+                }
+            }
+        }
+        // Which tenant an SNI name selects: exact first, then the longest wildcard (as the resolver does).
+        let selects = |sni: &str| -> Option<&str> {
+            if let Some(t) = claimed.get(sni) {
+                return Some(t);
+            }
+            let mut rest = sni;
+            while let Some((_, parent)) = rest.split_once('.') {
+                if let Some(t) = claimed.get(&format!("*.{parent}")) {
+                    return Some(t);
+                }
+                rest = parent;
+            }
+            None
+        };
+        for (name, tenant) in &self.tenants {
+            for (i, d) in tenant.value.domains.iter().enumerate() {
+                let Ok(norm) = normalize_domain_pattern(&d.value) else {
+                    continue;
+                };
+                // A wildcard domain is probed with a name under it.
+                let probe = match norm.strip_prefix("*.") {
+                    Some(parent) => format!("sni-probe.{parent}"),
+                    None => norm.clone(),
+                };
+                if let Some(other) = selects(&probe)
+                    && other != name
+                {
+                    push(
+                        format!("tenants.{name}.domains[{i}]"),
+                        Some(d.defined.line()),
+                        format!(
+                            "SNI for `{norm}` would select tenant `{other}`'s certificate and bind the connection to `{other}`, refusing this tenant's users: give one of them `tls.server_names` that do not overlap"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
     fn validate_upstream(
         &self,
         name: &str,

@@ -189,3 +189,55 @@ fn every_shipped_config_parses() {
     }
     assert!(found >= 1, "no shipped config found");
 }
+
+#[test]
+fn server_names_claimed_twice_or_under_another_tenants_domain_are_refused() {
+    // Certificate files are not needed for these problems to be found (their absence is reported too).
+    let yaml = r#"
+listeners:
+  - name: pop3s
+    bind: 127.0.0.1:1995
+    tls: implicit
+tenants:
+  acme:
+    domains: [example.com]
+    backends: ["127.0.0.1:1100"]
+    tls:
+      certificate: a.pem
+      key: a.key
+      server_names: [mail.example.com, pop.shared.test]
+  beta:
+    domains: [example.org]
+    backends: ["127.0.0.1:1101"]
+    tls:
+      certificate: b.pem
+      key: b.key
+      server_names: [pop.shared.test, mail.example.org, "*.example.net"]
+  gamma:
+    domains: [shop.example.net, "*.example.info"]
+    backends: ["127.0.0.1:1102"]
+  delta:
+    domains: [sub.example.info]
+    backends: ["127.0.0.1:1103"]
+    tls:
+      certificate: d.pem
+      key: d.key
+"#;
+    let err = parse(yaml).unwrap_err().to_string();
+    // One name, two tenants.
+    assert!(
+        err.contains("tenants.beta.tls.server_names (line 15): `pop.shared.test` is also a server name of tenant `acme`"),
+        "{err}"
+    );
+    // beta's `*.example.net` covers names under gamma's domain: gamma's users would meet beta's binding.
+    assert!(
+        err.contains("tenants.gamma.domains[0]") && err.contains("select tenant `beta`"),
+        "{err}"
+    );
+    // delta's default names (`sub.example.info`, `*.sub.example.info`) do not cover gamma's other names,
+    // but gamma's wildcard domain does not select delta either: no problem for gamma's second domain.
+    assert!(!err.contains("tenants.gamma.domains[1]"), "{err}");
+    // A tenant whose own default names are the only claim is fine.
+    assert!(!err.contains("tenants.delta.domains"), "{err}");
+    assert!(!err.contains("tenants.acme.domains"), "{err}");
+}

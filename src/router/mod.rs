@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{Config, LoginCase, UsernameForm};
+use crate::config::{Config, LoginCase, TemplatePart, UsernameForm};
 
 /// Index of a tenant in [`TenantTable::tenants`].
 pub type TenantId = usize;
@@ -59,6 +59,11 @@ pub enum RouteError {
     /// The name is empty or unusable.
     #[error("malformed login name")]
     Malformed,
+    /// The local part carries the separator it was split at, or another separator followed by a hosted
+    /// domain (`user@example.net@example.info`): a store that splits names itself could be led to another
+    /// domain's mailbox under this tenant's policy.
+    #[error("local part names another domain")]
+    LocalPartNamesDomain,
 }
 
 /// Domain → tenant lookups for one config snapshot.
@@ -124,6 +129,9 @@ impl TenantTable {
     /// Splits a login name on the configured separators: the first separator (in configured order) that
     /// occurs splits at its last occurrence, so `john+tag@example.com` and `john+tag+example.com` both
     /// give `john+tag` at `example.com`.
+    ///
+    /// The local part never contains the separator it was split at, nor another separator followed by a
+    /// domain some tenant hosts ([`RouteError::LocalPartNamesDomain`]).
     pub fn split(&self, login: &str) -> Result<Mailbox, RouteError> {
         if login.is_empty() || login.chars().any(char::is_control) {
             return Err(RouteError::Malformed);
@@ -134,6 +142,9 @@ impl TenantTable {
                     return Err(RouteError::Malformed);
                 }
                 let domain = normalize_domain(domain).ok_or(RouteError::Malformed)?;
+                if local.contains(*sep) || self.names_hosted_domain(local, *sep) {
+                    return Err(RouteError::LocalPartNamesDomain);
+                }
                 return Ok(Mailbox {
                     local: local.to_string(),
                     domain,
@@ -148,8 +159,24 @@ impl TenantTable {
         })
     }
 
+    /// Whether some other separator in `local` is followed by a domain a tenant hosts (exact or wildcard;
+    /// the default tenant does not count, or every `+tag` would).
+    fn names_hosted_domain(&self, local: &str, split_at: char) -> bool {
+        self.separators
+            .iter()
+            .filter(|s| **s != split_at)
+            .flat_map(|s| local.match_indices(*s))
+            .filter_map(|(i, s)| normalize_domain(&local[i + s.len()..]))
+            .any(|d| self.hosted(&d).is_some())
+    }
+
     /// The tenant owning a normalised domain: exact, then the longest wildcard, then the default.
     pub fn tenant_for_domain(&self, domain: &str) -> Option<TenantId> {
+        self.hosted(domain).or(self.default)
+    }
+
+    /// The tenant owning a normalised domain by an exact or wildcard entry (no default).
+    fn hosted(&self, domain: &str) -> Option<TenantId> {
         if let Some(id) = self.exact.get(domain) {
             return Some(*id);
         }
@@ -162,7 +189,7 @@ impl TenantTable {
             }
             rest = parent;
         }
-        self.default
+        None
     }
 
     /// Routes a login name. `bound` is the tenant fixed by the listener or by SNI, if any.
@@ -192,6 +219,21 @@ impl TenantTable {
             key,
         })
     }
+
+    /// The store login name built from the normalised mailbox (the tenant's case rule and NFC applied, as
+    /// in [`Route::key`]) rather than from the name as typed: what popgate logs in as when it checked the
+    /// client's secret itself (a master user, APOP/CRAM-MD5 against `secrets`), so the store opens exactly
+    /// the mailbox whose secret was checked, even on a store that tells case or Unicode forms apart.
+    pub fn checked_user(&self, route: &Route) -> String {
+        let rules = &self.tenants[route.tenant];
+        let local = canonical_local(&route.mailbox.local, rules.case);
+        let mailbox = Mailbox {
+            local: local.into_owned(),
+            domain: route.mailbox.domain.clone(),
+            login: route.key.clone(),
+        };
+        backend_username(&rules.username, &mailbox)
+    }
 }
 
 /// The mailbox as popgate keys it (consistent hash, throttles, session caps, secrets): `local@domain` with
@@ -200,9 +242,19 @@ impl TenantTable {
 /// (as RFC 7613 prepares user names), so `jörg` typed as `o` + U+0308 is the same mailbox, on the same
 /// store, as `jörg` with a precomposed `ö`; the store still gets the name as the client wrote it.
 pub fn mailbox_key(local: &str, domain: &str, case: LoginCase) -> String {
+    let local = canonical_local(local, case);
+    if domain.is_empty() {
+        local.into_owned()
+    } else {
+        format!("{local}@{domain}")
+    }
+}
+
+/// A local part as popgate keys it: case-mapped per `case`, then Unicode NFC.
+fn canonical_local(local: &str, case: LoginCase) -> std::borrow::Cow<'_, str> {
     const NFC: icu_normalizer::ComposingNormalizerBorrowed<'static> =
         icu_normalizer::ComposingNormalizerBorrowed::new_nfc();
-    let local = match case {
+    match case {
         LoginCase::Sensitive => NFC.normalize(local),
         LoginCase::Insensitive | LoginCase::Lower => {
             let lower = local.to_lowercase();
@@ -212,24 +264,28 @@ pub fn mailbox_key(local: &str, domain: &str, case: LoginCase) -> String {
                 std::borrow::Cow::Owned(nfc) => std::borrow::Cow::Owned(nfc),
             }
         }
-    };
-    if domain.is_empty() {
-        local.into_owned()
-    } else {
-        format!("{local}@{domain}")
     }
 }
 
-/// The store login name for a mailbox.
+/// The store login name for a mailbox. A template is filled part by part: what the client typed is
+/// copied in, never searched for placeholders.
 pub fn backend_username(form: &UsernameForm, m: &Mailbox) -> String {
     match form {
         UsernameForm::Full if m.domain.is_empty() => m.local.clone(),
         UsernameForm::Full => format!("{}@{}", m.local, m.domain),
         UsernameForm::Local => m.local.clone(),
-        UsernameForm::Template(t) => t
-            .replace("{local}", &m.local)
-            .replace("{domain}", &m.domain)
-            .replace("{login}", &m.login),
+        UsernameForm::Template(t) => {
+            let mut out = String::new();
+            for part in t.parts() {
+                out.push_str(match part {
+                    TemplatePart::Text(text) => text,
+                    TemplatePart::Local => &m.local,
+                    TemplatePart::Domain => &m.domain,
+                    TemplatePart::Login => &m.login,
+                });
+            }
+            out
+        }
     }
 }
 

@@ -51,8 +51,82 @@ fn all_separator_forms_reach_the_same_mailbox() {
     // `@` wins over `+`, so subaddresses survive.
     let r = t.route("alice+tag@example.com", None).unwrap();
     assert_eq!(r.backend_user, "alice+tag@example.com");
-    let r = t.route("alice+tag+example.com", None).unwrap();
-    assert_eq!(r.backend_user, "alice+tag@example.com");
+    // Without `@`, a subaddress tag is ambiguous with the SDPS separator: refused, never guessed.
+    assert_eq!(
+        t.route("alice+tag+example.com", None),
+        Err(RouteError::LocalPartNamesDomain)
+    );
+}
+
+#[test]
+fn a_local_part_never_carries_the_separator_it_was_split_at_or_a_hosted_domain() {
+    let t = table("routing:\n  default_tenant: catchall\n");
+    // The separator that split the name, again in the local part: refused for each separator.
+    for login in [
+        "user150@example.net@example.com",
+        "user150+example.net+example.com",
+        "user150%example.net%example.com",
+        "a@b@example.com",
+    ] {
+        assert_eq!(
+            t.route(login, None),
+            Err(RouteError::LocalPartNamesDomain),
+            "{login}"
+        );
+    }
+    // Another separator followed by a hosted domain (exact or wildcard): refused.
+    for login in [
+        "user150%example.net@example.com",
+        "user150+example.net@example.com",
+        "user150+x.eu.example.com@example.net",
+        "user150%B\u{fc}cher.example@example.com",
+    ] {
+        assert_eq!(
+            t.route(login, None),
+            Err(RouteError::LocalPartNamesDomain),
+            "{login}"
+        );
+    }
+    // Subaddress tags that name no hosted domain still route (the default tenant does not count).
+    for login in [
+        "alice+tag@example.com",
+        "alice+news.letter@example.com",
+        "a%b@example.com",
+    ] {
+        assert!(t.route(login, None).is_ok(), "{login}");
+    }
+}
+
+#[test]
+fn templates_are_filled_part_by_part_never_re_expanded() {
+    let t = table("");
+    let r = t.route("x{login}y{domain}@example.net", None).unwrap();
+    assert_eq!(r.backend_user, "example.net!x{login}y{domain}");
+    // Unknown placeholders and stray braces are refused when the config loads.
+    for bad in ["{user}@x", "{local", "local}", "{}", "plain"] {
+        let yaml = format!(
+            "listeners:\n  - name: p\n    bind: 127.0.0.1:1\ntenants:\n  a:\n    domains: [a.test]\n    \
+             backends: [\"127.0.0.1:2\"]\n    backend_username:\n      template: \"{bad}\"\n"
+        );
+        let err = crate::config::Config::from_yaml_str(&yaml, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("template"), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn the_checked_user_is_the_normalised_mailbox() {
+    let t = table("");
+    let acme = t.route("ALICE@Example.com", None).unwrap();
+    assert_eq!(acme.backend_user, "ALICE@example.com");
+    assert_eq!(t.checked_user(&acme), "alice@example.com");
+    // `o` + U+0308 (decomposed) becomes the precomposed form the secret was stored under.
+    let decomposed = t.route("jo\u{308}rg@example.com", None).unwrap();
+    assert_eq!(t.checked_user(&decomposed), "j\u{f6}rg@example.com");
+    // The tenant's name form still applies.
+    let net = t.route("Bob@EXAMPLE.net", None).unwrap();
+    assert_eq!(t.checked_user(&net), "example.net!bob");
 }
 
 #[test]
