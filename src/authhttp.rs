@@ -553,8 +553,40 @@ struct AnswerFields<'h> {
     wait: Option<&'h [u8]>,
 }
 
+/// The head with control bytes in the `Auth-Status` line turned into spaces. httparse refuses a header
+/// value with a control byte, and a refusal text carrying one would then be a broken answer (a temporary
+/// failure for the client) rather than the refusal it is; its text is cut to printable ASCII anyway.
+fn without_controls_in_status(head: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let is_control = |b: u8| (b < b' ' && b != b'\t') || b == 0x7f;
+    let mut out: Option<Vec<u8>> = None;
+    let mut start = 0;
+    for line in head.split_inclusive(|&b| b == b'\n') {
+        let end = start + line.len();
+        let body = line
+            .strip_suffix(b"\n")
+            .map_or(line, |l| l.strip_suffix(b"\r").unwrap_or(l));
+        if body.len() >= 12
+            && body[..12].eq_ignore_ascii_case(b"auth-status:")
+            && body.iter().any(|&b| is_control(b))
+        {
+            let copy = out.get_or_insert_with(|| head.to_vec());
+            for b in &mut copy[start..start + body.len()] {
+                if is_control(*b) {
+                    *b = b' ';
+                }
+            }
+        }
+        start = end;
+    }
+    match out {
+        Some(v) => std::borrow::Cow::Owned(v),
+        None => std::borrow::Cow::Borrowed(head),
+    }
+}
+
 /// `Ok(None)` while the head is incomplete.
 fn parse_response(head: &[u8]) -> Result<Option<Reply>, String> {
+    let head = &*without_controls_in_status(head);
     let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     match response.parse(head) {
@@ -863,6 +895,14 @@ mod tests {
             Ok(Some(Reply::Answer(AuthAnswer::Refused {
                 message: "No".into(),
                 wait: None
+            })))
+        );
+        // A refusal text with control bytes is still a refusal, its text cut to printable ASCII.
+        assert_eq!(
+            parse("HTTP/1.0 200 OK\r\nAuth-Status: Bad\x01pass\x1b[0m\x7f\r\nAuth-Wait: 3\r\n\r\n"),
+            Ok(Some(Reply::Answer(AuthAnswer::Refused {
+                message: "Bad pass [0m".into(),
+                wait: Some(Duration::from_secs(3))
             })))
         );
         assert_eq!(parse("HTTP/1.0 200 OK\r\nAuth-Status: OK\r\n"), Ok(None));

@@ -51,8 +51,21 @@ enum LogFormat {
 /// the writer falls behind by its whole buffer, logging waits rather than dropping lines. The guard
 /// writes what is left when `main` returns.
 fn init_logs(format: LogFormat) -> anyhow::Result<popgate::logs::LogGuard> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("POPGATE_LOG")
+    let spec = std::env::var("POPGATE_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "info".into());
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The config watcher's library logs every inotify event of the config's directory at trace level,
+    // other files' included: with a trace log written beside the config, each flush of the log was an
+    // event, logged, flushed, and so on (8 KB/s forever). Its events are popgate's to log (the watcher
+    // logs the changes it acts on), so the library stays at info unless named in POPGATE_LOG.
+    if !spec.contains("notify")
+        && let Ok(quiet) = "notify=info".parse()
+    {
+        filter = filter.add_directive(quiet);
+    }
     let (writer, guard) =
         popgate::logs::batch_writer(std::io::stderr()).context("cannot start the log writer")?;
     // Colours only for a person at a terminal: a file, a pipe or journald would get escape codes.

@@ -29,7 +29,7 @@ use crate::session::state::Limits;
 use crate::session::{Authorization, ClientSession, SessionEnd, Transport};
 use crate::session::{Credentials, Mechanism, Offer};
 use crate::stream::Stream;
-use crate::throttle::MailboxGuard;
+use crate::throttle::{Failure, MailboxGuard, Verdict};
 use crate::tls::SniResolver;
 use crate::upstream::backend::{ClientInfo, Connector};
 use crate::upstream::backend::{Prepared, StoreAuth};
@@ -70,6 +70,9 @@ pub struct Reach {
     login_delay: Option<(u64, bool)>,
     /// Some tenant allows plaintext logins.
     plaintext: bool,
+    /// Some tenant requires TLS before a login: on a plain connection, names that route nowhere are then
+    /// answered as that tenant's are, so the answer does not tell hosted domains from unknown ones.
+    tls_required: bool,
 }
 
 impl Reach {
@@ -97,6 +100,9 @@ impl Reach {
             plaintext: tenants
                 .clone()
                 .any(|t| t.plaintext == PlaintextLogin::Allow),
+            tls_required: tenants
+                .clone()
+                .any(|t| t.plaintext == PlaintextLogin::RequireTls),
         }
     }
 }
@@ -120,6 +126,8 @@ pub struct TenantRuntime {
     pub max_sessions: usize,
     /// Minimum time between two logins of one mailbox (`-ERR [LOGIN-DELAY]`).
     pub min_login_interval: Option<std::time::Duration>,
+    /// APOP passthrough, when the tenant turned it on: the cap on store connections held for greetings.
+    pub passthrough: Option<Arc<crate::throttle::HeldCap>>,
     /// What a connection bound to this tenant alone can offer.
     reach: Reach,
 }
@@ -164,10 +172,10 @@ async fn throttle_failure(
     ctx: &Context,
     tenant: &str,
     ip: std::net::IpAddr,
-    mailbox: &str,
+    failure: Failure<'_>,
     reply: Vec<u8>,
 ) -> Vec<u8> {
-    match ctx.throttle.login_failed(ip, mailbox) {
+    match ctx.throttle.failed(ip, failure) {
         crate::throttle::Verdict::Allow => reply,
         crate::throttle::Verdict::Delay(d) => {
             ctx.metrics.throttled(tenant, "failed_login_delay");
@@ -181,6 +189,24 @@ async fn throttle_failure(
             ctx.metrics.throttled(tenant, "lockout");
             LOCKED_OUT.to_vec()
         }
+    }
+}
+
+/// Waits about as long as the stores take to refuse a login, before a refusal popgate decided without
+/// asking one (an unknown domain, a malformed name, a digest that does not match): the answer then takes
+/// the same time as a wrong password would, so hosted domains cannot be told apart by timing.
+async fn like_a_store_refusal(ctx: &Context, session: u64) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let jitter = xxhash_rust::xxh3::xxh3_64(&session.to_le_bytes()) ^ u64::from(nanos);
+    let wait = ctx.throttle.refusal_time(jitter);
+    if wait.is_zero() {
+        return;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        () = ctx.draining.cancelled() => {}
     }
 }
 
@@ -232,11 +258,15 @@ impl OwnedAuth {
 
 /// Decides how to log the client in at the store. APOP and CRAM-MD5 digests are checked here against the
 /// tenant's secrets (Err when they do not match or no secret is known), unless APOP goes to the store the
-/// client saw greeting it.
+/// client saw greeting it. Whenever popgate itself checked the client's secret (a digest, or a master
+/// login), the store is asked for `checked_user`, the normalised mailbox whose secret that was, never the
+/// name as typed: on a store that tells case or Unicode forms apart, the name as typed may be another
+/// account.
 fn store_auth(
     tenant: &TenantRuntime,
     creds: &Credentials,
     backend_user: &str,
+    checked_user: impl FnOnce() -> String,
     mailbox_key: &str,
     passthrough: bool,
 ) -> Result<OwnedAuth, ()> {
@@ -279,7 +309,7 @@ fn store_auth(
             return Err(());
         }
         return Ok(OwnedAuth::Password {
-            user: format!("{backend_user}{}{}", master.separator, master.user),
+            user: format!("{}{}{}", checked_user(), master.separator, master.user),
             password: Secret::new(master.password.expose().as_bytes().to_vec()),
             authzid: None,
             plain: false,
@@ -287,7 +317,7 @@ fn store_auth(
     }
     if let Some(secret) = verified_secret {
         return Ok(OwnedAuth::Secret {
-            user: backend_user.to_string(),
+            user: checked_user(),
             secret,
         });
     }
@@ -315,7 +345,10 @@ fn store_auth(
 
 enum AuthHttpOutcome {
     LoggedIn(crate::upstream::LoggedIn, String),
+    /// The auth service or the store refused the credentials: a failed login.
     Refused(Vec<u8>),
+    /// The store answered for now only (`[IN-USE]`, `[SYS/TEMP]`): not a failed login.
+    Temporary(Vec<u8>),
     Unavailable(String),
 }
 
@@ -404,9 +437,8 @@ async fn auth_http_login(
         .await
     {
         Ok(l) => AuthHttpOutcome::LoggedIn(l, format!("{server}:{port}")),
-        Err(LoginError::Rejected(line) | LoginError::Temporary(line)) => {
-            AuthHttpOutcome::Refused(line)
-        }
+        Err(LoginError::Rejected(line)) => AuthHttpOutcome::Refused(line),
+        Err(LoginError::Temporary(line)) => AuthHttpOutcome::Temporary(line),
         Err(LoginError::Unavailable(why) | LoginError::Dropped(why)) => {
             AuthHttpOutcome::Unavailable(why)
         }
@@ -497,6 +529,9 @@ impl Shared {
                 reach: Reach::default(),
                 max_sessions: t.max_sessions,
                 min_login_interval: t.min_login_interval.map(|s| s.get()),
+                passthrough: t
+                    .apop_passthrough
+                    .map(|p| crate::throttle::HeldCap::new(p.max_pending, p.max_pending_per_ip)),
                 group,
                 plaintext: t.plaintext_login,
                 mechanisms,
@@ -647,6 +682,14 @@ pub fn serve<K: Send + 'static>(
         }
         drop(keep);
     }
+}
+
+/// A store connection taken before the greeting for APOP passthrough, and the slot it holds.
+struct Passthrough {
+    prepared: Prepared,
+    active: ActiveSession,
+    tenant: TenantId,
+    _held: crate::throttle::Held,
 }
 
 enum Summary<'c> {
@@ -812,27 +855,36 @@ async fn run<'c>(
     let mechanisms = reach.mechanisms.clone();
     let utf8 = config.routing.utf8;
     let login_delay = reach.login_delay;
-    // APOP passthrough: the route is fixed before the greeting and the tenant has one store and no secrets:
-    // show the client that store's own greeting, so the client's digest is valid there.
-    let mut passthrough: Option<(Prepared, ActiveSession, TenantId)> = None;
+    // APOP passthrough, where the tenant turned it on: the route is fixed before the greeting and the tenant
+    // has one store and no secrets: greet the client with that store's APOP timestamp, so the client's
+    // digest is valid there. The store connection is held until the client logs in or leaves, so a client
+    // address may hold only a few and the tenant only so many (past them popgate greets alone, without
+    // APOP). The greeting's text is popgate's own: the store's banner and capability tags stay private.
+    let mut passthrough: Option<Passthrough> = None;
     if let Some(t) = bound_before_greeting
         && let Some(tenant) = shared.tenants.get(t)
+        && let Some(cap) = &tenant.passthrough
         && tenant.secrets.is_none()
         && tenant.mechanisms.contains(&Mechanism::Apop)
+        && let Some(held) = cap.take(client_info.peer.ip())
         && let Some((prepared, active)) = tenant.group.prepare_for_greeting(&client_info).await
         && prepared.timestamp().is_some()
     {
-        passthrough = Some((prepared, active, t));
+        passthrough = Some(Passthrough {
+            prepared,
+            active,
+            tenant: t,
+            _held: held,
+        });
     }
     let own_challenge = reach.own_challenge;
     let offer = match &passthrough {
-        Some((prepared, _, _)) => {
-            let mut greeting = prepared.greeting().to_vec();
-            greeting.extend_from_slice(b"\r\n");
+        Some(p) => {
+            let timestamp = p.prepared.timestamp().unwrap_or_default();
             Offer {
                 mechanisms,
-                greeting,
-                challenge: prepared.timestamp().map(str::to_string),
+                greeting: format!("+OK popgate ready {timestamp}\r\n").into_bytes(),
+                challenge: Some(timestamp.to_string()),
                 utf8,
                 login_delay,
             }
@@ -898,17 +950,64 @@ async fn run<'c>(
             Err(e) => return Summary::NoLogin(routed_tenant.clone(), e),
         };
         let mechanism = creds.mechanism.as_str();
+        let client_ip = client_info.peer.ip();
+        // A locked-out address is refused before its name is even routed: it costs no per-mailbox work.
+        if let Verdict::LockedOut { .. } = ctx.throttle.check_ip(client_ip) {
+            let label = routed_tenant
+                .as_deref()
+                .unwrap_or(crate::metrics::UNKNOWN_TENANT);
+            metrics.throttled(label, "lockout");
+            metrics.login(label, mechanism, "throttled");
+            if let Err(end) = session.reject(LOCKED_OUT.to_vec()).await {
+                return Summary::NoLogin(routed_tenant.clone(), end);
+            }
+            continue;
+        }
         let bound = listener.tenant.or(session.sni_tenant());
-        let route = match shared.table.route(&creds.login, bound) {
+        let route = shared.table.route(&creds.login, bound);
+        // Plaintext refused alike for every name before routing reveals anything: a name that routes nowhere
+        // gets the same "TLS required" as a tenant that requires TLS, wherever such a tenant is reachable.
+        if !session.is_tls() {
+            let tls_required = match &route {
+                Ok(r) => shared
+                    .tenants
+                    .get(r.tenant)
+                    .is_none_or(|t| t.plaintext == PlaintextLogin::RequireTls),
+                Err(_) => shared.reach(bound).tls_required,
+            };
+            if tls_required {
+                let msg = if transport.stls_offered {
+                    b"-ERR [AUTH] TLS required: use STLS before logging in\r\n".to_vec()
+                } else {
+                    b"-ERR [AUTH] TLS required: connect to the POP3S port\r\n".to_vec()
+                };
+                let label = match &route {
+                    Ok(r) => shared.table.tenants()[r.tenant].name.as_str(),
+                    Err(_) => crate::metrics::UNKNOWN_TENANT,
+                };
+                metrics.login(label, mechanism, "tls_required");
+                if let Err(end) = session.reject(msg).await {
+                    return Summary::NoLogin(routed_tenant.clone(), end);
+                }
+                continue;
+            }
+        }
+        let route = match route {
             Ok(r) => r,
             Err(e) => {
                 info!(mechanism, reason = %e, "login refused: no route");
                 metrics.login(crate::metrics::UNKNOWN_TENANT, mechanism, "no_route");
+                // As long as a store's refusal takes, and counted against the address only: an unrouted
+                // name gets no state of its own.
+                like_a_store_refusal(ctx, id).await;
                 let reply = throttle_failure(
                     ctx,
                     crate::metrics::UNKNOWN_TENANT,
-                    client_info.peer.ip(),
-                    &creds.login.to_lowercase(),
+                    client_ip,
+                    Failure {
+                        mailbox: None,
+                        secret: Some(creds.password.expose()),
+                    },
                     AUTH_FAILED.to_vec(),
                 )
                 .await;
@@ -924,19 +1023,11 @@ async fn run<'c>(
         let Some(tenant) = shared.tenants.get(route.tenant) else {
             return Summary::NoLogin(routed_tenant.clone(), SessionEnd::Policy);
         };
-        if !session.is_tls() && tenant.plaintext == PlaintextLogin::RequireTls {
-            let msg = if transport.stls_offered {
-                b"-ERR [AUTH] TLS required: use STLS before logging in\r\n".to_vec()
-            } else {
-                b"-ERR [AUTH] TLS required: connect to the POP3S port\r\n".to_vec()
-            };
-            metrics.login(tenant_name, mechanism, "tls_required");
-            if let Err(end) = session.reject(msg).await {
-                return Summary::NoLogin(routed_tenant.clone(), end);
-            }
-            continue;
-        }
         let mailbox_key = route.key.clone();
+        let failure = Failure {
+            mailbox: Some(&mailbox_key),
+            secret: Some(creds.password.expose()),
+        };
         // Per login: whether the client asked for UTF-8 mode, which the store is then asked for too.
         let client_info = ClientInfo {
             utf8: session.utf8_enabled(),
@@ -944,15 +1035,13 @@ async fn run<'c>(
         };
         if !tenant.mechanisms.contains(&creds.mechanism) {
             metrics.login(tenant_name, mechanism, "rejected");
+            like_a_store_refusal(ctx, id).await;
             if let Err(end) = session.reject(AUTH_FAILED.to_vec()).await {
                 return Summary::NoLogin(routed_tenant.clone(), end);
             }
             continue;
         }
-        let client_ip = client_info.peer.ip();
-        if let crate::throttle::Verdict::LockedOut { .. } =
-            ctx.throttle.check_login(client_ip, &mailbox_key)
-        {
+        if let Verdict::LockedOut { .. } = ctx.throttle.check_login(client_ip, &mailbox_key) {
             metrics.throttled(tenant_name, "lockout");
             metrics.login(tenant_name, mechanism, "throttled");
             if let Err(end) = session.reject(LOCKED_OUT.to_vec()).await {
@@ -977,11 +1066,12 @@ async fn run<'c>(
         };
         let via_passthrough = passthrough
             .as_ref()
-            .is_some_and(|(_, _, t)| *t == route.tenant);
+            .is_some_and(|p| p.tenant == route.tenant);
         let auth = match store_auth(
             tenant,
             &creds,
             &route.backend_user,
+            || shared.table.checked_user(&route),
             &mailbox_key,
             via_passthrough,
         ) {
@@ -989,22 +1079,24 @@ async fn run<'c>(
             Err(()) => {
                 info!(mechanism, "login refused: digest does not match");
                 metrics.login(tenant_name, mechanism, "rejected");
-                let reply = throttle_failure(
-                    ctx,
-                    tenant_name,
-                    client_ip,
-                    &mailbox_key,
-                    AUTH_FAILED.to_vec(),
-                )
-                .await;
+                like_a_store_refusal(ctx, id).await;
+                let reply =
+                    throttle_failure(ctx, tenant_name, client_ip, failure, AUTH_FAILED.to_vec())
+                        .await;
                 if let Err(end) = session.reject(reply).await {
                     return Summary::NoLogin(routed_tenant.clone(), end);
                 }
                 continue;
             }
         };
+        let asked_store = Instant::now();
         let attempt = match passthrough.take() {
-            Some((prepared, active, t)) if t == route.tenant => tenant
+            Some(Passthrough {
+                prepared,
+                active,
+                tenant: t,
+                _held,
+            }) if t == route.tenant => tenant
                 .group
                 .login_prepared(
                     prepared,
@@ -1038,6 +1130,9 @@ async fn run<'c>(
                             AuthHttpOutcome::Refused(line) => {
                                 Err(GroupError::Login(LoginError::Rejected(line)))
                             }
+                            AuthHttpOutcome::Temporary(line) => {
+                                Err(GroupError::Login(LoginError::Temporary(line)))
+                            }
                             AuthHttpOutcome::Unavailable(why) => Err(GroupError::NoStore(why)),
                         }
                     }
@@ -1068,8 +1163,9 @@ async fn run<'c>(
                 let result = match e {
                     GroupError::Login(LoginError::Rejected(line)) => {
                         info!(mechanism, "login refused by store");
+                        ctx.throttle.store_refused_after(asked_store.elapsed());
                         let reply =
-                            throttle_failure(ctx, tenant_name, client_ip, &mailbox_key, line).await;
+                            throttle_failure(ctx, tenant_name, client_ip, failure, line).await;
                         session.reject(reply).await
                     }
                     GroupError::Login(LoginError::Temporary(line)) => {

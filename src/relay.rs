@@ -204,6 +204,15 @@ fn run(
         .feed_with(&legs.up.spill, &mut |verb| metrics.command(verb));
     async move {
         let end = match until_one_side_ends(&mut legs, config, &metrics, &shutdown).await {
+            // The client said QUIT, then its side failed: most clients close a TLS connection without
+            // close_notify, or reset it, once they have the answer. The session ended by QUIT all the
+            // same; the store still gets its time to finish UPDATE.
+            First::Up(Err(RelayEnd::ClientError)) | First::Down(Err(RelayEnd::ClientError))
+                if legs.scanner.quit =>
+            {
+                let _ = timeout(config.quit_drain, poll_fn(|cx| legs.poll_down(cx))).await;
+                RelayEnd::QuitThenGone
+            }
             First::Up(Err(e)) | First::Down(Err(e)) => e,
             First::Up(Ok(())) if legs.scanner.quit => {
                 // The client said QUIT and hung up: let the store finish UPDATE and answer before closing.

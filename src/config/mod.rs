@@ -268,6 +268,32 @@ pub struct TenantConfig {
     /// announced as `LOGIN-DELAY` in CAPA (RFC 2449). Default: none.
     #[serde(default)]
     pub min_login_interval: Option<Seconds>,
+    /// APOP without `secrets`: on a listener (or SNI name) bound to this tenant, when it has a single store,
+    /// popgate takes a store connection before greeting the client and shows the store's APOP timestamp,
+    /// so the client's digest is valid there. Each such connection holds one of the store's login
+    /// processes until the client logs in or leaves, so it is off unless set, and capped. Default: off.
+    #[serde(default)]
+    pub apop_passthrough: Option<ApopPassthrough>,
+}
+
+/// Limits on store connections held for clients that have not logged in yet (APOP passthrough). Past
+/// either, the client is greeted by popgate itself, without an APOP timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApopPassthrough {
+    /// Held at once for this tenant, all clients together. Default 16.
+    #[serde(default = "default_passthrough_pending")]
+    pub max_pending: usize,
+    /// Held at once for one client address. Default 2.
+    #[serde(default = "default_passthrough_pending_per_ip")]
+    pub max_pending_per_ip: usize,
+}
+
+fn default_passthrough_pending() -> usize {
+    16
+}
+fn default_passthrough_pending_per_ip() -> usize {
+    2
 }
 
 /// How a tenant treats the case of login names' local parts.

@@ -36,13 +36,32 @@ pub struct PlainCredentials {
     pub password: Secret,
 }
 
-/// Decodes base64 where `=` alone stands for an empty message (RFC 5034 §4).
+/// Decodes base64 where `=` alone stands for an empty message (RFC 5034 §4). Spaces and tabs around it
+/// are tolerated; a CR, LF or NUL anywhere (a stray CR before the line's CRLF) is refused.
 pub fn decode_b64(data: &[u8]) -> Result<Vec<u8>, SaslError> {
+    if data.iter().any(|&b| matches!(b, 0 | b'\r' | b'\n')) {
+        return Err(SaslError::ControlCharacter);
+    }
     let data = data.trim_ascii();
     if data == b"=" {
         return Ok(Vec::new());
     }
     STANDARD.decode(data).map_err(|_| SaslError::Base64)
+}
+
+/// A client's SASL response as popgate relays it to a store (XOAUTH2, OAUTHBEARER, SCRAM): validated
+/// and encoded anew by popgate, so only the token reaches the store, never the client's framing
+/// (whitespace, a stray CR). `*` (the client cancels) stays `*`.
+pub fn relayable(line: &[u8]) -> Result<Vec<u8>, SaslError> {
+    if line == b"*" {
+        return Ok(line.to_vec());
+    }
+    let raw = decode_b64(line)?;
+    Ok(if raw.is_empty() {
+        b"=".to_vec()
+    } else {
+        encode_b64(&raw).into_bytes()
+    })
 }
 
 /// Encodes bytes as base64.
@@ -107,6 +126,23 @@ fn check_field(field: &[u8]) -> Result<(), SaslError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn relayed_responses_are_re_encoded_and_stray_cr_is_refused() {
+        let token = encode_b64(b"user=a@example.com\x01auth=Bearer t\x01\x01");
+        assert_eq!(
+            relayable(format!("{token}\t ").as_bytes()).unwrap(),
+            token.as_bytes()
+        );
+        assert_eq!(
+            relayable(format!("{token}\t\r").as_bytes()),
+            Err(SaslError::ControlCharacter)
+        );
+        assert_eq!(relayable(b"*").unwrap(), b"*");
+        assert_eq!(relayable(b"=").unwrap(), b"=");
+        assert_eq!(relayable(b"not base64!"), Err(SaslError::Base64));
+        assert_eq!(decode_b64(b"AAAA\r"), Err(SaslError::ControlCharacter));
+    }
 
     #[test]
     fn plain_round_trip() {

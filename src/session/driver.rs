@@ -280,7 +280,12 @@ impl crate::upstream::backend::SaslRelay for ClientSession {
                 .framer
                 .next_frame(&mut self.buf, crate::protocol::MAX_SASL_LINE)
             {
-                Some(Frame::Line(line)) => return Some(line),
+                // Encoded anew (see `sasl::relayable`); a response that is not base64 cancels the exchange.
+                Some(Frame::Line(line)) => {
+                    return Some(
+                        crate::protocol::sasl::relayable(&line).unwrap_or_else(|_| b"*".to_vec()),
+                    );
+                }
                 Some(Frame::TooLong) => return Some(b"*".to_vec()),
                 None => {}
             }

@@ -536,15 +536,13 @@ impl Authorization {
             Mechanism::CramMd5 => sasl::decode_cram_md5(line).map(|(user, digest)| {
                 creds(user, digest.into_bytes(), self.offer.challenge.clone())
             }),
-            Mechanism::Xoauth2 => {
-                sasl::decode_xoauth2(line).map(|id| creds(id.user, line.to_vec(), None))
-            }
-            Mechanism::Oauthbearer => {
-                sasl::decode_oauthbearer(line).map(|id| creds(id.user, line.to_vec(), None))
-            }
-            Mechanism::ScramSha1 | Mechanism::ScramSha256 => {
-                sasl::decode_scram_client_first(line).map(|user| creds(user, line.to_vec(), None))
-            }
+            // Relayed to the store: what goes is the token encoded anew, never the client's line.
+            Mechanism::Xoauth2 => sasl::decode_xoauth2(line)
+                .and_then(|id| Ok(creds(id.user, sasl::relayable(line)?, None))),
+            Mechanism::Oauthbearer => sasl::decode_oauthbearer(line)
+                .and_then(|id| Ok(creds(id.user, sasl::relayable(line)?, None))),
+            Mechanism::ScramSha1 | Mechanism::ScramSha256 => sasl::decode_scram_client_first(line)
+                .and_then(|user| Ok(creds(user, sasl::relayable(line)?, None))),
             Mechanism::UserPass | Mechanism::Apop => Err(SaslError::Malformed),
         };
         match parsed {
