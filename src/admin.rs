@@ -2,24 +2,58 @@
 //! (JSON), `POST /reload`, `POST /kick?mailbox=...`, and `/`, a small self-refreshing HTML status page.
 //!
 //! It reads the runtime's state and asks it to reload or kick; it owns no state of its own.
+//!
+//! # What it exposes, and to whom
+//!
+//! Without `admin.token` (the example config sets none) every GET endpoint answers anybody who reaches the
+//! port: `/metrics` (Prometheus counters per tenant, listener and store), `/livez`, `/readyz`, `/status`
+//! (JSON with tenant names, their domains, store addresses and health, session counts, listener addresses,
+//! recent reload messages) and the status page `/` (the same as HTML). With a token the POST endpoints need
+//! `Authorization: Bearer <token>`, and with `token_for_reads` the GET endpoints too.
+//!
+//! Whatever the token, two rules keep web pages out (a browser on the operator's machine can reach a
+//! loopback port):
+//!
+//! - **Host.** The `Host` header (and the authority of an absolute-form request target), port ignored, must
+//!   be an IP literal (IPv4, or IPv6 in brackets), `localhost`, or a name in `admin.hosts`, compared without
+//!   case; anything else, or two `Host` headers, gets 421 before routing or the token check. A DNS-rebinding
+//!   page needs a host *name* of its own, so it cannot read `/status`; probes and Prometheus send the pod IP.
+//!   A request without `Host` (HTTP/1.0) is allowed: browsers always send one.
+//! - **Writes.** Every request but GET and HEAD (so `POST /reload` and `POST /kick`) must carry
+//!   `X-Popgate-Admin` (any value) or `Authorization: Bearer ...`, headers a page can only send cross-site
+//!   after a CORS preflight, which this server never grants (it sends no CORS headers). Others get 403. Only
+//!   the Bearer scheme counts: a browser may attach cached Basic credentials to a cross-site form by itself.
+//!
+//! Connections are bounded so the admin port cannot starve POP3 of descriptors: at most
+//! `admin.max_connections` at once (past it an accepted connection is closed at once), `admin.header_timeout`
+//! to send a request's headers (from connecting, and again after every response, so it also ends idle
+//! keep-alive connections), and [`CONNECTION_LIFETIME`] for a connection as a whole.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderName};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tracing::{debug, info};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
 
 use crate::config::AdminConfig;
 use crate::runtime::{Runtime, StartError};
+
+/// The longest an admin connection stays open, whatever it does (a slow body, a client that does not read
+/// the answer). Generous: a `POST /reload` waits for any reload already running and then for its own.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+
+/// The header that marks a write as sent by a tool rather than a web page (see the module docs).
+const ADMIN_HEADER: HeaderName = HeaderName::from_static("x-popgate-admin");
 
 type Reply = Response<Full<Bytes>>;
 
@@ -35,27 +69,54 @@ pub async fn spawn(runtime: Arc<Runtime>, config: &AdminConfig) -> Result<Socket
     info!(addr = %addr, "admin server listening");
     let config = Arc::new(config.clone());
     let stop = runtime.context.stop.clone();
+    // Its own cap, apart from POP3's: a flood here must not hold the descriptors POP3 accepts with.
+    let cap = config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    let permits = Arc::new(Semaphore::new(cap));
+    let header_timeout = config.header_timeout.get();
+    let lifetime = CONNECTION_LIFETIME.max(header_timeout);
     tokio::spawn(async move {
         loop {
-            let (tcp, _) = tokio::select! {
+            let (tcp, peer) = tokio::select! {
                 () = stop.cancelled() => break,
                 r = listener.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning on the error.
                         debug!(error = %e, "admin accept failed");
+                        tokio::select! {
+                            () = stop.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        }
                         continue;
                     }
                 },
             };
-            let (runtime, config) = (runtime.clone(), config.clone());
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                warn!(client = %peer, max_connections = cap, "admin connection cap reached; closing");
+                drop(tcp);
+                continue;
+            };
+            let (runtime, config, stop) = (runtime.clone(), config.clone(), stop.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = hyper::service::service_fn(move |req| {
                     let (runtime, config) = (runtime.clone(), config.clone());
                     async move { Ok::<_, Infallible>(route(&runtime, &config, req).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
+                // hyper starts the header timer at the first read of a request head: on a fresh connection
+                // (one that sends nothing at all is closed too) and after every response (keep-alive idle).
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(TokioIo::new(tcp), service);
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    r = tokio::time::timeout(lifetime, conn) => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => debug!(client = %peer, error = %e, "admin connection ended"),
+                        Err(_) => debug!(client = %peer, "admin connection closed: open too long"),
+                    },
+                }
             });
         }
     });
@@ -64,13 +125,28 @@ pub async fn spawn(runtime: Arc<Runtime>, config: &AdminConfig) -> Result<Socket
 
 async fn route(runtime: &Arc<Runtime>, started: &AdminConfig, req: Request<Incoming>) -> Reply {
     let write = req.method() == Method::POST;
-    // The token and token_for_reads follow reloads (a rotated token file takes effect on the next one); a
-    // config that drops the admin section keeps the settings the server started with.
-    let allowed = {
+    // The token, token_for_reads and hosts follow reloads (a rotated token file takes effect on the next
+    // one); a config that drops the admin section keeps the settings the server started with.
+    let (host_ok, allowed) = {
         let snapshot = runtime.snapshot();
         let config = snapshot.config.admin.as_ref().unwrap_or(started);
-        !(write || config.token_for_reads) || authorized(config, &req)
+        (
+            names_this_server(&req, &config.hosts),
+            !(write || config.token_for_reads) || authorized(config, &req),
+        )
     };
+    if !host_ok {
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            "Host must be an IP address, localhost or a name in admin.hosts\n",
+        );
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) && !sent_by_a_tool(&req) {
+        return text(
+            StatusCode::FORBIDDEN,
+            "send the header X-Popgate-Admin (any value) or Authorization: Bearer <token> with a POST\n",
+        );
+    }
     if !allowed {
         return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
     }
@@ -96,13 +172,25 @@ async fn route(runtime: &Arc<Runtime>, started: &AdminConfig, req: Request<Incom
             set(&mut r, CONTENT_TYPE, "application/json");
             r
         }
-        (&Method::POST, "/reload") => match runtime.reload().await {
-            Ok(()) => json_reply(StatusCode::OK, json!({"ok": true})),
-            Err(e) => json_reply(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"ok": false, "error": e}),
-            ),
-        },
+        (&Method::POST, "/reload") => {
+            // In a task of its own: a client that hangs up, or the connection lifetime, must not cancel a
+            // reload half done.
+            let reload = tokio::spawn({
+                let runtime = runtime.clone();
+                async move { runtime.reload().await }
+            });
+            match reload.await {
+                Ok(Ok(())) => json_reply(StatusCode::OK, json!({"ok": true})),
+                Ok(Err(e)) => json_reply(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    json!({"ok": false, "error": e}),
+                ),
+                Err(e) => json_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"ok": false, "error": format!("the reload failed: {e}")}),
+                ),
+            }
+        }
         (&Method::POST, "/kick") => {
             let mailbox = req.uri().query().and_then(|q| {
                 q.split('&')
@@ -146,6 +234,60 @@ fn authorized(config: &AdminConfig, req: &Request<Incoming>) -> bool {
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
     token.matches(presented.as_bytes())
+}
+
+/// Whether the request names this server: every `Host` (at most one) and an absolute-form target's authority
+/// is an IP literal, `localhost` or one of `extra`. No `Host` at all (HTTP/1.0) passes.
+fn names_this_server<B>(req: &Request<B>, extra: &[String]) -> bool {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let header_ok = match (hosts.next(), hosts.next()) {
+        (None, _) => true,
+        (Some(v), None) => v.to_str().is_ok_and(|v| host_allowed(v, extra)),
+        (Some(_), Some(_)) => false,
+    };
+    header_ok
+        && req
+            .uri()
+            .authority()
+            .is_none_or(|a| host_allowed(a.as_str(), extra))
+}
+
+/// Whether a `Host` value (`name`, `name:port`, `192.0.2.1:port`, `[2001:db8::1]:port`) is allowed.
+fn host_allowed(value: &str, extra: &[String]) -> bool {
+    let port_ok = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = value.strip_prefix('[') {
+        return rest.split_once(']').is_some_and(|(ip, after)| {
+            ip.parse::<Ipv6Addr>().is_ok()
+                && (after.is_empty() || after.strip_prefix(':').is_some_and(port_ok))
+        });
+    }
+    let (host, port) = value.rsplit_once(':').unwrap_or((value, ""));
+    if host.is_empty() || host.contains(':') || !port_ok(port) {
+        return false;
+    }
+    if host.parse::<Ipv4Addr>().is_ok() {
+        return true;
+    }
+    // Lowercased and IDNA-normalised, a trailing dot dropped, on both sides.
+    let Some(name) = crate::router::normalize_domain(host) else {
+        return false;
+    };
+    name == "localhost"
+        || extra
+            .iter()
+            .any(|h| crate::router::normalize_domain(h).is_some_and(|h| h == name))
+}
+
+/// Whether a write carries a header a web page cannot send cross-site without a CORS preflight:
+/// `X-Popgate-Admin`, or `Authorization` with the Bearer scheme (browsers attach cached Basic credentials
+/// to cross-site forms themselves, never a Bearer token).
+fn sent_by_a_tool<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(ADMIN_HEADER)
+        || req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.as_bytes().get(..7))
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -356,5 +498,93 @@ mod tests {
         assert_eq!(percent_decode("alice%40example.com"), "alice@example.com");
         assert_eq!(percent_decode("a%4"), "a%4");
         assert_eq!(esc("<b>&\""), "&lt;b&gt;&amp;&quot;");
+    }
+
+    #[test]
+    fn host_must_be_an_ip_localhost_or_a_configured_name() {
+        let extra = vec!["popgate-admin.mail.svc".to_string()];
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:9110",
+            "10.1.2.3:9110",
+            "[::1]",
+            "[::1]:9110",
+            "[2001:db8::7]:80",
+            "localhost",
+            "LocalHost:9110",
+            "localhost.",
+            "popgate-admin.mail.svc",
+            "POPGATE-ADMIN.Mail.Svc:9110",
+        ] {
+            assert!(host_allowed(ok, &extra), "{ok} refused");
+        }
+        for bad in [
+            "",
+            ":9110",
+            "evil.example",
+            "evil.example:9110",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example",
+            "popgate-admin.mail.svc.evil.example",
+            "::1",
+            "[::1",
+            "[::1]x",
+            "[evil.example]",
+            "127.0.0.1:x",
+            "user@127.0.0.1",
+            "local host",
+        ] {
+            assert!(!host_allowed(bad, &extra), "{bad:?} accepted");
+        }
+        assert!(!host_allowed("popgate-admin.mail.svc", &[]));
+    }
+
+    #[test]
+    fn host_header_and_target_authority_are_both_checked() {
+        let req = |target: &str, hosts: &[&str]| {
+            let mut b = Request::builder().uri(target);
+            for h in hosts {
+                b = b.header(HOST, *h);
+            }
+            b.body(()).map(|r| names_this_server(&r, &[]))
+        };
+        assert_eq!(req("/status", &["127.0.0.1:9110"]).ok(), Some(true));
+        assert_eq!(req("/status", &[]).ok(), Some(true), "HTTP/1.0, no Host");
+        assert_eq!(req("/status", &["evil.example"]).ok(), Some(false));
+        assert_eq!(
+            req("/status", &["127.0.0.1", "evil.example"]).ok(),
+            Some(false),
+            "two Host headers"
+        );
+        assert_eq!(
+            req("http://evil.example/status", &["127.0.0.1"]).ok(),
+            Some(false),
+            "an absolute-form target names the host"
+        );
+        assert_eq!(
+            req("http://localhost:9110/status", &["localhost:9110"]).ok(),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn writes_need_a_header_a_page_cannot_send() {
+        let sent = |name: &str, value: &str| {
+            Request::builder()
+                .method(Method::POST)
+                .header(name, value)
+                .body(())
+                .map(|r| sent_by_a_tool(&r))
+                .ok()
+        };
+        assert_eq!(sent("X-Popgate-Admin", "1"), Some(true));
+        assert_eq!(sent("x-popgate-admin", ""), Some(true));
+        assert_eq!(sent("Authorization", "Bearer t0ken"), Some(true));
+        assert_eq!(sent("Authorization", "bearer t0ken"), Some(true));
+        assert_eq!(sent("Authorization", "Basic dTpw"), Some(false));
+        assert_eq!(
+            sent("Content-Type", "application/x-www-form-urlencoded"),
+            Some(false)
+        );
     }
 }

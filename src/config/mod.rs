@@ -82,6 +82,30 @@ pub struct AdminConfig {
     /// Which store health `/readyz` waits for, beside bound listeners and no drain. Default `any_tenant`.
     #[serde(default)]
     pub ready_when: ReadyWhen,
+    /// Admin connections open at once, a cap of the admin server's own (POP3's `limits.max_connections` is
+    /// separate): past it an accepted connection is closed at once, so a flood of admin connections cannot
+    /// use up the descriptors POP3 needs. A count, at least 1. Read at start (a reload does not change it).
+    /// Default 64.
+    #[serde(default = "default_admin_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, counted from connecting and again after each response
+    /// (so it is also how long an idle keep-alive connection stays open). A duration like `5s`, longer than
+    /// zero. Read at start (a reload does not change it). Default 5s.
+    #[serde(default = "default_admin_header_timeout")]
+    pub header_timeout: Seconds,
+    /// Extra names this server may be reached by, e.g. `popgate-admin.mail.svc`: host names only (no port,
+    /// no scheme, no wildcard), compared without case. A request's `Host` must be an IP address, `localhost`
+    /// or one of these (a guard against DNS rebinding); others get 421. Follows reloads. Default: none.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+fn default_admin_max_connections() -> usize {
+    64
+}
+
+fn default_admin_header_timeout() -> Seconds {
+    Seconds::from_secs(5)
 }
 
 /// What `/readyz` needs of the stores. Every tenant shares the process, so a readiness probe that fails
@@ -733,6 +757,31 @@ impl Config {
                 && let Err(e) = read_token_file(&self.resolve_path(path))
             {
                 push("admin.token_file".into(), None, e);
+            }
+            if admin.max_connections == 0 {
+                push(
+                    "admin.max_connections".into(),
+                    None,
+                    "must be at least 1".into(),
+                );
+            }
+            if admin.header_timeout.get().is_zero() {
+                push(
+                    "admin.header_timeout".into(),
+                    None,
+                    "must be longer than zero".into(),
+                );
+            }
+            for (i, host) in admin.hosts.iter().enumerate() {
+                if crate::router::normalize_domain(host).is_none() {
+                    push(
+                        format!("admin.hosts[{i}]"),
+                        None,
+                        format!(
+                            "`{host}` is not a host name (write it without scheme, port or wildcard)"
+                        ),
+                    );
+                }
             }
         }
 

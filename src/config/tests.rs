@@ -158,6 +158,36 @@ fn admin_token_file_is_read_relative_to_the_config_and_checked() {
 }
 
 #[test]
+fn admin_connection_bounds_and_hosts_have_defaults_and_are_checked() {
+    let with = |admin: &str| parse(&format!("{GOOD}admin:\n{admin}"));
+    let a = with("  bind: 127.0.0.1:9110\n").unwrap().admin.unwrap();
+    assert_eq!(a.max_connections, 64);
+    assert_eq!(a.header_timeout.get(), Duration::from_secs(5));
+    assert!(a.hosts.is_empty());
+
+    let set = "  max_connections: 8\n  header_timeout: 1500ms\n  \
+               hosts: [popgate-admin, popgate-admin.mail.svc]\n";
+    let a = with(set).unwrap().admin.unwrap();
+    assert_eq!(a.max_connections, 8);
+    assert_eq!(a.header_timeout.get(), Duration::from_millis(1500));
+    assert_eq!(a.hosts, ["popgate-admin", "popgate-admin.mail.svc"]);
+
+    let err = with(
+        "  max_connections: 0\n  header_timeout: 0s\n  hosts: [\"evil.example:80\", \"*.svc\"]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for needle in [
+        "admin.max_connections: must be at least 1",
+        "admin.header_timeout: must be longer than zero",
+        "admin.hosts[0]",
+        "admin.hosts[1]",
+    ] {
+        assert!(err.contains(needle), "missing {needle} in {err}");
+    }
+}
+
+#[test]
 fn booleans_and_enums_are_strict() {
     let err = parse(&GOOD.replace("bind: 127.0.0.1:1110", "bind: 127.0.0.1:1110\n    tls: yes"))
         .unwrap_err()

@@ -66,7 +66,8 @@ impl Drop for Popgate {
     }
 }
 
-/// `curl -s` against an admin server; (HTTP status, body). A bearer token is sent when given.
+/// `curl -s` against an admin server; (HTTP status, body). A bearer token is sent when given; a POST also
+/// carries `X-Popgate-Admin`, as every tool must (the admin server refuses writes a web page could send).
 pub fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
     let mut cmd = std::process::Command::new("curl");
     cmd.args([
@@ -81,6 +82,9 @@ pub fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
     ]);
     if let Some(t) = token {
         cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if method == "POST" {
+        cmd.args(["-H", "X-Popgate-Admin: 1"]);
     }
     let out = cmd.output().expect("curl");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
