@@ -234,3 +234,57 @@ fn run_logs_sessions_but_never_secrets() {
         "escape codes in a piped log:\n{log}"
     );
 }
+
+/// A trace log written into the config's own directory must not feed itself: each flush of the log is a
+/// change in the watched directory, and the watcher's library used to log every such event.
+#[test]
+fn a_trace_log_beside_the_config_does_not_log_other_files_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("popgate.yaml");
+    let yaml = "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\ntenants:\n  acme:\n    \
+                domains: [example.com]\n    backends: [\"127.0.0.1:9\"]\n    health: {enabled: false}\n    \
+                pool: {min_idle: 0}\n";
+    std::fs::write(&config, yaml).unwrap();
+    let log_path = dir.path().join("popgate.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "run", "-c"])
+        .arg(&config)
+        .env("POPGATE_LOG", "trace")
+        .stderr(Stdio::from(log_file))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let wait_for = |what: &str| {
+        let start = std::time::Instant::now();
+        while !read_log().contains(what) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no {what:?} in the log:\n{}",
+                read_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("listening");
+    // Other files change beside the config; then the config itself changes. Events arrive in order, so
+    // once the reload is logged every earlier event has been seen.
+    for i in 0..20 {
+        std::fs::write(dir.path().join("unrelated.txt"), format!("{i}")).unwrap();
+    }
+    std::fs::write(&config, format!("{yaml}# edited\n")).unwrap();
+    wait_for("config directory changed; reloading");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = read_log();
+    assert!(
+        !log.contains("unrelated.txt") && !log.contains("inotify event"),
+        "events of other files were logged:\n{}",
+        log.lines()
+            .filter(|l| l.contains("inotify") || l.contains("unrelated"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -10,3 +10,4 @@ pub mod dovecot;
 pub mod pki;
 pub mod pop3;
 pub mod popgate;
+pub mod store;

@@ -65,7 +65,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 The popgate config file: .Values.config plus
   - listeners built from .Values.listeners (bind = listenAddress:port; PROXY protocol when the Service has it),
-  - admin.bind = listenAddress:admin.port, and admin.token_file when admin.tokenSecret names a Secret,
+  - admin.bind = listenAddress:admin.port, admin.token_file when admin.tokenSecret names a Secret, and
+    admin.hosts = the admin Service's DNS names unless the config lists its own,
   - tls / tenants.<name>.tls certificate and key paths for the mounted certificate Secrets, where the config
     does not name them itself.
 .Values is never modified (deepCopy), so every template that includes this renders the same text. */}}
@@ -106,6 +107,13 @@ The popgate config file: .Values.config plus
 {{- fail "admin.tokenSecret is set: remove config.admin.token / config.admin.token_file (the chart sets token_file)" }}
 {{- end }}
 {{- $_ := set $admin "token_file" "/etc/popgate/admin/token" }}
+{{- end }}
+{{- /* The admin server answers only Host names it knows (DNS-rebinding defence): the admin Service's names,
+       unless the config lists its own. Probes and Prometheus use the pod IP, which always passes. */}}
+{{- if not (hasKey $admin "hosts") }}
+{{- $svc := include "popgate.adminName" . }}
+{{- $ns := .Release.Namespace }}
+{{- $_ := set $admin "hosts" (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns)) }}
 {{- end }}
 {{- $_ := set $cfg "admin" $admin }}
 {{- if and .Values.certificates.default.secretName (not (hasKey $cfg "tls")) }}
