@@ -51,16 +51,21 @@ pub fn decode_b64(data: &[u8]) -> Result<Vec<u8>, SaslError> {
 
 /// A client's SASL response as popgate relays it to a store (XOAUTH2, OAUTHBEARER, SCRAM): validated
 /// and encoded anew by popgate, so only the token reaches the store, never the client's framing
-/// (whitespace, a stray CR). `*` (the client cancels) stays `*`.
+/// (whitespace, a stray CR). `*` (the client cancels), an empty line (an empty continuation response) and
+/// `=` (an empty initial response, RFC 5034 §4) keep their meaning.
 pub fn relayable(line: &[u8]) -> Result<Vec<u8>, SaslError> {
     if line == b"*" {
         return Ok(line.to_vec());
     }
     let raw = decode_b64(line)?;
-    Ok(if raw.is_empty() {
+    if !raw.is_empty() {
+        return Ok(encode_b64(&raw).into_bytes());
+    }
+    // Empty either way: `=` where the client wrote one, else an empty line.
+    Ok(if line.trim_ascii() == b"=" {
         b"=".to_vec()
     } else {
-        encode_b64(&raw).into_bytes()
+        Vec::new()
     })
 }
 
@@ -140,6 +145,8 @@ mod tests {
         );
         assert_eq!(relayable(b"*").unwrap(), b"*");
         assert_eq!(relayable(b"=").unwrap(), b"=");
+        assert_eq!(relayable(b"").unwrap(), b"");
+        assert_eq!(relayable(b"  ").unwrap(), b"");
         assert_eq!(relayable(b"not base64!"), Err(SaslError::Base64));
         assert_eq!(decode_b64(b"AAAA\r"), Err(SaslError::ControlCharacter));
     }
