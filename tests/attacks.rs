@@ -1,7 +1,8 @@
 //! Attacks replayed against popgate: each sends the bytes an adversarial or fault-injection pass found
 //! a weakness with, and pins what must hold instead. A new finding gets its test here, named for what
-//! must hold. (Admin HTTP attacks are in tests/admin_http.rs; SNI overlaps and templates are refused at
-//! config load, tested in src/config/tests.rs and src/router/tests.rs.)
+//! must hold. (Admin HTTP findings are in tests/admin_http.rs, admin attacks that held up at the end of
+//! this file; SNI overlaps and templates are refused at config load, tested in src/config/tests.rs and
+//! src/router/tests.rs.)
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly where it stands
 
 mod support;
@@ -16,7 +17,7 @@ use popgate::maildrop::{Maildrop, Server, Settings};
 use support::pop3::Pop3;
 use support::store::{Script, ScriptedStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 const LOCKED_OUT: &str = "-ERR [AUTH] Too many failed logins; try again later";
@@ -590,4 +591,902 @@ async fn a_stores_temporary_reply_via_auth_http_is_not_a_failed_login() {
         assert!(reply.starts_with("-ERR [IN-USE]"), "{reply}");
     }
     pg.shutdown();
+}
+
+// === Held up: attacks that failed, kept failing ===
+//
+// A review replayed these and popgate withstood them; each test below keeps one group failing. Groups it
+// listed that were already pinned stay where they are: STLS with USER queued, a second STLS, STLS on POP3S
+// (proxy_maildrop.rs: stls_discards_pipelined_commands_and_then_logs_in, second_stls_is_refused);
+// slowloris (faults.rs: slowloris_is_closed_at_the_pre_login_timeout_while_others_log_in); MiB command
+// lines (faults.rs: megabyte_lines_without_crlf_are_refused_without_being_buffered); the admin token
+// matrix (admin_http.rs: writes_need_a_header_a_web_page_cannot_send; ops.rs:
+// admin_token_file_rotates_on_reload); DELE then a FIN, a reset, a kick or a drain (faults.rs:
+// vanishing_clients_delete_only_what_they_quit_with; proxy_maildrop.rs:
+// dele_then_quit_deletes_but_dele_then_drop_does_not; ops.rs: kick_closes_a_mailboxs_sessions_without_quit,
+// drain_refuses_new_work_lets_relays_finish_then_closes_without_quit).
+
+/// Sends each line (CRLF added), reading a reply to each; returns the first `-ERR`, or the reply to the
+/// last line.
+async fn attempt(c: &mut Pop3, lines: &[Vec<u8>]) -> String {
+    let mut reply = String::new();
+    for (i, line) in lines.iter().enumerate() {
+        let mut raw = line.clone();
+        raw.extend_from_slice(b"\r\n");
+        c.send_raw(&raw).await;
+        reply = c.line().await;
+        if i + 1 < lines.len() && reply.starts_with("-ERR") {
+            break;
+        }
+    }
+    reply
+}
+
+/// `attempt` on a fresh plain connection to `addr`.
+async fn attempt_fresh(addr: SocketAddr, lines: &[Vec<u8>]) -> String {
+    let mut c = Pop3::greeted(addr).await;
+    attempt(&mut c, lines).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_bytes_and_bad_utf8_in_credentials_never_reach_a_store() {
+    let store = ScriptedStore::start(Script::default()).await;
+    let apop_store = ScriptedStore::start(Script::default()).await;
+    // APOP goes to the store unchecked only through passthrough (a listener bound to a one-store tenant),
+    // so that is where an APOP name must be judged.
+    let yaml = format!(
+        "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\n  - name: apop\n    \
+         bind: 127.0.0.1:0\n    tls: none\n    tenant: mtview\ntenants:\n{}{}",
+        tenant("acme", "example.com", store.addr, ""),
+        tenant("mtview", "mtview.test", apop_store.addr, "")
+            + "    mechanisms: [user, apop]\n    apop_passthrough: {max_pending: 64, max_pending_per_ip: 64}\n",
+    );
+    let pg = start(&yaml, Path::new(".")).await;
+    let (addr, apop_addr) = (
+        pg.local_addr("pop3").unwrap(),
+        pg.local_addr("apop").unwrap(),
+    );
+    let digest = "c4c9334bac560ecc979e58001b3e22fb";
+    let apop = |name: &[u8]| {
+        let mut line = b"APOP ".to_vec();
+        line.extend_from_slice(name);
+        line.extend_from_slice(format!(" {digest}").as_bytes());
+        line
+    };
+    let line = |s: &[u8]| s.to_vec();
+    let plain = |raw: &[u8]| format!("AUTH PLAIN {}", b64(raw)).into_bytes();
+    let plain_fields: [&[u8]; 10] = [
+        // NUL: a fourth field.
+        b"\0alice@example.com\0alice-pw\0",
+        b"ad\rmin\0alice@example.com\0alice-pw",
+        b"ad\nmin\0alice@example.com\0alice-pw",
+        b"\0ali\rce@example.com\0alice-pw",
+        b"\0ali\nce@example.com\0alice-pw",
+        b"\0alice@example.com\0alice-pw\r\nDELE 1",
+        b"\0alice@example.com\0alice\npw",
+        // Not UTF-8: the authcid, the authzid.
+        b"\0\xffalice@example.com\0alice-pw",
+        b"\0al\xc3\x28ice@example.com\0alice-pw",
+        b"\xff\0alice@example.com\0alice-pw",
+    ];
+    let mut attacks: Vec<Vec<Vec<u8>>> = vec![
+        // USER and PASS with NUL or CR inside (an LF would just end the line).
+        vec![line(b"USER ali\0ce@example.com"), line(b"PASS alice-pw")],
+        vec![line(b"USER alice\r@example.com"), line(b"PASS alice-pw")],
+        vec![line(b"USER alice@example.com"), line(b"PASS alice\0pw")],
+        vec![line(b"USER alice@example.com"), line(b"PASS alice\rpw")],
+        // Not UTF-8; not ASCII before UTF8.
+        vec![line(b"USER \xff\xfe@example.com"), line(b"PASS alice-pw")],
+        vec![
+            line(b"USER al\xc3\x28ice@example.com"),
+            line(b"PASS alice-pw"),
+        ],
+        vec![
+            line("USER j\u{f6}rg@example.com".as_bytes()),
+            line(b"PASS pw"),
+        ],
+        // AUTH LOGIN: the user name and the password.
+        vec![
+            line(b"AUTH LOGIN"),
+            b64(b"ali\0ce@example.com").into_bytes(),
+            b64(b"alice-pw").into_bytes(),
+        ],
+        vec![
+            line(b"AUTH LOGIN"),
+            b64(b"alice@example.com\r\nDELE 1").into_bytes(),
+            b64(b"alice-pw").into_bytes(),
+        ],
+        vec![
+            line(b"AUTH LOGIN"),
+            b64(b"\xffalice@example.com").into_bytes(),
+            b64(b"alice-pw").into_bytes(),
+        ],
+        vec![
+            line(b"AUTH LOGIN"),
+            b64(b"alice@example.com").into_bytes(),
+            b64(b"alice\0pw").into_bytes(),
+        ],
+        vec![
+            line(b"AUTH LOGIN"),
+            b64(b"alice@example.com").into_bytes(),
+            b64(b"alice-pw\r\nDELE 1").into_bytes(),
+        ],
+    ];
+    for fields in plain_fields {
+        // With an initial response, and as the continuation of a bare AUTH PLAIN.
+        attacks.push(vec![plain(fields)]);
+        attacks.push(vec![line(b"AUTH PLAIN"), b64(fields).into_bytes()]);
+    }
+    let apop_attacks = [
+        apop(b"ali\0ce@mtview.test"),
+        apop(b"alice\r@mtview.test"),
+        apop(b"\xffalice@mtview.test"),
+        apop(b"al\xc3\x28ice@mtview.test"),
+        apop("j\u{f6}rg@mtview.test".as_bytes()),
+    ];
+    let shown = |lines: &[Vec<u8>]| -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect()
+    };
+    for lines in &attacks {
+        let reply = attempt_fresh(addr, lines).await;
+        assert!(reply.starts_with("-ERR"), "{:?} -> {reply}", shown(lines));
+    }
+    for line in &apop_attacks {
+        let mut c = Pop3::greeted(apop_addr).await;
+        let reply = attempt(&mut c, std::slice::from_ref(line)).await;
+        assert!(
+            reply.starts_with("-ERR"),
+            "{:?} -> {reply}",
+            shown(std::slice::from_ref(line))
+        );
+    }
+    assert_eq!(
+        store.accepted(),
+        0,
+        "a refused credential reached the store: {:?}",
+        store.lines()
+    );
+    assert!(
+        !apop_store.lines().iter().any(|l| l.starts_with("APOP")),
+        "a refused APOP reached the store: {:?}",
+        apop_store.lines()
+    );
+
+    // The same logins done right reach the stores: the refusals above were the bytes'.
+    for lines in [
+        vec![line(b"USER alice@example.com"), line(b"PASS alice-pw")],
+        vec![plain(b"\0alice@example.com\0alice-pw")],
+        vec![
+            line(b"AUTH PLAIN"),
+            b64(b"\0alice@example.com\0alice-pw").into_bytes(),
+        ],
+        vec![
+            line(b"AUTH LOGIN"),
+            b64(b"alice@example.com").into_bytes(),
+            b64(b"alice-pw").into_bytes(),
+        ],
+        vec![
+            line(b"UTF8"),
+            line("USER j\u{f6}rg@example.com".as_bytes()),
+            line(b"PASS pw"),
+        ],
+    ] {
+        let reply = attempt_fresh(addr, &lines).await;
+        assert!(reply.starts_with("+OK"), "{:?} -> {reply}", shown(&lines));
+    }
+    assert_eq!(store.accepted(), 5, "{:?}", store.lines());
+    for (lines, sent) in [
+        (vec![apop(b"alice@mtview.test")], "alice@mtview.test"),
+        (
+            vec![line(b"UTF8"), apop("j\u{f6}rg@mtview.test".as_bytes())],
+            "j\u{f6}rg@mtview.test",
+        ),
+    ] {
+        let mut c = Pop3::greeted(apop_addr).await;
+        let reply = attempt(&mut c, &lines).await;
+        assert!(reply.starts_with("+OK"), "{:?} -> {reply}", shown(&lines));
+        let want = format!("APOP {sent} {digest}\r\n");
+        assert!(
+            apop_store.lines().contains(&want),
+            "{:?}",
+            apop_store.lines()
+        );
+    }
+    pg.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_alike_domain_forms_reach_their_own_tenant() {
+    let com = ScriptedStore::start(Script::default()).await;
+    let net = ScriptedStore::start(Script::default()).await;
+    let yaml = config(
+        "",
+        &(tenant("com", "example.com", com.addr, "") + &tenant("net", "example.net", net.addr, "")),
+    );
+    let pg = start(&yaml, Path::new(".")).await;
+    let addr = pg.local_addr("pop3").unwrap();
+    let forms = [
+        // Fullwidth letters.
+        "bob@\u{ff45}\u{ff58}\u{ff41}\u{ff4d}\u{ff50}\u{ff4c}\u{ff45}.com",
+        "bob@\u{ff25}\u{ff38}\u{ff21}\u{ff2d}\u{ff30}\u{ff2c}\u{ff25}.\u{ff23}\u{ff2f}\u{ff2d}",
+        // A soft hyphen, which IDNA ignores.
+        "bob@exam\u{ad}ple.com",
+        // The ideographic full stop as a label separator.
+        "bob@example\u{3002}com",
+        // A trailing dot, and case.
+        "bob@example.com.",
+        "bob@EXAMPLE.CoM",
+    ];
+    for login in forms {
+        let mut c = Pop3::greeted(addr).await;
+        c.ok("UTF8").await;
+        c.ok(&format!("USER {login}")).await;
+        let reply = c.cmd("PASS pw").await;
+        assert!(reply.starts_with("+OK"), "{login}: {reply}");
+        c.ok("QUIT").await;
+    }
+    let users: Vec<String> = com
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("USER "))
+        .collect();
+    assert_eq!(
+        users,
+        vec!["USER bob@example.com\r\n".to_string(); forms.len()]
+    );
+    assert_eq!(net.accepted(), 0, "{:?}", net.lines());
+    // And the other tenant's fullwidth form reaches the other store.
+    let mut c = Pop3::greeted(addr).await;
+    c.ok("UTF8").await;
+    c.login("bob@example.\u{ff4e}\u{ff45}\u{ff54}", "pw").await;
+    c.ok("QUIT").await;
+    assert!(
+        net.lines()
+            .contains(&"USER bob@example.net\r\n".to_string()),
+        "{:?}",
+        net.lines()
+    );
+    pg.shutdown();
+}
+
+/// A self-signed certificate for `pop.example.com` in `dir`, and the YAML naming it.
+fn server_tls(dir: &Path) -> &'static str {
+    support::pki::write_self_signed(dir, "server", &["pop.example.com"]);
+    "tls:\n  certificate: server.crt\n  key: server.key\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_queued_behind_stls_are_never_answered() {
+    let store = ScriptedStore::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: starttls\n{}tenants:\n{}",
+        server_tls(dir.path()),
+        tenant("acme", "example.com", store.addr, "")
+    );
+    let pg = start(&yaml, dir.path()).await;
+    let addr = pg.local_addr("pop3").unwrap();
+    for queued in [
+        &b"CAPA\r\n"[..],
+        b"CAPA\r\nNOOP\r\n",
+        b"USER bob@example.com\r\n",
+    ] {
+        let mut c = Pop3::greeted(addr).await;
+        let mut packet = b"STLS\r\n".to_vec();
+        packet.extend_from_slice(queued);
+        c.send_raw(&packet).await;
+        let reply = c.line().await;
+        assert!(reply.starts_with("+OK"), "{reply}");
+        // Panics if anything came after the +OK in plaintext.
+        c.starttls_after_ok("pop.example.com").await;
+        // Over TLS, the first thing popgate says answers the first thing said over TLS.
+        c.send("QUIT").await;
+        let rest = c.until_eof().await;
+        assert_eq!(
+            String::from_utf8_lossy(&rest),
+            "+OK popgate signing off\r\n",
+            "queued {:?} was answered after the handshake",
+            String::from_utf8_lossy(queued)
+        );
+    }
+    assert_eq!(store.accepted(), 0, "{:?}", store.lines());
+    pg.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downgrades_on_a_tls_only_tenant_never_reach_its_store() {
+    let open = ScriptedStore::start(Script::default()).await;
+    let strict = ScriptedStore::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // `pop3` reaches both tenants (so plaintext is possible there); `strict` is bound to the TLS-only one.
+    let yaml = format!(
+        "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: starttls\n  - name: strict\n    \
+         bind: 127.0.0.1:0\n    tls: starttls\n    tenant: strict\n{}tenants:\n{}{}",
+        server_tls(dir.path()),
+        tenant("open", "open.test", open.addr, ""),
+        tenant("strict", "strict.test", strict.addr, "")
+            .replace("plaintext_login: allow", "plaintext_login: require_tls"),
+    );
+    let pg = start(&yaml, dir.path()).await;
+    let user = "bob@strict.test";
+    let logins: Vec<Vec<Vec<u8>>> = vec![
+        vec![format!("USER {user}").into_bytes(), b"PASS pw".to_vec()],
+        vec![format!("AUTH PLAIN {}", b64(format!("\0{user}\0pw").as_bytes())).into_bytes()],
+        vec![
+            b"AUTH PLAIN".to_vec(),
+            b64(format!("\0{user}\0pw").as_bytes()).into_bytes(),
+        ],
+        vec![
+            b"AUTH LOGIN".to_vec(),
+            b64(user.as_bytes()).into_bytes(),
+            b64(b"pw").into_bytes(),
+        ],
+    ];
+    for listener in ["pop3", "strict"] {
+        let addr = pg.local_addr(listener).unwrap();
+        for lines in &logins {
+            let reply = attempt_fresh(addr, lines).await;
+            assert!(
+                reply.starts_with("-ERR [AUTH] TLS required"),
+                "{listener}: {:?} -> {reply}",
+                String::from_utf8_lossy(&lines[0])
+            );
+        }
+    }
+    assert_eq!(strict.accepted(), 0, "{:?}", strict.lines());
+    // After STLS each of them logs in.
+    for listener in ["pop3", "strict"] {
+        let addr = pg.local_addr(listener).unwrap();
+        for lines in &logins {
+            let mut c = Pop3::greeted(addr).await;
+            c.starttls("pop.example.com").await;
+            let reply = attempt(&mut c, lines).await;
+            assert!(reply.starts_with("+OK"), "{listener}: {reply}");
+        }
+    }
+    assert_eq!(strict.accepted(), 2 * logins.len());
+    assert_eq!(open.accepted(), 0);
+    pg.shutdown();
+}
+
+/// A ClientHello record offering `legacy` as its version and, when given, a supported_versions extension;
+/// ECDHE-ECDSA suites (the test certificate's key is ECDSA) and the extensions a TLS 1.2 server needs.
+fn client_hello(legacy: [u8; 2], supported_versions: Option<&[[u8; 2]]>) -> Vec<u8> {
+    fn ext(out: &mut Vec<u8>, kind: u16, data: &[u8]) {
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(data);
+    }
+    let mut exts = Vec::new();
+    ext(&mut exts, 0x000a, &[0, 4, 0x00, 0x1d, 0x00, 0x17]); // groups: x25519, secp256r1
+    ext(&mut exts, 0x000b, &[1, 0]); // EC point formats: uncompressed
+    ext(&mut exts, 0x000d, &[0, 4, 0x04, 0x03, 0x08, 0x04]); // ecdsa_secp256r1_sha256, rsa_pss_rsae_sha256
+    if let Some(versions) = supported_versions {
+        let mut data = vec![u8::try_from(2 * versions.len()).unwrap()];
+        data.extend(versions.iter().flatten());
+        ext(&mut exts, 0x002b, &data);
+    }
+    let mut body = legacy.to_vec();
+    body.extend_from_slice(&[7u8; 32]); // random
+    body.push(0); // no session id
+    let suites = [0xc0, 0x2b, 0xc0, 0x2c, 0xc0, 0x09, 0xc0, 0x0a]; // ECDHE-ECDSA, GCM and CBC
+    body.extend_from_slice(&u16::try_from(suites.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(&suites);
+    body.extend_from_slice(&[1, 0]); // compression: null
+    body.extend_from_slice(&u16::try_from(exts.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut handshake = vec![1]; // ClientHello
+    handshake.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes()[1..]);
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&u16::try_from(handshake.len()).unwrap().to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_0_and_1_1_client_hellos_are_refused() {
+    let store = ScriptedStore::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listeners:\n  - name: pop3s\n    bind: 127.0.0.1:0\n    tls: implicit\n  - name: pop3\n    \
+         bind: 127.0.0.1:0\n    tls: starttls\n{}tenants:\n{}",
+        server_tls(dir.path()),
+        tenant("acme", "example.com", store.addr, "")
+    );
+    let pg = start(&yaml, dir.path()).await;
+    let (tls10, tls11, tls12) = ([3, 1], [3, 2], [3, 3]);
+    // The first record popgate answers `hello` with, on POP3S and after STLS.
+    let (pop3s, pop3) = (
+        pg.local_addr("pop3s").unwrap(),
+        pg.local_addr("pop3").unwrap(),
+    );
+    let answer = move |hello: Vec<u8>| async move {
+        let mut answers = Vec::new();
+        for stls in [false, true] {
+            let mut c = if stls {
+                let mut c = Pop3::greeted(pop3).await;
+                assert!(c.cmd("STLS").await.starts_with("+OK"));
+                c
+            } else {
+                Pop3::connect(pop3s).await
+            };
+            c.send_raw(&hello).await;
+            answers.push(c.take_bytes(7).await);
+        }
+        answers
+    };
+    // What a client limited to TLS 1.0 or 1.1 sends (OpenSSL's -tls1 / -tls1_1: no supported_versions),
+    // and a client listing only those versions there: a fatal protocol_version alert (21, ..., 2, 70).
+    for (what, hello) in [
+        ("TLS 1.0", client_hello(tls10, None)),
+        ("TLS 1.1", client_hello(tls11, None)),
+        (
+            "TLS 1.0-1.1 listed",
+            client_hello(tls12, Some(&[tls11, tls10])),
+        ),
+    ] {
+        for got in answer(hello).await {
+            assert!(
+                got[0] == 0x15 && got[5] == 2 && got[6] == 70,
+                "{what}: not a protocol_version alert: {got:02x?}"
+            );
+        }
+    }
+    // The same hello offering TLS 1.2 gets a ServerHello (handshake record, message type 2).
+    for got in answer(client_hello(tls12, None)).await {
+        assert!(got[0] == 0x16 && got[5] == 2, "TLS 1.2: {got:02x?}");
+    }
+    pg.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshakes_are_closed_at_the_handshake_timeout() {
+    const HANDSHAKE: Duration = Duration::from_secs(1);
+    let store = ScriptedStore::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // pre_login is long: a close near one second is the handshake timeout's.
+    let yaml = format!(
+        "listeners:\n  - name: pop3s\n    bind: 127.0.0.1:0\n    tls: implicit\n  - name: pop3\n    \
+         bind: 127.0.0.1:0\n    tls: starttls\n{}timeouts:\n  tls_handshake: 1s\n  pre_login: 60s\ntenants:\n{}",
+        server_tls(dir.path()),
+        tenant("acme", "example.com", store.addr, "")
+    );
+    let pg = start(&yaml, dir.path()).await;
+    let (pop3s, pop3) = (
+        pg.local_addr("pop3s").unwrap(),
+        pg.local_addr("pop3").unwrap(),
+    );
+    let hello = client_hello([3, 3], None);
+    let mut stalls = tokio::task::JoinSet::new();
+    for (what, listener, sent) in [
+        ("POP3S, nothing sent", pop3s, Vec::new()),
+        (
+            "POP3S, half a ClientHello",
+            pop3s,
+            hello[..hello.len() / 2].to_vec(),
+        ),
+        ("STLS, nothing sent", pop3, Vec::new()),
+        (
+            "STLS, half a ClientHello",
+            pop3,
+            hello[..hello.len() / 2].to_vec(),
+        ),
+    ] {
+        stalls.spawn(async move {
+            let mut c = if listener == pop3 {
+                let mut c = Pop3::greeted(listener).await;
+                assert!(c.cmd("STLS").await.starts_with("+OK"));
+                c
+            } else {
+                Pop3::connect(listener).await
+            };
+            let started = Instant::now();
+            c.send_raw(&sent).await;
+            let rest = c.until_eof().await;
+            (what, started.elapsed(), rest)
+        });
+    }
+    while let Some(done) = stalls.join_next().await {
+        let (what, took, rest) = done.unwrap();
+        assert!(
+            took + Duration::from_millis(100) >= HANDSHAKE && took < HANDSHAKE * 8,
+            "{what}: closed after {took:?}; tls_handshake is {HANDSHAKE:?}"
+        );
+        assert!(
+            !rest.starts_with(b"+OK") && !rest.starts_with(b"\x16"),
+            "{what}: {rest:02x?}"
+        );
+    }
+    pg.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlong_auth_lines_are_refused_before_they_end() {
+    let store = ScriptedStore::start(Script::default()).await;
+    let yaml = config("", &tenant("acme", "example.com", store.addr, ""));
+    let pg = start(&yaml, Path::new(".")).await;
+    let addr = pg.local_addr("pop3").unwrap();
+    let mib = vec![b'A'; 1 << 20];
+    // A MiB without LF: as an AUTH line with its initial response, as a PLAIN continuation, as a LOGIN
+    // user name and password. The -ERR comes while the line has not ended, so it was not held whole.
+    let mut c = Pop3::greeted(addr).await;
+    for lead in [
+        &[][..],
+        b"AUTH PLAIN",
+        b"AUTH LOGIN",
+        b"AUTH LOGIN\r\nYm9iQGV4YW1wbGUuY29t",
+    ] {
+        let mut steps = 0;
+        if !lead.is_empty() {
+            let mut raw = lead.to_vec();
+            raw.extend_from_slice(b"\r\n");
+            c.send_raw(&raw).await;
+            for _ in 0..raw.windows(2).filter(|w| w == b"\r\n").count() {
+                assert!(c.line().await.starts_with("+ "), "{lead:?}");
+                steps += 1;
+            }
+        }
+        let prefix: &[u8] = if steps == 0 { b"AUTH PLAIN " } else { b"" };
+        c.send_raw(prefix).await;
+        c.send_raw(&mib).await;
+        let reply = c.line().await;
+        assert_eq!(reply, "-ERR Line too long", "after {lead:?}");
+        // The line ends; the session is in the AUTHORIZATION state again, still usable.
+        c.send_raw(b"\r\n").await;
+        assert!(c.multiline("CAPA").await.ends_with(b".\r\n"));
+    }
+    c.ok("QUIT").await;
+    pg.shutdown();
+    // Just under the bound, without an end: no answer, and the connection goes at pre_login.
+    let yaml = config(
+        "timeouts:\n  pre_login: 1s\n",
+        &tenant("acme", "example.com", store.addr, ""),
+    );
+    let pg = start(&yaml, Path::new(".")).await;
+    let mut c = Pop3::greeted(pg.local_addr("pop3").unwrap()).await;
+    c.send_raw(b"AUTH PLAIN ").await;
+    c.send_raw(&mib[..popgate::protocol::MAX_SASL_LINE - 100])
+        .await;
+    let rest = String::from_utf8_lossy(&c.until_eof().await).into_owned();
+    assert_eq!(rest, "-ERR Login timeout, closing\r\n");
+    assert_eq!(store.accepted(), 0, "{:?}", store.lines());
+    pg.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_proxy_headers_get_no_greeting() {
+    let store = ScriptedStore::start(Script::default()).await;
+    // The header wait is long: a close now is a refusal, not a timeout.
+    let yaml = format!(
+        "listeners:\n  - name: lb\n    bind: 127.0.0.1:0\n    tls: none\n    \
+         proxy_protocol: {{trusted_networks: [\"127.0.0.0/8\"]}}\ntimeouts:\n  tls_handshake: 60s\n  \
+         pre_login: 60s\ntenants:\n{}",
+        tenant("acme", "example.com", store.addr, "")
+    );
+    let pg = start(&yaml, Path::new(".")).await;
+    let lb = pg.local_addr("lb").unwrap();
+    let client: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+    let v2 = popgate::proxy_protocol::encode(2, client, lb);
+    let with = |at: usize, byte: u8| {
+        let mut h = v2.clone();
+        h[at] = byte;
+        h
+    };
+    let mut long_v1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 110 ".to_vec();
+    long_v1.resize(300, b'9');
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("POP3 instead", b"USER bob@example.com\r\n".to_vec()),
+        (
+            "HTTP instead",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        ("v1 garbage", b"PROXY TCP4 1.2.3.4 nonsense\r\n".to_vec()),
+        (
+            "v1 bad address",
+            b"PROXY TCP4 999.0.0.1 127.0.0.1 40000 110\r\n".to_vec(),
+        ),
+        (
+            "v1 bad port",
+            b"PROXY TCP4 192.0.2.7 127.0.0.1 99999 110\r\n".to_vec(),
+        ),
+        (
+            "v1 family mismatch",
+            b"PROXY TCP6 192.0.2.7 127.0.0.1 40000 110\r\n".to_vec(),
+        ),
+        (
+            "v1 lone LF",
+            b"PROXY UNKNOWN \nUSER bob@example.com\r\n".to_vec(),
+        ),
+        ("v1 over 107 octets", long_v1),
+        ("v2 version 1", with(12, 0x11)),
+        ("v2 unknown command", with(12, 0x2f)),
+        ("v2 length 65535", {
+            let mut h = with(14, 0xff);
+            h[15] = 0xff;
+            h
+        }),
+    ];
+    for (what, bytes) in &cases {
+        let mut c = Pop3::connect(lb).await;
+        c.send_raw(bytes).await;
+        let got = c.until_eof().await;
+        assert!(
+            got.is_empty(),
+            "{what}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    // A well-formed header gets the greeting.
+    for version in [1, 2] {
+        let mut c = Pop3::connect(lb).await;
+        c.send_raw(&popgate::proxy_protocol::encode(version, client, lb))
+            .await;
+        assert!(c.line().await.starts_with("+OK"), "v{version}");
+    }
+    assert_eq!(store.accepted(), 0);
+    pg.shutdown();
+}
+
+/// Sends `raw` to the admin server (while reading, so a server that answers early is heard) and returns
+/// everything it answered until it closed; an empty answer when it closed (or reset) without one. Panics
+/// when the server neither answers nor closes.
+async fn admin_exchange(admin: SocketAddr, raw: Vec<u8>) -> String {
+    let (mut rd, mut wr) = TcpStream::connect(admin).await.unwrap().into_split();
+    let writer = tokio::spawn(async move {
+        // Fails once the server closes with bytes unread: that is an answer too.
+        let _ = wr.write_all(&raw).await;
+        wr
+    });
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline.into(), rd.read(&mut chunk)).await {
+            Err(_) => panic!(
+                "the admin server neither answered nor closed: {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+    writer.abort();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The status code of an HTTP answer, or 0 for none.
+fn status_of(answer: &str) -> u16 {
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// popgate from a file in `dir` (so POST /reload re-reads it) with an admin server and a token; the YAML.
+async fn with_admin(store: SocketAddr, dir: &Path) -> (popgate::Running, String) {
+    let path = dir.join("popgate.yaml");
+    let yaml = config(
+        "admin:\n  bind: 127.0.0.1:0\n  token: s3cret-token\n",
+        &tenant("acme", "example.com", store, ""),
+    );
+    std::fs::write(&path, &yaml).unwrap();
+    let config = popgate::Config::load(&path).unwrap();
+    let pg = popgate::start_from_file(config, path, CancellationToken::new())
+        .await
+        .unwrap();
+    (pg, yaml)
+}
+
+/// A request with these extra header lines (each ending in CRLF), no body, closing afterwards.
+fn admin_request(method: &str, target: &str, headers: &str) -> Vec<u8> {
+    format!(
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+const ADMIN_TOKEN: &str = "Authorization: Bearer s3cret-token\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_path_tricks_oversized_requests_and_smuggling_get_nowhere() {
+    let store = ScriptedStore::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, _) = with_admin(store.addr, dir.path()).await;
+    let admin = pg.admin_addr().unwrap();
+    let token = ADMIN_TOKEN;
+    let tool = "X-Popgate-Admin: 1\r\n";
+
+    // Paths that only look like /reload: not found even with the token, refused without it.
+    for target in [
+        "//reload",
+        "/reload/",
+        "/%72eload",
+        "/metrics/../reload",
+        "/./reload",
+        "/RELOAD",
+        "/reload%00",
+        "/reload;x",
+        "/%2freload",
+    ] {
+        let answer = admin_exchange(admin, admin_request("POST", target, token)).await;
+        assert!(
+            matches!(status_of(&answer), 400 | 404),
+            "POST {target} with the token: {answer}"
+        );
+        let answer = admin_exchange(admin, admin_request("POST", target, tool)).await;
+        assert_eq!(
+            status_of(&answer),
+            401,
+            "POST {target} without the token: {answer}"
+        );
+    }
+    assert!(pg.runtime().reloads().is_empty(), "a trick path reloaded");
+
+    // A MiB of headers: 431, or closed.
+    let big = admin_request(
+        "GET",
+        "/livez",
+        &format!("X-Big: {}\r\n", "a".repeat(1 << 20)),
+    );
+    let answer = admin_exchange(admin, big).await;
+    assert!(
+        answer.is_empty() || status_of(&answer) == 431,
+        "{}",
+        answer.chars().take(300).collect::<String>()
+    );
+
+    // Content-Length and Transfer-Encoding together (request smuggling): the body as Content-Length
+    // counts it ends where a chunk carrying a POST /reload begins. hyper goes by Transfer-Encoding and
+    // closes after its answer (RFC 9112 §6.3), so exactly one request is answered and nothing reloads.
+    let inner = format!(
+        "POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\n{token}{tool}Content-Length: 0\r\n\r\n"
+    );
+    let size = format!("{:x}\r\n", inner.len());
+    let smuggled = format!(
+        "GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{size}{inner}\r\n0\r\n\r\n",
+        size.len()
+    );
+    let answer = admin_exchange(admin, smuggled.into_bytes()).await;
+    assert!(
+        answer.matches("HTTP/1.1 ").count() <= 1 && matches!(status_of(&answer), 0 | 200 | 400),
+        "CL + TE: {answer}"
+    );
+    assert!(
+        pg.runtime().reloads().is_empty(),
+        "a smuggled request reloaded"
+    );
+
+    // A 20 MiB body: answered or closed, not hung; the server serves on.
+    let mut huge = format!(
+        "POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\n{token}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        20 << 20
+    )
+    .into_bytes();
+    huge.resize(huge.len() + (20 << 20), b'x');
+    let answer = admin_exchange(admin, huge).await;
+    assert!(
+        answer.is_empty() || matches!(status_of(&answer), 200 | 400 | 413),
+        "{answer}"
+    );
+    let answer = admin_exchange(admin, admin_request("GET", "/livez", "")).await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    pg.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_error_is_text_on_the_status_page() {
+    let store = ScriptedStore::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, yaml) = with_admin(store.addr, dir.path()).await;
+    let admin = pg.admin_addr().unwrap();
+    let path = dir.path().join("popgate.yaml");
+    // The error names the unknown field: markup of the operator's (or an attacker's) choosing.
+    std::fs::write(&path, format!("\"<script>alert(1)</script>\": 1\n{yaml}")).unwrap();
+    let answer = admin_exchange(admin, admin_request("POST", "/reload", ADMIN_TOKEN)).await;
+    assert_eq!(status_of(&answer), 422, "{answer}");
+    assert!(answer.contains("<script>alert(1)</script>"), "{answer}");
+    let page = admin_exchange(admin, admin_request("GET", "/", "")).await;
+    assert_eq!(status_of(&page), 200, "{page}");
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "the reload error is not on the page: {page}"
+    );
+    assert!(!page.to_ascii_lowercase().contains("<script"), "{page}");
+    pg.shutdown();
+}
+
+/// Waits until the store lets `user` log in again (the proxied session ended and released the mailbox
+/// lock), then returns STAT's answer, straight from the store.
+async fn stat_once_unlocked(store: SocketAddr, user: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = Pop3::greeted(store).await;
+        c.ok(&format!("USER {user}")).await;
+        let reply = c.cmd("PASS pw").await;
+        if reply.starts_with("+OK") {
+            let stat = c.ok("STAT").await;
+            c.ok("QUIT").await;
+            return stat;
+        }
+        assert!(reply.contains("[IN-USE]"), "{user}: {reply}");
+        assert!(
+            Instant::now() < deadline,
+            "{user}: the mailbox stayed locked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dele_then_vanishing_without_quit_deletes_nothing() {
+    let users = [
+        "half-close@example.com",
+        "qu-reset@example.com",
+        "quit-no-lf@example.com",
+        "quit-cr-reset@example.com",
+        "idle@example.com",
+        "quit@example.com",
+    ];
+    let (md, store) = maildrop(&users.map(|u| (u, "pw"))).await;
+    let acme = tenant("acme", "example.com", store.local_addr(), "");
+    let pg = start(&config("", &acme), Path::new(".")).await;
+    let idle = start(&config("timeouts:\n  idle: 1s\n", &acme), Path::new(".")).await;
+    let logged_in = |addr: SocketAddr, user: &'static str| async move {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        // A second handle on the socket, to half-close it while the client still reads.
+        let std = tcp.into_std().unwrap();
+        let handle = std.try_clone().unwrap();
+        let mut c = Pop3::from_tcp(TcpStream::from_std(std).unwrap());
+        assert!(c.line().await.starts_with("+OK"));
+        c.login(user, "pw").await;
+        c.ok("DELE 1").await;
+        (c, handle)
+    };
+    let addr = pg.local_addr("pop3").unwrap();
+
+    // Half-close: FIN sent, still reading. popgate closes its side without a QUIT to the store.
+    let (mut c, handle) = logged_in(addr, users[0]).await;
+    handle.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(c.until_eof().await.is_empty());
+    // Half a QUIT, then a reset. (The second handle is closed first, so the socket really goes.)
+    let (mut c, handle) = logged_in(addr, users[1]).await;
+    drop(handle);
+    c.send_raw(b"QU").await;
+    c.abort();
+    // QUIT without its line end, then a FIN; QUIT and a lone CR, then a reset.
+    let (mut c, handle) = logged_in(addr, users[2]).await;
+    drop(handle);
+    c.send_raw(b"QUIT").await;
+    drop(c);
+    let (mut c, handle) = logged_in(addr, users[3]).await;
+    drop(handle);
+    c.send_raw(b"QUIT\r").await;
+    c.abort();
+    // Silent past the idle timeout: closed by popgate.
+    let (mut c, handle) = logged_in(idle.local_addr("pop3").unwrap(), users[4]).await;
+    drop(handle);
+    assert!(c.until_eof().await.is_empty());
+
+    for user in &users[..5] {
+        let stat = stat_once_unlocked(store.local_addr(), user).await;
+        assert!(
+            stat.starts_with("+OK 1 "),
+            "{user}: deleted without QUIT ({stat})"
+        );
+        assert_eq!(md.messages(user).unwrap().len(), 1, "{user}");
+    }
+    // With the QUIT, the same DELE deletes: the check above sees deletions.
+    let (mut c, handle) = logged_in(addr, users[5]).await;
+    drop(handle);
+    c.ok("QUIT").await;
+    let stat = stat_once_unlocked(store.local_addr(), users[5]).await;
+    assert!(stat.starts_with("+OK 0 "), "{stat}");
+    pg.shutdown();
+    idle.shutdown();
 }
