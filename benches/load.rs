@@ -7,7 +7,7 @@
 //! `shared/notes/dovecot-in-tests.md`); popgate as separate release processes, one per configuration (pool
 //! on, pool off, and both again with the store reached over implicit TLS), so that each one's RSS and CPU
 //! time can be read from /proc; HAProxy in TCP mode as a reference when it is installed (`haproxy` from
-//! Debian; it is skipped otherwise); the load itself from `popgate::loadgen`, in this process, on a
+//! Debian; it is skipped otherwise); the load itself from `popload`, in this process, on a
 //! single-threaded runtime. Memory per idle session is measured on a fresh proxy process per round, so
 //! memory freed by earlier workloads cannot hide the sessions' cost. Loopback only; everything is bounded by
 //! the counts and seconds of the chosen profile. Nothing here asserts a timing: it prints figures.
@@ -26,12 +26,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dovecot::{DovecotStore, StoreOptions, TlsPem};
-use popgate::loadgen::hold::{self, HoldArgs};
-use popgate::loadgen::latency::{self, LatencyArgs};
-use popgate::loadgen::logins::{self, LoginsArgs, LoginsReport};
-use popgate::loadgen::retr::{self, RetrArgs};
-use popgate::loadgen::stats::median;
-use popgate::loadgen::{AccountArgs, TargetArgs, TlsMode};
+use popload::hold::{self, HoldArgs};
+use popload::latency::{self, LatencyArgs};
+use popload::logins::{self, LoginsArgs, LoginsReport};
+use popload::retr::{self, RetrArgs};
+use popload::stats::median;
+use popload::{AccountArgs, TargetArgs, TlsMode};
 
 /// Mailboxes the login and hold workloads cycle through.
 const USERS: usize = 100;
@@ -428,7 +428,7 @@ fn main() {
     println!("\n(total {:.0} s)", began.elapsed().as_secs_f64());
 }
 
-/// `--serve`: the same store and proxies, left running for `perf`, `strace` or `popgate bench` by hand.
+/// `--serve`: the same store and proxies, left running for `perf`, `strace` or `popgate-bench` by hand.
 fn serve_for(store: &DovecotStore, procs: &[(Variant, Proxy)], secs: u64) {
     println!(
         "store: plain {} implicit TLS {} (users {USER_PATTERN} for 1..={USERS}, {BIG_USER}, {SMALL_USER}; password {PASSWORD})",

@@ -19,9 +19,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use popgate::loadgen::hold::{self, HoldArgs};
-use popgate::loadgen::{AccountArgs, TargetArgs, TlsMode};
-use popgate::maildrop::{Maildrop, Settings};
+use maildrop::{Maildrop, Settings};
+use popload::hold::{self, HoldArgs};
+use popload::{AccountArgs, TargetArgs, TlsMode};
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::maildrop::{Maildrop, Settings};
+use maildrop::{Maildrop, Settings};
 
 /// Demo users: (login, password, tenant domain).
 pub const USERS: &[(&str, &str)] = &[

@@ -12,7 +12,9 @@
 //! - [`runtime`]: the running process: config snapshots and reload, listeners, drain, session registry.
 //! - [`admin`]: the admin HTTP server (metrics, health, status, reload, kick).
 //! - [`tls`], [`stream`], [`secret`], [`metrics`], [`proxy_protocol`]: side modules used by any stage.
-//! - [`maildrop`]: a small in-memory POP3 server for the demo and for fault-injection tests.
+//!
+//! The demo's and the tests' store is the `maildrop` crate (crates/maildrop); the load tool is the
+//! `popload` crate (crates/popload, binary `popgate-bench`).
 //! - [`demo`]: `popgate demo`.
 //! - [`logs`]: the log writer (a buffer written out by one thread every 50 ms).
 
@@ -21,9 +23,7 @@ pub mod authhttp;
 pub mod config;
 pub mod demo;
 pub mod listener;
-pub mod loadgen;
 pub mod logs;
-pub mod maildrop;
 pub mod metrics;
 pub mod protocol;
 pub mod proxy;

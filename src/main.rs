@@ -36,8 +36,6 @@ enum Command {
     },
     /// Start built-in demo mail stores and popgate in front of them, on 127.0.0.1.
     Demo,
-    /// Load-test a POP3 server on loopback (popgate, or a store directly): logins, retr, latency, hold.
-    Bench(Box<popgate::loadgen::BenchArgs>),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -124,9 +122,6 @@ fn main() -> anyhow::Result<()> {
             }
         };
     }
-    if let Command::Bench(args) = &cli.command {
-        std::process::exit(popgate::loadgen::main(args));
-    }
     let _log_writer = init_logs(cli.log_format)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -151,7 +146,7 @@ fn main() -> anyhow::Result<()> {
                 let running = popgate::demo::start(shutdown).await.context("demo failed")?;
                 serve_until_signalled(running, std::time::Duration::from_secs(2)).await?;
             }
-            Command::Check { .. } | Command::Bench(_) => {}
+            Command::Check { .. } => {}
         }
         Ok(())
     })

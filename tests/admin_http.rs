@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use popgate::maildrop::{Maildrop, Server, Settings};
+use maildrop::{Maildrop, Server, Settings};
 use support::pop3::Pop3;
 use support::popgate::http;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use popgate::maildrop::{Maildrop, Server, Settings};
+use maildrop::{Maildrop, Server, Settings};
 use support::pop3::Pop3;
 use support::store::{Script, ScriptedStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

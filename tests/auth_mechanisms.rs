@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use popgate::maildrop::{Maildrop, Server, Settings};
+use maildrop::{Maildrop, Server, Settings};
 use popgate::protocol::sasl::encode_b64;
 use support::clients::{curl_pop3, curl_retr, pop3_url};
 use support::dovecot::{DovecotStore, StoreOptions, pop3_retr_bytes};

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use popgate::maildrop::{Maildrop, Settings};
+use maildrop::{Maildrop, Settings};
 use popgate::protocol::sasl::encode_b64;
 use support::pop3::Pop3;
 

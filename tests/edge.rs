@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use popgate::maildrop::{Maildrop, Server, Settings};
+use maildrop::{Maildrop, Server, Settings};
 use support::pop3::Pop3;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;

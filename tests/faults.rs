@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use popgate::maildrop::{Faults, Maildrop, Server, Settings};
+use maildrop::{Faults, Maildrop, Server, Settings};
 use support::dns::TestDns;
 use support::dovecot::{DovecotStore, StoreOptions, pop3_retr_bytes};
 use support::pop3::{Pop3, unstuff};

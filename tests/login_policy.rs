@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use popgate::maildrop::{Maildrop, Server, Settings};
+use maildrop::{Maildrop, Server, Settings};
 use support::clients::{PopClient, PopMode, PopStep};
 use support::dovecot::{DovecotStore, StoreOptions};
 use support::pop3::Pop3;

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use popgate::maildrop::{Maildrop, Server, Settings};
+use maildrop::{Maildrop, Server, Settings};
 use support::pop3::Pop3;
 use support::popgate::http;
 use tokio_util::sync::CancellationToken;

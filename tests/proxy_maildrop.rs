@@ -8,7 +8,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use popgate::maildrop::{Faults, Maildrop, Server, Settings};
+use maildrop::{Faults, Maildrop, Server, Settings};
 use support::pop3::{Pop3, unstuff};
 use tokio_util::sync::CancellationToken;
 

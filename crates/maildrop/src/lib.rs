@@ -3,11 +3,11 @@
 //! fault-injection tests. It stands in for a real backend; it is not one.
 //!
 //! It owns its mailboxes, the POP3 protocol spoken to whoever connects, and the fault hooks
-//! ([`Faults`]) that make it misbehave on purpose. It must not depend on any other popgate module:
+//! ([`Faults`]) that make it misbehave on purpose. It depends on nothing of popgate (a crate of its own):
 //! the proxy is tested *against* it, so sharing code would let one bug hide on both sides.
 //!
 //! # Layout
-//! - `mod.rs` (this file): the public handle [`Maildrop`], its [`Settings`] and [`Faults`], and the
+//! - `lib.rs` (this file): the public handle [`Maildrop`], its [`Settings`] and [`Faults`], and the
 //!   accept loop behind [`Maildrop::serve`] and [`Server`].
 //! - `connection`: socket I/O for one client: greeting, line framing, writes, TLS handshakes.
 //! - `session`: the POP3 state machine, lines in and replies out, no I/O.

@@ -21,7 +21,7 @@ use super::{AccountArgs, Accounts, LoadError, TargetArgs, seconds};
 /// How many failure messages a report keeps.
 const ERROR_SAMPLES: usize = 5;
 
-/// `popgate bench hold`.
+/// `popgate-bench hold`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HoldArgs {
     /// Server and TLS.

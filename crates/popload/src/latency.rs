@@ -11,7 +11,7 @@ use super::report::{JsonObject, summary_line};
 use super::stats::{Samples, Summary};
 use super::{AccountArgs, LoadError, TargetArgs};
 
-/// `popgate bench latency`.
+/// `popgate-bench latency`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LatencyArgs {
     /// Server and TLS.

@@ -1,4 +1,4 @@
-//! `popgate bench`: a POP3 load tool for loopback benchmarks of popgate and of mail stores directly.
+//! `popgate-bench`: a POP3 load tool for loopback benchmarks of popgate and of mail stores directly.
 //!
 //! Owns the `bench` command line, the client side of four workloads and their reports (text, or one JSON
 //! object with `--json`):
@@ -31,7 +31,7 @@ use rustls_pki_types::ServerName;
 pub use client::{ClientError, Connector, Pop3, TlsMode};
 pub use report::Report;
 
-/// `popgate bench <mode> ...`.
+/// `popgate-bench <mode> ...`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// What to measure.
@@ -145,7 +145,7 @@ pub enum LoadError {
 
 // === entry points ===
 
-/// Runs `popgate bench` and prints its report; returns the process exit code (0 only when every reply was
+/// Runs `popgate-bench` and prints its report; returns the process exit code (0 only when every reply was
 /// what the protocol says).
 pub fn main(args: &BenchArgs) -> i32 {
     let runtime = if args.threads <= 1 {
@@ -161,7 +161,7 @@ pub fn main(args: &BenchArgs) -> i32 {
     let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("popgate bench: cannot start the async runtime: {e}");
+            eprintln!("popgate-bench: cannot start the async runtime: {e}");
             return 2;
         }
     };
@@ -174,7 +174,7 @@ pub fn main(args: &BenchArgs) -> i32 {
             }
             if report.failed() {
                 eprintln!(
-                    "popgate bench: FAILED: some replies were not what POP3 says (see errors above)"
+                    "popgate-bench: FAILED: some replies were not what POP3 says (see errors above)"
                 );
                 1
             } else {
@@ -182,7 +182,7 @@ pub fn main(args: &BenchArgs) -> i32 {
             }
         }
         Err(e) => {
-            eprintln!("popgate bench: {e}");
+            eprintln!("popgate-bench: {e}");
             2
         }
     }
@@ -247,17 +247,17 @@ impl TargetArgs {
     }
 
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, LoadError> {
-        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        let builder = rustls::ClientConfig::builder_with_provider(popgate::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| LoadError::Tls(e.to_string()))?;
         let mut config = match (&self.ca, self.insecure) {
             (_, true) => builder
                 .dangerous()
-                .with_custom_certificate_verifier(crate::tls::unverified_chain())
+                .with_custom_certificate_verifier(popgate::tls::unverified_chain())
                 .with_no_client_auth(),
             (Some(ca), false) => builder
                 .with_root_certificates(
-                    crate::tls::load_roots(ca).map_err(|e| LoadError::Tls(e.to_string()))?,
+                    popgate::tls::load_roots(ca).map_err(|e| LoadError::Tls(e.to_string()))?,
                 )
                 .with_no_client_auth(),
             (None, false) => {

@@ -12,7 +12,7 @@ use super::report::JsonObject;
 use super::stats::median;
 use super::{AccountArgs, LoadError, TargetArgs};
 
-/// `popgate bench retr`.
+/// `popgate-bench retr`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RetrArgs {
     /// Server and TLS.

@@ -18,7 +18,7 @@ use super::{AccountArgs, Accounts, LoadError, TargetArgs, seconds};
 /// How many failure messages a report keeps.
 const ERROR_SAMPLES: usize = 5;
 
-/// `popgate bench logins`.
+/// `popgate-bench logins`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoginsArgs {
     /// Server and TLS.

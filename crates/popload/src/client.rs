@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
-use crate::stream::Stream;
+use popgate::stream::Stream;
 
 /// Longest status line accepted (RFC 2449 allows 512 octets for responses).
 const MAX_STATUS_LINE: usize = 1024;
