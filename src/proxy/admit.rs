@@ -1,0 +1,456 @@
+//! Admit: one login attempt, from the client's credentials to a logged-in store connection or a refusal.
+//! In order: the client address's lockout (before any per-mailbox work), the route and the plaintext rule
+//! (alike for every name before routing reveals anything), the tenant's own gates (mechanism, mailbox
+//! lockout, session cap), how to log in at the store, the store itself, then the gates that need the
+//! store's word (per-mailbox sessions, the minimum interval between logins).
+//!
+//! Every refusal says what to answer and whether it counts against the connection's failed logins; the
+//! session stays in AUTHORIZATION either way. Refusals popgate decides alone take as long as a store's.
+
+use tracing::{info, warn};
+
+use crate::config::{ListenerTls, PlaintextLogin};
+use crate::router::Route;
+use crate::runtime::Context;
+use crate::session::{ClientSession, Credentials, SessionEnd};
+use crate::throttle::{Failure, MailboxGuard, TenantGuard, Verdict};
+use crate::upstream::LoggedIn;
+use crate::upstream::LoginError;
+use crate::upstream::backend::ClientInfo;
+use crate::upstream::group::{ActiveSession, GroupError};
+
+use super::offer::Passthrough;
+use super::snapshot::{ListenerInfo, Shared, TenantRuntime};
+use super::store_login::{AuthHttpOutcome, OwnedAuth, auth_http_login, store_auth};
+
+const AUTH_FAILED: &[u8] = b"-ERR [AUTH] Authentication failed.\r\n";
+const LOCKED_OUT: &[u8] = b"-ERR [AUTH] Too many failed logins; try again later\r\n";
+const IN_USE: &[u8] = b"-ERR [IN-USE] Too many sessions for this mailbox\r\n";
+const TENANT_FULL: &[u8] =
+    b"-ERR [SYS/TEMP] Too many sessions for this domain, try again later\r\n";
+const STORE_UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] Mail store unavailable, try again later\r\n";
+
+/// How one login attempt ended.
+pub(super) enum Admission {
+    /// Logged in at a store.
+    Admitted(Box<Admitted>),
+    /// Refused: the client is answered and may try again.
+    Refused(Refusal),
+    /// The connection ends.
+    Closed(SessionEnd),
+}
+
+/// A refused login: the answer, and whether it counts against the connection's failed logins.
+pub(super) struct Refusal {
+    reply: Vec<u8>,
+    /// `-ERR` for the credentials (counted), or for now only (`[SYS/TEMP]`, `[IN-USE]`: not counted).
+    counted: bool,
+}
+
+/// A logged-in store connection and what must live as long as the session.
+pub(super) struct Admitted {
+    pub(super) logged_in: LoggedIn,
+    pub(super) active: Option<ActiveSession>,
+    /// The store's id (or `host:port` from auth_http), for logs and `/status`.
+    pub(super) store: String,
+    pub(super) tenant: String,
+    /// The normalised mailbox, what `/kick` matches.
+    pub(super) mailbox: String,
+    pub(super) mailbox_slot: MailboxGuard,
+    pub(super) tenant_slot: TenantGuard,
+    /// The client's mechanism, as a metric label.
+    pub(super) mechanism: &'static str,
+}
+
+impl Refusal {
+    fn reject(reply: impl Into<Vec<u8>>) -> Self {
+        Self {
+            reply: reply.into(),
+            counted: true,
+        }
+    }
+
+    fn unavailable(reply: impl Into<Vec<u8>>) -> Self {
+        Self {
+            reply: reply.into(),
+            counted: false,
+        }
+    }
+
+    /// Answers the client; the session stays in AUTHORIZATION unless it is over its bounds.
+    pub(super) async fn send(self, session: &mut ClientSession) -> Result<(), SessionEnd> {
+        if self.counted {
+            session.reject(self.reply).await
+        } else {
+            session.unavailable(self.reply).await
+        }
+    }
+}
+
+/// One login attempt of `session`'s client. `routed` is set to the tenant once the name routes to one
+/// (for the session's summary).
+#[allow(clippy::too_many_arguments)] // the session's facts, each used; a struct would only rename them
+pub(super) async fn admit(
+    ctx: &Context,
+    shared: &Shared,
+    listener: &ListenerInfo,
+    session: &mut ClientSession,
+    client: &ClientInfo,
+    passthrough: &mut Option<Passthrough>,
+    creds: Credentials,
+    routed: &mut Option<String>,
+) -> Admission {
+    let attempt = Attempt {
+        ctx,
+        shared,
+        creds: &creds,
+        mechanism: creds.mechanism.as_str(),
+        // Per login: whether the client asked for UTF-8 mode, which the store is then asked for too.
+        client: ClientInfo {
+            utf8: session.utf8_enabled(),
+            ..*client
+        },
+    };
+    if let Some(refusal) = attempt.address_locked_out(routed.as_deref()) {
+        return Admission::Refused(refusal);
+    }
+    let route = match attempt.route(listener, session).await {
+        Ok(route) => route,
+        Err(refusal) => return Admission::Refused(refusal),
+    };
+    let tenant_name = &shared.table.tenants()[route.tenant].name;
+    tracing::Span::current().record("tenant", tenant_name.as_str());
+    *routed = Some(tenant_name.clone());
+    let Some(tenant) = shared.tenants.get(route.tenant) else {
+        return Admission::Closed(SessionEnd::Policy);
+    };
+    match attempt
+        .at_tenant(tenant_name, tenant, &route, session, passthrough)
+        .await
+    {
+        Ok(admitted) => Admission::Admitted(Box::new(admitted)),
+        Err(refusal) => Admission::Refused(refusal),
+    }
+}
+
+/// One attempt's facts.
+struct Attempt<'a> {
+    ctx: &'a Context,
+    shared: &'a Shared,
+    creds: &'a Credentials,
+    mechanism: &'static str,
+    client: ClientInfo,
+}
+
+impl Attempt<'_> {
+    /// A locked-out address is refused before its name is even routed: it costs no per-mailbox work.
+    fn address_locked_out(&self, routed: Option<&str>) -> Option<Refusal> {
+        let Verdict::LockedOut { .. } = self.ctx.throttle.check_ip(self.client.peer.ip()) else {
+            return None;
+        };
+        let label = routed.unwrap_or(crate::metrics::UNKNOWN_TENANT);
+        self.ctx.metrics.throttled(label, "lockout");
+        self.ctx.metrics.login(label, self.mechanism, "throttled");
+        Some(Refusal::reject(LOCKED_OUT))
+    }
+
+    /// Routes the name. Plaintext is refused alike for every name before routing reveals anything: a name
+    /// that routes nowhere gets the same "TLS required" as a tenant that requires TLS, wherever such a
+    /// tenant is reachable. A name that routes nowhere is refused as a store would refuse it, as slowly,
+    /// and counted against the address only: it gets no state of its own.
+    async fn route(
+        &self,
+        listener: &ListenerInfo,
+        session: &ClientSession,
+    ) -> Result<Route, Refusal> {
+        let (shared, metrics) = (self.shared, &self.ctx.metrics);
+        let bound = listener.tenant.or(session.sni_tenant());
+        let route = shared.table.route(&self.creds.login, bound);
+        if !session.is_tls() {
+            let tls_required = match &route {
+                Ok(r) => shared
+                    .tenants
+                    .get(r.tenant)
+                    .is_none_or(|t| t.plaintext == PlaintextLogin::RequireTls),
+                Err(_) => shared.reach(bound).tls_required,
+            };
+            if tls_required {
+                let label = match &route {
+                    Ok(r) => shared.table.tenants()[r.tenant].name.as_str(),
+                    Err(_) => crate::metrics::UNKNOWN_TENANT,
+                };
+                metrics.login(label, self.mechanism, "tls_required");
+                let stls_offered = listener.tls == ListenerTls::Starttls && shared.tls.is_some();
+                return Err(Refusal::reject(if stls_offered {
+                    &b"-ERR [AUTH] TLS required: use STLS before logging in\r\n"[..]
+                } else {
+                    &b"-ERR [AUTH] TLS required: connect to the POP3S port\r\n"[..]
+                }));
+            }
+        }
+        let error = match route {
+            Ok(route) => return Ok(route),
+            Err(e) => e,
+        };
+        info!(mechanism = self.mechanism, reason = %error, "login refused: no route");
+        metrics.login(crate::metrics::UNKNOWN_TENANT, self.mechanism, "no_route");
+        like_a_store_refusal(self.ctx, self.client.session).await;
+        let reply = self
+            .count_failure(crate::metrics::UNKNOWN_TENANT, None, AUTH_FAILED.to_vec())
+            .await;
+        Err(Refusal::reject(reply))
+    }
+
+    /// Everything after the name routed to `tenant`.
+    async fn at_tenant(
+        &self,
+        tenant_name: &str,
+        tenant: &TenantRuntime,
+        route: &Route,
+        session: &mut ClientSession,
+        passthrough: &mut Option<Passthrough>,
+    ) -> Result<Admitted, Refusal> {
+        let mailbox = route.key.as_str();
+        let tenant_slot = self.tenant_gates(tenant_name, tenant, mailbox).await?;
+        let via_passthrough = passthrough
+            .as_ref()
+            .is_some_and(|p| p.tenant == route.tenant);
+        let auth = match store_auth(
+            tenant,
+            self.creds,
+            &route.backend_user,
+            || self.shared.table.checked_user(route),
+            mailbox,
+            via_passthrough,
+        ) {
+            Ok(auth) => auth,
+            Err(()) => {
+                info!(
+                    mechanism = self.mechanism,
+                    "login refused: digest does not match"
+                );
+                self.ctx
+                    .metrics
+                    .login(tenant_name, self.mechanism, "rejected");
+                like_a_store_refusal(self.ctx, self.client.session).await;
+                let reply = self
+                    .count_failure(tenant_name, Some(mailbox), AUTH_FAILED.to_vec())
+                    .await;
+                return Err(Refusal::reject(reply));
+            }
+        };
+        let asked = tokio::time::Instant::now();
+        let (logged_in, active, store) = match self
+            .ask_store(tenant, route, &auth, session, passthrough)
+            .await
+        {
+            Ok(done) => done,
+            Err(e) => return Err(self.store_refused(tenant_name, mailbox, e, asked).await),
+        };
+        let mailbox_slot = self.after_login(tenant_name, tenant, mailbox)?;
+        // `logged_in` is dropped on a refusal above: the store session closes without QUIT, so nothing it
+        // did may be committed.
+        Ok(Admitted {
+            logged_in,
+            active,
+            store,
+            tenant: tenant_name.to_string(),
+            mailbox: mailbox.to_string(),
+            mailbox_slot,
+            tenant_slot,
+            mechanism: self.mechanism,
+        })
+    }
+
+    /// The tenant's own gates, before any store is asked: the mechanism, the mailbox's lockout, the
+    /// tenant's session cap.
+    async fn tenant_gates(
+        &self,
+        tenant_name: &str,
+        tenant: &TenantRuntime,
+        mailbox: &str,
+    ) -> Result<TenantGuard, Refusal> {
+        let (ctx, metrics) = (self.ctx, &self.ctx.metrics);
+        if !tenant.mechanisms.contains(&self.creds.mechanism) {
+            metrics.login(tenant_name, self.mechanism, "rejected");
+            like_a_store_refusal(ctx, self.client.session).await;
+            return Err(Refusal::reject(AUTH_FAILED));
+        }
+        if let Verdict::LockedOut { .. } = ctx.throttle.check_login(self.client.peer.ip(), mailbox)
+        {
+            metrics.throttled(tenant_name, "lockout");
+            metrics.login(tenant_name, self.mechanism, "throttled");
+            return Err(Refusal::reject(LOCKED_OUT));
+        }
+        ctx.throttle
+            .tenant_session(tenant_name, tenant.max_sessions)
+            .map_err(|reason| {
+                metrics.throttled(tenant_name, reason);
+                metrics.login(tenant_name, self.mechanism, "throttled");
+                Refusal::unavailable(TENANT_FULL)
+            })
+    }
+
+    /// Logs in at a store: the one shown in the greeting (APOP passthrough), the one auth_http names, or
+    /// one the tenant's group picks. Returns the session, its store slot and the store's name.
+    async fn ask_store(
+        &self,
+        tenant: &TenantRuntime,
+        route: &Route,
+        auth: &OwnedAuth,
+        session: &mut ClientSession,
+        passthrough: &mut Option<Passthrough>,
+    ) -> Result<(LoggedIn, Option<ActiveSession>, String), GroupError> {
+        if let Some(p) = passthrough.take_if(|p| p.tenant == route.tenant) {
+            let Passthrough {
+                prepared, active, ..
+            } = p;
+            let logged_in = tenant
+                .group
+                .login_prepared(
+                    prepared,
+                    active.store(),
+                    &auth.as_store_auth(),
+                    &self.client,
+                    session,
+                )
+                .await?;
+            let store = active.store().id.clone();
+            return Ok((logged_in, Some(active), store));
+        }
+        let Some(service) = &tenant.auth_http else {
+            let (logged_in, active) = tenant
+                .group
+                .login(&route.key, &auth.as_store_auth(), &self.client, session)
+                .await?;
+            let store = active.store().id.clone();
+            return Ok((logged_in, Some(active), store));
+        };
+        let outcome = auth_http_login(
+            service,
+            tenant,
+            self.creds,
+            auth,
+            &route.backend_user,
+            &self.client,
+            session,
+        )
+        .await;
+        match outcome {
+            AuthHttpOutcome::LoggedIn(logged_in, store) => Ok((logged_in, None, store)),
+            AuthHttpOutcome::Refused(line) => Err(GroupError::Login(LoginError::Rejected(line))),
+            AuthHttpOutcome::Temporary(line) => Err(GroupError::Login(LoginError::Temporary(line))),
+            AuthHttpOutcome::Unavailable(why) => Err(GroupError::NoStore(why)),
+        }
+    }
+
+    /// The answer to a store that said no (a failed login, timed for the refusal clock), not now, or
+    /// nothing at all.
+    async fn store_refused(
+        &self,
+        tenant_name: &str,
+        mailbox: &str,
+        error: GroupError,
+        asked: tokio::time::Instant,
+    ) -> Refusal {
+        let label = match &error {
+            GroupError::Login(l) => l.as_str(),
+            GroupError::NoStore(_) => "unavailable",
+        };
+        self.ctx.metrics.login(tenant_name, self.mechanism, label);
+        match error {
+            GroupError::Login(LoginError::Rejected(line)) => {
+                info!(mechanism = self.mechanism, "login refused by store");
+                self.ctx.throttle.store_refused_after(asked.elapsed());
+                Refusal::reject(self.count_failure(tenant_name, Some(mailbox), line).await)
+            }
+            GroupError::Login(LoginError::Temporary(line)) => {
+                info!("store refused login for now");
+                Refusal::unavailable(line)
+            }
+            GroupError::Login(LoginError::Unavailable(why) | LoginError::Dropped(why))
+            | GroupError::NoStore(why) => {
+                warn!(reason = %why, "no store available");
+                Refusal::unavailable(STORE_UNAVAILABLE)
+            }
+        }
+    }
+
+    /// The gates that need the store's word that the credentials are right: the mailbox's session cap
+    /// (failure counts are cleared all the same) and the minimum interval between its logins.
+    fn after_login(
+        &self,
+        tenant_name: &str,
+        tenant: &TenantRuntime,
+        mailbox: &str,
+    ) -> Result<MailboxGuard, Refusal> {
+        let (ctx, metrics) = (self.ctx, &self.ctx.metrics);
+        let slot = ctx
+            .throttle
+            .login_ok(self.client.peer.ip(), mailbox)
+            .map_err(|reason| {
+                metrics.throttled(tenant_name, reason);
+                metrics.login(tenant_name, self.mechanism, "throttled");
+                Refusal::unavailable(IN_USE)
+            })?;
+        if let Some(min) = tenant.min_login_interval
+            && let Err(left) = ctx.throttle.login_interval(mailbox, min)
+        {
+            metrics.throttled(tenant_name, "login_delay");
+            metrics.login(tenant_name, self.mechanism, "throttled");
+            info!(
+                wait_s = left.as_secs(),
+                "login refused: minimum interval between logins"
+            );
+            return Err(Refusal::unavailable(format!(
+                "-ERR [LOGIN-DELAY] Logged in too recently; try again in {} seconds\r\n",
+                left.as_secs().max(1)
+            )));
+        }
+        Ok(slot)
+    }
+
+    /// Records a failed login with the edge defences; waits the growing delay before the `-ERR` goes out
+    /// (slows password guessing without holding a store connection), and turns the reply into a lockout
+    /// notice once the threshold is reached. `mailbox` only for a name that routed to a tenant.
+    async fn count_failure(&self, tenant: &str, mailbox: Option<&str>, reply: Vec<u8>) -> Vec<u8> {
+        let ctx = self.ctx;
+        let failure = Failure {
+            mailbox,
+            secret: Some(self.creds.password.expose()),
+        };
+        match ctx.throttle.failed(self.client.peer.ip(), failure) {
+            Verdict::Allow => reply,
+            Verdict::Delay(d) => {
+                ctx.metrics.throttled(tenant, "failed_login_delay");
+                tokio::select! {
+                    () = tokio::time::sleep(d) => {}
+                    () = ctx.draining.cancelled() => {}
+                }
+                reply
+            }
+            Verdict::LockedOut { .. } => {
+                ctx.metrics.throttled(tenant, "lockout");
+                LOCKED_OUT.to_vec()
+            }
+        }
+    }
+}
+
+/// Waits about as long as the stores take to refuse a login, before a refusal popgate decided without
+/// asking one (an unknown domain, a malformed name, a digest that does not match): the answer then takes
+/// the same time as a wrong password would, so hosted domains cannot be told apart by timing.
+async fn like_a_store_refusal(ctx: &Context, session: u64) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let jitter = xxhash_rust::xxh3::xxh3_64(&session.to_le_bytes()) ^ u64::from(nanos);
+    let wait = ctx.throttle.refusal_time(jitter);
+    if wait.is_zero() {
+        return;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        () = ctx.draining.cancelled() => {}
+    }
+}

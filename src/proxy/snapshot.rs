@@ -1,0 +1,297 @@
+//! The config snapshot: what every session started under one config shares — the tenant table, each
+//! tenant's stores and login rules, the client-side TLS, listener facts, and what a connection can offer
+//! given the tenants that can log in on it. Built once per config (and per reload), read by every session.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::config::{BackendLogin, ClientIpForwarding, Config, ListenerTls, PlaintextLogin};
+use crate::router::{TenantId, TenantTable};
+use crate::runtime::Context;
+use crate::secret::Secret;
+use crate::session::Mechanism;
+use crate::tls::SniResolver;
+use crate::upstream::BackendTimeouts;
+use crate::upstream::backend::Connector;
+use crate::upstream::dns::{Discovery, DnsSettings};
+use crate::upstream::group::StoreGroup;
+
+/// What every session of one config snapshot shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// The validated config.
+    pub config: Arc<Config>,
+    /// Domain → tenant.
+    pub table: TenantTable,
+    /// Per tenant, indexed like `table.tenants()`.
+    pub tenants: Vec<TenantRuntime>,
+    /// TLS for the client leg, when any listener uses it.
+    pub tls: Option<(Arc<rustls::ServerConfig>, Arc<SniResolver>)>,
+    /// Listener facts by name.
+    pub listeners: HashMap<String, Arc<ListenerInfo>>,
+    /// What a connection not bound to one tenant can offer (every tenant can log in on it).
+    pub(super) unbound: Reach,
+    /// Some tenant sends PROXY headers to its stores, which name the address the client connected to:
+    /// only then is it asked of the socket (`getsockname(2)`) on every connection.
+    pub(super) proxy_headers_out: bool,
+}
+
+/// What a connection can offer, given which tenants can log in on it. Computed once per config
+/// snapshot, so accepting a connection costs the same with one tenant or ten thousand.
+#[derive(Debug, Clone, Default)]
+pub struct Reach {
+    /// Mechanisms some of the tenants accept, sorted, without repeats.
+    pub(super) mechanisms: Vec<Mechanism>,
+    /// Some tenant checks APOP/CRAM-MD5 itself (secrets): the greeting carries popgate's own timestamp.
+    pub(super) own_challenge: bool,
+    /// The LOGIN-DELAY capability to announce.
+    pub(super) login_delay: Option<(u64, bool)>,
+    /// Some tenant allows plaintext logins.
+    pub(super) plaintext: bool,
+    /// Some tenant requires TLS before a login: on a plain connection, names that route nowhere are then
+    /// answered as that tenant's are, so the answer does not tell hosted domains from unknown ones.
+    pub(super) tls_required: bool,
+}
+
+impl Reach {
+    fn of<'a>(tenants: impl Iterator<Item = &'a TenantRuntime> + Clone) -> Self {
+        let mut mechanisms: Vec<Mechanism> = tenants
+            .clone()
+            .flat_map(|t| t.mechanisms.iter().copied())
+            .collect();
+        mechanisms.sort();
+        mechanisms.dedup();
+        let secs = |t: &TenantRuntime| t.min_login_interval.map_or(0, |d| d.as_secs());
+        let longest = tenants.clone().map(secs).max().unwrap_or(0);
+        let shortest = tenants.clone().map(secs).min().unwrap_or(0);
+        Self {
+            mechanisms,
+            own_challenge: tenants.clone().any(|t| {
+                t.secrets.is_some()
+                    && t.mechanisms
+                        .iter()
+                        .any(|m| matches!(m, Mechanism::Apop | Mechanism::CramMd5))
+            }),
+            // RFC 2449 §6.8: the tenants' interval when they agree, else the shortest with USER (it
+            // varies by user); nothing when no tenant has one.
+            login_delay: (longest > 0).then_some((shortest, shortest != longest)),
+            plaintext: tenants
+                .clone()
+                .any(|t| t.plaintext == PlaintextLogin::Allow),
+            tls_required: tenants
+                .clone()
+                .any(|t| t.plaintext == PlaintextLogin::RequireTls),
+        }
+    }
+}
+
+/// Per-tenant runtime state.
+#[derive(Debug)]
+pub struct TenantRuntime {
+    /// The tenant's stores.
+    pub group: Arc<StoreGroup>,
+    /// Plaintext policy.
+    pub plaintext: PlaintextLogin,
+    /// Mechanisms the tenant accepts.
+    pub mechanisms: Vec<Mechanism>,
+    /// `mailbox → secret`, when the tenant has a secrets source.
+    pub secrets: Option<HashMap<String, Secret>>,
+    /// How popgate logs in to the tenant's stores.
+    pub backend_login: BackendLogin,
+    /// The tenant's nginx-style auth service, when it has one.
+    pub auth_http: Option<Arc<crate::authhttp::AuthHttp>>,
+    /// Logged-in sessions at once; 0 for no cap.
+    pub max_sessions: usize,
+    /// Minimum time between two logins of one mailbox (`-ERR [LOGIN-DELAY]`).
+    pub min_login_interval: Option<std::time::Duration>,
+    /// APOP passthrough, when the tenant turned it on: the cap on store connections held for greetings.
+    pub passthrough: Option<Arc<crate::throttle::HeldCap>>,
+    /// What a connection bound to this tenant alone can offer.
+    reach: Reach,
+}
+
+/// Why the shared state could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    /// Certificates or CA bundles.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The DNS resolver.
+    #[error("DNS: {0}")]
+    Dns(#[from] crate::upstream::dns::DnsError),
+    /// A secrets file.
+    #[error("secrets: {0}")]
+    Secrets(String),
+}
+
+/// A listener's facts that sessions need.
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    /// Configured name.
+    pub name: String,
+    /// TLS mode.
+    pub tls: ListenerTls,
+    /// Tenant the listener is bound to.
+    pub tenant: Option<TenantId>,
+    /// When set, a PROXY header is required, and only from these networks.
+    pub proxy_from: Option<Vec<ipnet::IpNet>>,
+}
+
+impl Shared {
+    /// Builds the shared state for a validated config: certificates, DNS, and every tenant's store group
+    /// (resolved once, probes and pools started). Background tasks stop with `shutdown`.
+    pub async fn new(
+        config: Arc<Config>,
+        context: Arc<Context>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, SharedError> {
+        let table = TenantTable::new(&config);
+        let discovery = Arc::new(Discovery::new(DnsSettings {
+            nameservers: config.dns.nameservers.clone(),
+            min_ttl: config.dns.min_ttl.get(),
+            max_ttl: config.dns.max_ttl.get(),
+            timeout: config.dns.timeout.get(),
+        })?);
+        let timeouts = BackendTimeouts {
+            connect: config.timeouts.backend_connect.get(),
+            reply: config.timeouts.backend_reply.get(),
+        };
+        let mut tenants = Vec::with_capacity(config.tenants.len());
+        for (name, t) in &config.tenants {
+            let t = &t.value;
+            let tls = match Config::uses_store_tls(t) {
+                false => None,
+                true => {
+                    if t.backend_tls.insecure_skip_verify {
+                        warn!(tenant = %name, "backend_tls.insecure_skip_verify is set: store certificates are NOT verified");
+                    }
+                    Some(crate::tls::store_client_config(&t.backend_tls, &config)?)
+                }
+            };
+            let connector = Arc::new(Connector {
+                tls,
+                server_name: t.backend_tls.server_name.clone(),
+                client_ip: t.client_ip,
+                timeouts,
+            });
+            let group = StoreGroup::start(
+                name,
+                t,
+                connector,
+                discovery.clone(),
+                context.metrics.clone(),
+                shutdown.clone(),
+            )
+            .await;
+            let secrets = match &t.secrets {
+                Some(path) => Some(
+                    crate::config::load_secrets(&config.resolve_path(path), t.login_case)
+                        .map_err(SharedError::Secrets)?,
+                ),
+                None => None,
+            };
+            let mechanisms = t.mechanisms.clone().unwrap_or_else(|| {
+                let mut m = vec![
+                    Mechanism::UserPass,
+                    Mechanism::Plain,
+                    Mechanism::Login,
+                    Mechanism::Apop,
+                ];
+                if secrets.is_some() {
+                    m.push(Mechanism::CramMd5);
+                }
+                m
+            });
+            tenants.push(TenantRuntime {
+                reach: Reach::default(),
+                max_sessions: t.max_sessions,
+                min_login_interval: t.min_login_interval.map(|s| s.get()),
+                passthrough: t
+                    .apop_passthrough
+                    .map(|p| crate::throttle::HeldCap::new(p.max_pending, p.max_pending_per_ip)),
+                group,
+                plaintext: t.plaintext_login,
+                mechanisms,
+                secrets,
+                backend_login: t.backend_login.clone(),
+                auth_http: match &t.auth_http {
+                    Some(a) => Some(Arc::new(
+                        crate::authhttp::AuthHttp::new(crate::authhttp::AuthHttpConfig {
+                            url: a.url.clone(),
+                            timeout: a.timeout.get(),
+                            cache_ttl: a.cache_ttl.get(),
+                            negative_cache_ttl: a.negative_cache_ttl.get(),
+                            cache_size: a.cache_size,
+                            extra_headers: Vec::new(),
+                        })
+                        .map_err(|e| SharedError::Secrets(format!("tenant {name}: {e}")))?,
+                    )),
+                    None => None,
+                },
+            });
+        }
+        let needs_tls = config
+            .listeners
+            .iter()
+            .any(|l| l.value.tls != ListenerTls::None);
+        let tls = if needs_tls {
+            let resolver = Arc::new(SniResolver::from_config(&config)?);
+            let server = crate::tls::server_config(resolver.clone())?;
+            Some((server, resolver))
+        } else {
+            None
+        };
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let l = &l.value;
+                let info = ListenerInfo {
+                    name: l.name.clone(),
+                    tls: l.tls,
+                    tenant: l.tenant.as_deref().and_then(|t| table.tenant_by_name(t)),
+                    proxy_from: l
+                        .proxy_protocol
+                        .as_ref()
+                        .map(|p| p.trusted_networks.clone()),
+                };
+                (l.name.clone(), Arc::new(info))
+            })
+            .collect();
+        for t in &mut tenants {
+            t.reach = Reach::of(std::iter::once(&*t));
+        }
+        let unbound = Reach::of(tenants.iter());
+        let proxy_headers_out = config.tenants.values().any(|t| {
+            matches!(
+                t.value.client_ip,
+                ClientIpForwarding::ProxyV1 | ClientIpForwarding::ProxyV2
+            )
+        });
+        Ok(Self {
+            config,
+            table,
+            tenants,
+            tls,
+            listeners,
+            unbound,
+            proxy_headers_out,
+        })
+    }
+
+    /// What a connection bound to `tenant` (or to none) can offer.
+    pub(super) fn reach(&self, tenant: Option<TenantId>) -> &Reach {
+        match tenant.and_then(|t| self.tenants.get(t)) {
+            Some(t) => &t.reach,
+            None => &self.unbound,
+        }
+    }
+
+    /// Whether some tenant reachable through this listener allows plaintext login.
+    pub(super) fn plaintext_possible(&self, listener: &ListenerInfo) -> bool {
+        self.reach(listener.tenant).plaintext
+    }
+}

@@ -1,0 +1,246 @@
+//! How popgate logs a client in at a store: the decision (which name, which mechanism, which secret; the
+//! APOP and CRAM-MD5 digests popgate checks itself) and the nginx-style auth_http login. No client I/O
+//! beyond the SASL round trips a store asks for.
+
+use crate::config::BackendLogin;
+use crate::secret::Secret;
+use crate::session::{ClientSession, Credentials, Mechanism};
+use crate::upstream::LoginError;
+use crate::upstream::backend::{ClientInfo, StoreAuth};
+
+use super::snapshot::TenantRuntime;
+
+/// What to send the store, owning what it needs (a secret looked up, a master login name built).
+pub(super) enum OwnedAuth {
+    Password {
+        user: String,
+        password: Secret,
+        authzid: Option<String>,
+        plain: bool,
+    },
+    Apop {
+        user: String,
+        digest: String,
+    },
+    Secret {
+        user: String,
+        secret: Secret,
+    },
+    Sasl {
+        mechanism: &'static str,
+        initial: Secret,
+    },
+}
+
+impl OwnedAuth {
+    pub(super) fn as_store_auth(&self) -> StoreAuth<'_> {
+        match self {
+            OwnedAuth::Password {
+                user,
+                password,
+                authzid,
+                plain,
+            } => StoreAuth::Password {
+                user,
+                password,
+                authzid: authzid.as_deref(),
+                plain: *plain,
+            },
+            OwnedAuth::Apop { user, digest } => StoreAuth::ApopPassthrough { user, digest },
+            OwnedAuth::Secret { user, secret } => StoreAuth::Secret { user, secret },
+            OwnedAuth::Sasl { mechanism, initial } => StoreAuth::Sasl {
+                mechanism,
+                initial: initial.expose(),
+            },
+        }
+    }
+}
+
+/// Decides how to log the client in at the store. APOP and CRAM-MD5 digests are checked here against the
+/// tenant's secrets (Err when they do not match or no secret is known), unless APOP goes to the store the
+/// client saw greeting it. Whenever popgate itself checked the client's secret (a digest, or a master
+/// login), the store is asked for `checked_user`, the normalised mailbox whose secret that was, never the
+/// name as typed: on a store that tells case or Unicode forms apart, the name as typed may be another
+/// account.
+pub(super) fn store_auth(
+    tenant: &TenantRuntime,
+    creds: &Credentials,
+    backend_user: &str,
+    checked_user: impl FnOnce() -> String,
+    mailbox_key: &str,
+    passthrough: bool,
+) -> Result<OwnedAuth, ()> {
+    let secret = || {
+        tenant
+            .secrets
+            .as_ref()
+            .and_then(|s| s.get(mailbox_key))
+            .cloned()
+    };
+    let verified_secret = match creds.mechanism {
+        Mechanism::Apop if passthrough => {
+            return Ok(OwnedAuth::Apop {
+                user: backend_user.to_string(),
+                digest: String::from_utf8_lossy(creds.password.expose()).into_owned(),
+            });
+        }
+        Mechanism::Apop | Mechanism::CramMd5 => {
+            let (secret, challenge) = (secret().ok_or(())?, creds.challenge.as_deref().ok_or(())?);
+            let expected = if creds.mechanism == Mechanism::Apop {
+                crate::protocol::sasl::apop_digest(challenge, secret.expose())
+            } else {
+                crate::protocol::sasl::cram_md5_digest(challenge, secret.expose())
+            };
+            let presented = String::from_utf8_lossy(creds.password.expose()).into_owned();
+            if !crate::protocol::sasl::digests_match(&expected, &presented) {
+                return Err(());
+            }
+            Some(secret)
+        }
+        _ => None,
+    };
+    if let BackendLogin::Master(master) = &tenant.backend_login {
+        // Only after popgate itself checked the client: a master login ignores the user's password.
+        let checked = verified_secret.is_some()
+            || secret().is_some_and(|s| {
+                creds.mechanism.reveals_secret() && s.matches(creds.password.expose())
+            });
+        if !checked {
+            return Err(());
+        }
+        return Ok(OwnedAuth::Password {
+            user: format!("{}{}{}", checked_user(), master.separator, master.user),
+            password: Secret::new(master.password.expose().as_bytes().to_vec()),
+            authzid: None,
+            plain: false,
+        });
+    }
+    if let Some(secret) = verified_secret {
+        return Ok(OwnedAuth::Secret {
+            user: checked_user(),
+            secret,
+        });
+    }
+    let sasl = |mechanism| OwnedAuth::Sasl {
+        mechanism,
+        initial: creds.password.clone(),
+    };
+    Ok(match creds.mechanism {
+        Mechanism::Xoauth2 => sasl("XOAUTH2"),
+        Mechanism::Oauthbearer => sasl("OAUTHBEARER"),
+        Mechanism::ScramSha1 => sasl("SCRAM-SHA-1"),
+        Mechanism::ScramSha256 => sasl("SCRAM-SHA-256"),
+        _ => OwnedAuth::Password {
+            user: backend_user.to_string(),
+            password: creds.password.clone(),
+            authzid: creds.authzid.clone(),
+            plain: match tenant.backend_login {
+                BackendLogin::AuthPlain => true,
+                BackendLogin::UserPass => false,
+                _ => creds.mechanism == Mechanism::Plain,
+            },
+        },
+    })
+}
+
+pub(super) enum AuthHttpOutcome {
+    LoggedIn(crate::upstream::LoggedIn, String),
+    /// The auth service or the store refused the credentials: a failed login.
+    Refused(Vec<u8>),
+    /// The store answered for now only (`[IN-USE]`, `[SYS/TEMP]`): not a failed login.
+    Temporary(Vec<u8>),
+    Unavailable(String),
+}
+
+/// nginx `auth_http`: the service checks the client and names the store (and possibly the name and
+/// password to use there); popgate then connects and logs in as told.
+pub(super) async fn auth_http_login(
+    service: &crate::authhttp::AuthHttp,
+    tenant: &TenantRuntime,
+    creds: &Credentials,
+    auth: &OwnedAuth,
+    backend_user: &str,
+    client: &ClientInfo,
+    relay: &mut ClientSession,
+) -> AuthHttpOutcome {
+    let method = match creds.mechanism {
+        Mechanism::Apop => "apop",
+        Mechanism::CramMd5 => "cram-md5",
+        _ => "plain",
+    };
+    let request = crate::authhttp::AuthRequest {
+        method,
+        user: &creds.login,
+        pass: creds.password.expose(),
+        salt: creds.challenge.as_deref(),
+        protocol: "pop3",
+        attempt: 1,
+        client_ip: client.peer.ip(),
+        client_host: None,
+    };
+    let answer = match service.lookup(&request).await {
+        Ok(a) => a,
+        Err(e) => return AuthHttpOutcome::Unavailable(e.to_string()),
+    };
+    let (server, port, user, pass) = match answer {
+        crate::authhttp::AuthAnswer::Ok {
+            server,
+            port,
+            user,
+            pass,
+        } => (server, port, user, pass),
+        crate::authhttp::AuthAnswer::Refused { message, wait } => {
+            if let Some(wait) = wait {
+                tokio::time::sleep(wait).await;
+            }
+            return AuthHttpOutcome::Refused(format!("-ERR [AUTH] {message}\r\n").into_bytes());
+        }
+    };
+    let addr = match tokio::net::lookup_host((server.as_str(), port))
+        .await
+        .map(|mut a| a.next())
+    {
+        Ok(Some(addr)) => addr,
+        _ => return AuthHttpOutcome::Unavailable(format!("cannot resolve Auth-Server {server}")),
+    };
+    let user = user.unwrap_or_else(|| backend_user.to_string());
+    let store_auth = match (&pass, auth) {
+        (Some(p), _) => StoreAuth::Password {
+            user: &user,
+            password: p,
+            authzid: None,
+            plain: false,
+        },
+        // A digest cannot be replayed to another store: nginx requires Auth-Pass for these methods.
+        (None, _) if matches!(creds.mechanism, Mechanism::Apop | Mechanism::CramMd5) => {
+            return AuthHttpOutcome::Unavailable(
+                "auth_http gave no Auth-Pass for a digest login".into(),
+            );
+        }
+        (None, OwnedAuth::Sasl { .. }) => auth.as_store_auth(),
+        (None, _) => StoreAuth::Password {
+            user: &user,
+            password: &creds.password,
+            authzid: None,
+            plain: false,
+        },
+    };
+    let endpoint = crate::upstream::dns::Endpoint {
+        addr,
+        host: server.clone(),
+        priority: 0,
+        weight: 1,
+    };
+    match tenant
+        .group
+        .login_direct(&endpoint, &store_auth, client, relay)
+        .await
+    {
+        Ok(l) => AuthHttpOutcome::LoggedIn(l, format!("{server}:{port}")),
+        Err(LoginError::Rejected(line)) => AuthHttpOutcome::Refused(line),
+        Err(LoginError::Temporary(line)) => AuthHttpOutcome::Temporary(line),
+        Err(LoginError::Unavailable(why) | LoginError::Dropped(why)) => {
+            AuthHttpOutcome::Unavailable(why)
+        }
+    }
+}
