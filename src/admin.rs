@@ -46,7 +46,25 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::config::AdminConfig;
-use crate::runtime::{Runtime, StartError};
+use crate::context::{Context, ReloadRecord};
+use crate::proxy::Shared;
+
+/// What the admin server reads and asks of the running process. The process setup (`runtime`), the only
+/// module that starts this server, implements it; the admin server depends on no process type.
+pub trait Control: Send + Sync + 'static {
+    /// Metrics, sessions, stop signals.
+    fn context(&self) -> &Context;
+    /// The config snapshot in force.
+    fn snapshot(&self) -> Arc<Shared>;
+    /// What `/readyz` answers.
+    fn is_ready(&self) -> bool;
+    /// Every listener's name and bound address.
+    fn addrs(&self) -> Vec<(String, SocketAddr)>;
+    /// Recent reloads, oldest first.
+    fn reloads(&self) -> Vec<ReloadRecord>;
+    /// Re-reads the config file and swaps it in when valid.
+    fn reload(self: Arc<Self>) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
 
 /// The longest an admin connection stays open, whatever it does (a slow body, a client that does not read
 /// the answer). Generous: a `POST /reload` waits for any reload already running and then for its own.
@@ -58,17 +76,15 @@ const ADMIN_HEADER: HeaderName = HeaderName::from_static("x-popgate-admin");
 type Reply = Response<Full<Bytes>>;
 
 /// Binds the admin server and serves it until the runtime stops. Returns the bound address.
-pub async fn spawn(runtime: Arc<Runtime>, config: &AdminConfig) -> Result<SocketAddr, StartError> {
-    let listener = TcpListener::bind(config.bind)
-        .await
-        .map_err(|source| StartError::Admin {
-            addr: config.bind,
-            source,
-        })?;
+pub async fn spawn<R: Control>(
+    runtime: Arc<R>,
+    config: &AdminConfig,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(config.bind).await?;
     let addr = listener.local_addr().unwrap_or(config.bind);
     info!(addr = %addr, "admin server listening");
     let config = Arc::new(config.clone());
-    let stop = runtime.context.stop.clone();
+    let stop = runtime.context().stop.clone();
     // Its own cap, apart from POP3's: a flood here must not hold the descriptors POP3 accepts with.
     let cap = config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(cap));
@@ -123,7 +139,11 @@ pub async fn spawn(runtime: Arc<Runtime>, config: &AdminConfig) -> Result<Socket
     Ok(addr)
 }
 
-async fn route(runtime: &Arc<Runtime>, started: &AdminConfig, req: Request<Incoming>) -> Reply {
+async fn route<R: Control>(
+    runtime: &Arc<R>,
+    started: &AdminConfig,
+    req: Request<Incoming>,
+) -> Reply {
     let write = req.method() == Method::POST;
     // The token, token_for_reads and hosts follow reloads (a rotated token file takes effect on the next
     // one); a config that drops the admin section keeps the settings the server started with.
@@ -155,7 +175,7 @@ async fn route(runtime: &Arc<Runtime>, started: &AdminConfig, req: Request<Incom
             for t in &runtime.snapshot().tenants {
                 t.group.refresh_gauges();
             }
-            let mut r = Response::new(Full::new(Bytes::from(runtime.context.metrics.render())));
+            let mut r = Response::new(Full::new(Bytes::from(runtime.context().metrics.render())));
             set(&mut r, CONTENT_TYPE, "text/plain; version=0.0.4");
             r
         }
@@ -168,7 +188,7 @@ async fn route(runtime: &Arc<Runtime>, started: &AdminConfig, req: Request<Incom
             }
         }
         (&Method::GET, "/status") => {
-            let mut r = Response::new(Full::new(Bytes::from(status(runtime).to_string())));
+            let mut r = Response::new(Full::new(Bytes::from(status(&**runtime).to_string())));
             set(&mut r, CONTENT_TYPE, "application/json");
             r
         }
@@ -205,8 +225,8 @@ async fn route(runtime: &Arc<Runtime>, started: &AdminConfig, req: Request<Incom
                     // tenant was removed by a reload) is compared as given.
                     let key = runtime.snapshot().table.route(&m, None).map(|r| r.key);
                     let kicked = match &key {
-                        Ok(key) => runtime.context.sessions.kick(key, true),
-                        Err(_) => runtime.context.sessions.kick(&m, false),
+                        Ok(key) => runtime.context().sessions.kick(key, true),
+                        Err(_) => runtime.context().sessions.kick(&m, false),
                     };
                     info!(sessions = kicked, "kicked a mailbox's sessions");
                     json_reply(StatusCode::OK, json!({"kicked": kicked}))
@@ -215,7 +235,7 @@ async fn route(runtime: &Arc<Runtime>, started: &AdminConfig, req: Request<Incom
             }
         }
         (&Method::GET, "/") => {
-            let mut r = Response::new(Full::new(Bytes::from(html(runtime))));
+            let mut r = Response::new(Full::new(Bytes::from(html(&**runtime))));
             set(&mut r, CONTENT_TYPE, "text/html; charset=utf-8");
             r
         }
@@ -339,9 +359,9 @@ fn json_reply(status: StatusCode, body: serde_json::Value) -> Reply {
 }
 
 /// Everything an operator wants at a glance, as JSON.
-pub fn status(runtime: &Runtime) -> serde_json::Value {
+pub fn status<R: Control>(runtime: &R) -> serde_json::Value {
     let shared = runtime.snapshot();
-    let per_tenant = runtime.context.sessions.per_tenant();
+    let per_tenant = runtime.context().sessions.per_tenant();
     let tenants: Vec<serde_json::Value> = shared
         .config
         .tenants
@@ -391,8 +411,8 @@ pub fn status(runtime: &Runtime) -> serde_json::Value {
         .collect();
     json!({
         "ready": runtime.is_ready(),
-        "draining": runtime.context.draining.is_cancelled(),
-        "sessions": runtime.context.sessions.len(),
+        "draining": runtime.context().draining.is_cancelled(),
+        "sessions": runtime.context().sessions.len(),
         "listeners": listeners,
         "tenants": tenants,
         "reloads": reloads,
@@ -407,7 +427,7 @@ fn esc(s: &str) -> String {
 }
 
 /// A small status page in the spirit of HAProxy's: no scripts, no external assets, refreshes itself.
-fn html(runtime: &Runtime) -> String {
+fn html<R: Control>(runtime: &R) -> String {
     let st = status(runtime);
     let mut h = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\">\

@@ -9,8 +9,11 @@
 //! - [`relay`]: bytes both ways after login; QUIT seen, never invented.
 //! - [`proxy`]: the one place that composes the stages above.
 //! - [`protocol`]: POP3 and SASL wire formats, no I/O.
-//! - [`runtime`]: the running process: config snapshots and reload, listeners, drain, session registry.
+//! - [`vocab`]: shared vocabulary (tenant ids, mechanisms, policies, name normalisation); imports nothing.
+//! - [`runtime`]: the running process: config snapshots and reload, listeners, drain.
+//! - [`context`]: what every session shares: metrics, throttles, the session registry, stop signals.
 //! - [`admin`]: the admin HTTP server (metrics, health, status, reload, kick).
+//! - [`certs`]: certificate files and the crypto provider (a leaf).
 //! - [`tls`], [`stream`], [`secret`], [`metrics`], [`proxy_protocol`]: side modules used by any stage.
 //!
 //! The demo's and the tests' store is the `maildrop` crate (crates/maildrop); the load tool is the
@@ -20,7 +23,9 @@
 
 pub mod admin;
 pub mod authhttp;
+pub mod certs;
 pub mod config;
+pub mod context;
 pub mod demo;
 pub mod listener;
 pub mod logs;
@@ -37,6 +42,7 @@ pub mod stream;
 pub mod throttle;
 pub mod tls;
 pub mod upstream;
+pub mod vocab;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

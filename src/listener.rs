@@ -13,7 +13,27 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::runtime::Runtime;
+use crate::context::Context;
+use crate::proxy::Shared;
+
+/// The config snapshot in force, as the accept loop sees it. The running process implements it, so this
+/// module depends on no process type.
+pub trait Snapshots: Send + Sync + 'static {
+    /// The snapshot new connections are served with.
+    fn current(&self) -> Arc<Shared>;
+}
+
+/// A listener that could not bind.
+#[derive(Debug, thiserror::Error)]
+#[error("listener `{name}` cannot bind {addr}: {source}")]
+pub struct BindError {
+    /// Listener name.
+    pub name: String,
+    /// Address.
+    pub addr: SocketAddr,
+    /// Cause.
+    pub source: std::io::Error,
+}
 
 const TOO_MANY: &[u8] = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n";
 const TOO_MANY_FROM_YOU: &[u8] =
@@ -21,10 +41,11 @@ const TOO_MANY_FROM_YOU: &[u8] =
 
 /// Accepts on `listener` until `stop`, spawning each connection on `tracker`. Each connection is served
 /// with the config snapshot current at its accept, so a reload changes new sessions only.
-pub async fn accept_loop(
+pub async fn accept_loop<S: Snapshots>(
     listener: TcpListener,
     name: String,
-    runtime: Arc<Runtime>,
+    ctx: Arc<Context>,
+    snapshots: Arc<S>,
     permits: Arc<Semaphore>,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -38,25 +59,22 @@ pub async fn accept_loop(
             Ok((tcp, peer)) => match permits.clone().try_acquire_owned() {
                 Ok(permit) => {
                     // Per-IP rate and concurrency (the PROXY-protocol client address is checked later, at login).
-                    let ip_guard = match runtime.context.throttle.admit(peer.ip()) {
+                    let ip_guard = match ctx.throttle.admit(peer.ip()) {
                         Ok(g) => g,
                         Err(reason) => {
-                            runtime
-                                .context
-                                .metrics
+                            ctx.metrics
                                 .throttled(crate::metrics::UNKNOWN_TENANT, reason);
                             tracker.spawn(refuse(tcp, TOO_MANY_FROM_YOU));
                             continue;
                         }
                     };
-                    let shared = runtime.snapshot();
-                    let Some(info) = runtime.listener_info(&shared, &name) else {
+                    let shared = snapshots.current();
+                    let Some(info) = shared.listeners.get(&name).cloned() else {
                         // The listener was just removed by a reload; this connection raced it.
                         continue;
                     };
-                    let ctx = runtime.context.clone();
                     tracker.spawn(crate::proxy::serve(
-                        ctx,
+                        ctx.clone(),
                         shared,
                         info,
                         tcp,
@@ -66,9 +84,7 @@ pub async fn accept_loop(
                 }
                 Err(_) => {
                     warn!(listener = %name, client = %peer, "connection cap reached; refusing");
-                    runtime
-                        .context
-                        .metrics
+                    ctx.metrics
                         .throttled(crate::metrics::UNKNOWN_TENANT, "connection_cap");
                     tracker.spawn(refuse(tcp, TOO_MANY));
                 }
@@ -108,12 +124,10 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Binds every configured listener before any is served, so a bad port fails the start as a whole.
-pub async fn bind_all(
-    addrs: &[(String, SocketAddr)],
-) -> Result<Vec<TcpListener>, crate::StartError> {
+pub async fn bind_all(addrs: &[(String, SocketAddr)]) -> Result<Vec<TcpListener>, BindError> {
     let mut bound = Vec::with_capacity(addrs.len());
     for (name, addr) in addrs {
-        let l = bind(*addr).map_err(|source| crate::runtime::StartError::Bind {
+        let l = bind(*addr).map_err(|source| BindError {
             name: name.clone(),
             addr: *addr,
             source,

@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -18,158 +17,16 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ReadyWhen};
+pub use crate::context::{Context, ReloadRecord, SessionEntry, SessionRegistry};
 use crate::metrics::Metrics;
-use crate::proxy::{ListenerInfo, Shared};
-
-/// A logged-in session, as the registry knows it.
-#[derive(Debug, Clone)]
-pub struct SessionEntry {
-    /// Tenant name.
-    pub tenant: String,
-    /// Normalised mailbox (`local@domain`), what `/kick` matches.
-    pub mailbox: String,
-    /// Store id.
-    pub store: String,
-    /// Cancels this session's relay (closing the store connection without QUIT).
-    pub kick: CancellationToken,
-}
-
-/// Logged-in sessions by id. Entries are shared with their sessions (which read the tenant and store from
-/// them), and keep the table's buckets small.
-#[derive(Debug, Default)]
-pub struct SessionRegistry {
-    map: Mutex<HashMap<u64, Arc<SessionEntry>>>,
-}
-
-/// Removes its session from the registry when dropped.
-#[derive(Debug)]
-pub struct Registered<'a> {
-    registry: &'a SessionRegistry,
-    id: u64,
-    entry: Arc<SessionEntry>,
-}
-
-impl Registered<'_> {
-    /// The session's entry.
-    pub fn entry(&self) -> &SessionEntry {
-        &self.entry
-    }
-}
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        self.registry
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
-    }
-}
-
-impl SessionRegistry {
-    /// Adds a session; it stays until the guard drops.
-    pub fn register(&self, id: u64, entry: SessionEntry) -> Registered<'_> {
-        let entry = Arc::new(entry);
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, entry.clone());
-        Registered {
-            registry: self,
-            id,
-            entry,
-        }
-    }
-
-    /// Ends every session of `mailbox` (a mailbox key, compared exactly when `exact`, else ignoring ASCII
-    /// case); returns how many.
-    pub fn kick(&self, mailbox: &str, exact: bool) -> usize {
-        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut n = 0;
-        for entry in map.values().filter(|e| {
-            if exact {
-                e.mailbox == mailbox
-            } else {
-                e.mailbox.eq_ignore_ascii_case(mailbox)
-            }
-        }) {
-            entry.kick.cancel();
-            n += 1;
-        }
-        n
-    }
-
-    /// Sessions per tenant.
-    pub fn per_tenant(&self) -> HashMap<String, usize> {
-        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out = HashMap::new();
-        for e in map.values() {
-            *out.entry(e.tenant.clone()).or_default() += 1;
-        }
-        out
-    }
-
-    /// Sessions in total.
-    pub fn len(&self) -> usize {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-
-    /// True when no session is logged in.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// What every session of the process shares, whatever its snapshot.
-#[derive(Debug)]
-pub struct Context {
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Logged-in sessions.
-    pub sessions: SessionRegistry,
-    /// Edge defences (process-wide, so their memory survives reloads).
-    pub throttle: crate::throttle::Throttle,
-    /// Cancelled on SIGTERM: stop accepting, end pre-login sessions.
-    pub draining: CancellationToken,
-    /// Cancelled when the grace period ends (or at once): end everything.
-    pub stop: CancellationToken,
-    next_session: AtomicU64,
-}
-
-impl Context {
-    /// A new session id.
-    pub fn next_session_id(&self) -> u64 {
-        self.next_session.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-/// One reload, for the status page.
-#[derive(Debug, Clone)]
-pub struct ReloadRecord {
-    /// When.
-    pub at: SystemTime,
-    /// Whether the new config was taken.
-    pub ok: bool,
-    /// What happened.
-    pub message: String,
-}
+use crate::proxy::Shared;
 
 /// Why popgate could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener could not bind.
-    #[error("listener `{name}` cannot bind {addr}: {source}")]
-    Bind {
-        /// Listener name.
-        name: String,
-        /// Address.
-        addr: SocketAddr,
-        /// Cause.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] crate::listener::BindError),
     /// Certificates, CA bundles or the DNS resolver could not be set up.
     #[error(transparent)]
     Setup(#[from] crate::proxy::SharedError),
@@ -220,14 +77,13 @@ impl Runtime {
         stop: CancellationToken,
     ) -> Result<Arc<Self>, StartError> {
         let metrics = Metrics::new()?;
-        let context = Arc::new(Context {
+        let context = Arc::new(Context::new(
             metrics,
-            sessions: SessionRegistry::default(),
-            throttle: crate::throttle::Throttle::new(config.throttle.to_throttle()),
-            draining: stop.child_token(),
-            stop: stop.clone(),
-            next_session: AtomicU64::new(1),
-        });
+            crate::throttle::Throttle::new(crate::throttle::ThrottleConfig::from_settings(
+                &config.throttle,
+            )),
+            stop.clone(),
+        ));
         let config = Arc::new(config);
         let tasks = stop.child_token();
         let shared = Arc::new(Shared::new(config.clone(), context.clone(), tasks.clone()).await?);
@@ -266,7 +122,12 @@ impl Runtime {
             });
         }
         if let Some(admin) = &config.admin {
-            let addr = crate::admin::spawn(rt.clone(), admin).await?;
+            let addr = crate::admin::spawn(rt.clone(), admin)
+                .await
+                .map_err(|source| StartError::Admin {
+                    addr: admin.bind,
+                    source,
+                })?;
             *rt.admin_addr.lock().unwrap_or_else(PoisonError::into_inner) = Some(addr);
         }
         Ok(rt)
@@ -295,6 +156,7 @@ impl Runtime {
         self.tracker.spawn(crate::listener::accept_loop(
             tcp,
             name,
+            self.context.clone(),
             self.clone(),
             self.permits.clone(),
             self.tracker.clone(),
@@ -305,11 +167,6 @@ impl Runtime {
     /// The current config snapshot.
     pub fn snapshot(&self) -> Arc<Shared> {
         self.current.load_full()
-    }
-
-    /// The snapshot's facts for a listener, if it still exists.
-    pub fn listener_info(&self, shared: &Shared, name: &str) -> Option<Arc<ListenerInfo>> {
-        shared.listeners.get(name).cloned()
     }
 
     /// Every listener's name and bound address.
@@ -470,7 +327,9 @@ impl Runtime {
         // The edge defences and the connection cap take the new settings; their counters stay.
         self.context
             .throttle
-            .reconfigure(config.throttle.to_throttle());
+            .reconfigure(crate::throttle::ThrottleConfig::from_settings(
+                &config.throttle,
+            ));
         self.resize_permits(config.limits.max_connections);
         let old = std::mem::replace(
             &mut *self
@@ -634,4 +493,36 @@ pub fn watch_config_dir(runtime: &Arc<Runtime>) -> Result<(), String> {
         }
     });
     Ok(())
+}
+
+impl crate::listener::Snapshots for Runtime {
+    fn current(&self) -> Arc<Shared> {
+        self.snapshot()
+    }
+}
+
+impl crate::admin::Control for Runtime {
+    fn context(&self) -> &Context {
+        &self.context
+    }
+
+    fn snapshot(&self) -> Arc<Shared> {
+        Runtime::snapshot(self)
+    }
+
+    fn is_ready(&self) -> bool {
+        Runtime::is_ready(self)
+    }
+
+    fn addrs(&self) -> Vec<(String, SocketAddr)> {
+        Runtime::addrs(self)
+    }
+
+    fn reloads(&self) -> Vec<ReloadRecord> {
+        Runtime::reloads(self)
+    }
+
+    async fn reload(self: Arc<Self>) -> Result<(), String> {
+        Runtime::reload(&self).await
+    }
 }

@@ -5,108 +5,19 @@
 //! Only TLS 1.2 and 1.3 are enabled, with the ring provider.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+
 use std::sync::Arc;
 
 use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::Config;
-use crate::router::TenantId;
+use crate::vocab::TenantId;
 
-/// A certificate or key that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// The certificate file is missing, unreadable or holds no certificate.
-    #[error("cannot load certificate {path}: {reason}")]
-    Certificate {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// The key file is missing, unreadable, holds no key, or the key does not fit the provider.
-    #[error("cannot load private key {path}: {reason}")]
-    Key {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// rustls refused the configuration.
-    #[error("TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
-    /// rcgen failed to make the fallback certificate.
-    #[error("cannot generate a self-signed certificate: {0}")]
-    SelfSigned(#[from] rcgen::Error),
-}
-
-/// The crypto provider used everywhere (one provider only, so aws-lc-rs is not built).
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Loads a certificate chain and its private key.
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
-    let (chain, key_der) = load_chain_and_key(cert, key)?;
-    let signing = provider()
-        .key_provider
-        .load_private_key(key_der)
-        .map_err(|e| TlsError::Key {
-            path: key.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    let ck = CertifiedKey::new(chain, signing);
-    // A certificate that does not parse, or whose public key is not the key's, is the certificate's fault
-    // as far as the operator can tell: name the certificate file (and the key it was checked against).
-    ck.keys_match().map_err(|e| TlsError::Certificate {
-        path: cert.to_path_buf(),
-        reason: format!("{e} (checked against the key in {})", key.display()),
-    })?;
-    Ok(Arc::new(ck))
-}
-
-fn load_chain_and_key(
-    cert: &Path,
-    key: &Path,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-    let cert_err = |reason: String| TlsError::Certificate {
-        path: cert.to_path_buf(),
-        reason,
-    };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| cert_err(e.to_string()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| cert_err(e.to_string()))?;
-    if chain.is_empty() {
-        return Err(cert_err("no CERTIFICATE block found".into()));
-    }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
-        path: key.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    Ok((chain, key_der))
-}
-
-fn certified_key(
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<Arc<CertifiedKey>, rustls::Error> {
-    let signing = provider().key_provider.load_private_key(key)?;
-    let ck = CertifiedKey::new(chain, signing);
-    ck.keys_match()?;
-    Ok(Arc::new(ck))
-}
-
-/// A self-signed certificate for the given names, for when no certificate is configured.
-pub fn self_signed(names: Vec<String>) -> Result<Arc<CertifiedKey>, TlsError> {
-    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(names)?;
-    let key = PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
-    Ok(certified_key(vec![cert.der().clone()], key)?)
-}
+pub use crate::certs::{
+    TlsError, load_certified_key, load_roots, provider, self_signed, unverified_chain,
+};
 
 /// Picks a certificate by SNI and remembers which tenant each name belongs to.
 #[derive(Debug)]
@@ -214,24 +125,6 @@ pub fn server_config(resolver: Arc<SniResolver>) -> Result<Arc<ServerConfig>, Tl
 
 // === store leg ===
 
-/// Loads a PEM bundle of trust anchors.
-pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
-    let err = |reason: String| TlsError::Certificate {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))? {
-        roots
-            .add(cert.map_err(|e| err(e.to_string()))?)
-            .map_err(|e| err(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(err("no CERTIFICATE block found".into()));
-    }
-    Ok(roots)
-}
-
 /// A client config for one tenant's stores: verified against its CA bundle (or, only when the operator
 /// asked for it, not verified at all), with an optional client certificate. TLS 1.2 and 1.3.
 pub fn store_client_config(
@@ -250,64 +143,10 @@ pub fn store_client_config(
     let client = match (&tls.certificate, &tls.key) {
         (Some(c), Some(k)) => {
             let (chain, key) =
-                load_chain_and_key(&config.resolve_path(c), &config.resolve_path(k))?;
+                crate::certs::load_chain_and_key(&config.resolve_path(c), &config.resolve_path(k))?;
             builder.with_client_auth_cert(chain, key)?
         }
         _ => builder.with_no_client_auth(),
     };
     Ok(Arc::new(client))
-}
-
-/// A verifier that does not check the server's chain (stores' `insecure_skip_verify`, the load tool's
-/// `--insecure`); handshake signatures are still checked, so the session itself stays sound.
-pub fn unverified_chain() -> Arc<dyn rustls::client::danger::ServerCertVerifier> {
-    Arc::new(UnverifiedChain(provider()))
-}
-
-#[derive(Debug)]
-struct UnverifiedChain(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for UnverifiedChain {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &rustls_pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }

@@ -24,7 +24,7 @@ pub use upstream::{
     PoolConfig, ProxyProtocolIn,
 };
 
-pub use crate::upstream::balance::Policy;
+pub use crate::vocab::{LoginCase, Policy, normalize_domain_pattern};
 
 /// Everything popgate needs to run, as read from one YAML file.
 #[derive(Debug, Clone, Deserialize)]
@@ -264,7 +264,7 @@ pub struct TenantConfig {
     /// `scram-sha-1`, `scram-sha-256`. Default: `user`, `plain`, `login`, `apop` (APOP is offered only where it
     /// can work: with `secrets`, or a single store shown before the greeting), plus `cram-md5` with `secrets`.
     #[serde(default)]
-    pub mechanisms: Option<Vec<crate::session::Mechanism>>,
+    pub mechanisms: Option<Vec<crate::vocab::Mechanism>>,
     /// A YAML file of `mailbox: secret` (mailbox as `local@domain`), reloaded with the config. Lets popgate
     /// check APOP and CRAM-MD5 itself and then log in to the store with the secret.
     #[serde(default)]
@@ -318,19 +318,6 @@ fn default_passthrough_pending() -> usize {
 }
 fn default_passthrough_pending_per_ip() -> usize {
     2
-}
-
-/// How a tenant treats the case of login names' local parts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LoginCase {
-    /// One mailbox whatever the case; the store sees the name as the client wrote it.
-    #[default]
-    Insensitive,
-    /// One mailbox whatever the case; the store sees it lowercased.
-    Lower,
-    /// Case matters: `John` and `john` are different mailboxes.
-    Sensitive,
 }
 
 /// A tenant certificate and the names it is served for.
@@ -403,34 +390,6 @@ impl Default for ThrottleSettings {
             max_tracked_keys: 100_000,
             spare_known_addresses: true,
             known_address_for: Seconds::from_secs(7 * 24 * 3600),
-        }
-    }
-}
-
-impl ThrottleSettings {
-    /// The limiter's configuration.
-    pub fn to_throttle(&self) -> crate::throttle::ThrottleConfig {
-        crate::throttle::ThrottleConfig {
-            trusted: self.trusted_networks.clone(),
-            failed_login_delay: self.failed_login_delay.get(),
-            failed_login_max_delay: self.failed_login_max_delay.get(),
-            lockout_after: self.lockout_after,
-            lockout_for: self.lockout_for.get(),
-            forget_after: self.forget_after.get(),
-            max_sessions_per_ip: (self.max_sessions_per_ip > 0).then_some(self.max_sessions_per_ip),
-            connection_rate_per_ip: (self.connection_burst > 0 && self.connections_per_second > 0)
-                .then(|| {
-                    (
-                        self.connection_burst,
-                        Duration::from_secs(1) / self.connections_per_second,
-                    )
-                }),
-            max_sessions_per_mailbox: (self.max_sessions_per_mailbox > 0)
-                .then_some(self.max_sessions_per_mailbox),
-            max_tracked_keys: self.max_tracked_keys,
-            spare_known_addresses: self.spare_known_addresses,
-            known_address_for: self.known_address_for.get(),
-            ..crate::throttle::ThrottleConfig::default()
         }
     }
 }
@@ -773,7 +732,7 @@ impl Config {
                 );
             }
             for (i, host) in admin.hosts.iter().enumerate() {
-                if crate::router::normalize_domain(host).is_none() {
+                if crate::vocab::normalize_domain(host).is_none() {
                     push(
                         format!("admin.hosts[{i}]"),
                         None,
@@ -1040,7 +999,7 @@ impl Config {
                         .into(),
                 ),
                 (Some(ca), _) => {
-                    if let Err(e) = crate::tls::load_roots(&self.resolve_path(ca)) {
+                    if let Err(e) = crate::certs::load_roots(&self.resolve_path(ca)) {
                         push(format!("{field}.backend_tls.ca"), line, e.to_string());
                     }
                 }
@@ -1121,7 +1080,7 @@ fn check_cert_files(
     push: &mut impl FnMut(String, Option<u64>, String),
 ) {
     if let Err(e) =
-        crate::tls::load_certified_key(&config.resolve_path(cert), &config.resolve_path(key))
+        crate::certs::load_certified_key(&config.resolve_path(cert), &config.resolve_path(key))
     {
         push(format!("{field}.certificate"), line, e.to_string());
     }
@@ -1167,28 +1126,17 @@ pub fn load_secrets(
     let key = |mailbox: &str| -> String {
         match mailbox.rsplit_once('@') {
             Some((local, domain)) => {
-                let domain = crate::router::normalize_domain(domain)
-                    .unwrap_or_else(|| domain.to_lowercase());
-                crate::router::mailbox_key(local, &domain, case)
+                let domain =
+                    crate::vocab::normalize_domain(domain).unwrap_or_else(|| domain.to_lowercase());
+                crate::vocab::mailbox_key(local, &domain, case)
             }
-            None => crate::router::mailbox_key(mailbox, "", case),
+            None => crate::vocab::mailbox_key(mailbox, "", case),
         }
     };
     Ok(map
         .into_iter()
         .map(|(k, v)| (key(&k), crate::secret::Secret::new(v.into_bytes())))
         .collect())
-}
-
-/// Lowercases and IDNA-normalises a domain or `*.domain` pattern.
-pub fn normalize_domain_pattern(pattern: &str) -> Result<String, String> {
-    let (wild, rest) = match pattern.strip_prefix("*.") {
-        Some(rest) => (true, rest),
-        None => (false, pattern),
-    };
-    let norm = crate::router::normalize_domain(rest)
-        .ok_or_else(|| format!("`{pattern}` is not a valid domain name"))?;
-    Ok(if wild { format!("*.{norm}") } else { norm })
 }
 
 // === defaults ===
@@ -1260,7 +1208,7 @@ impl FromStr for BackendAddr {
             return Err(format!("`{s}` has no host"));
         }
         if host.parse::<std::net::IpAddr>().is_err()
-            && crate::router::normalize_domain(host).is_none()
+            && crate::vocab::normalize_domain(host).is_none()
         {
             return Err(format!("`{host}` is neither an IP address nor a host name"));
         }

@@ -127,6 +127,26 @@ fn check_field(field: &[u8]) -> Result<(), SaslError> {
     }
 }
 
+/// The client side of a relayed SASL exchange: shows the store's challenge line to the client and returns the
+/// client's answer line (None when the client went away).
+pub trait SaslRelay: Send {
+    /// One round trip with the client.
+    fn exchange(
+        &mut self,
+        challenge_line: Vec<u8>,
+    ) -> impl std::future::Future<Output = Option<Vec<u8>>> + Send;
+}
+
+/// For logins that need no client round trip.
+#[derive(Debug)]
+pub struct NoRelay;
+
+impl SaslRelay for NoRelay {
+    async fn exchange(&mut self, _challenge_line: Vec<u8>) -> Option<Vec<u8>> {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

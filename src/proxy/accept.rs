@@ -10,8 +10,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::config::ListenerTls;
+use crate::context::Context;
 use crate::router::TenantId;
-use crate::runtime::Context;
 use crate::session::SessionEnd;
 use crate::stream::Stream;
 use crate::upstream::backend::ClientInfo;

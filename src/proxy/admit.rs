@@ -10,8 +10,8 @@
 use tracing::{info, warn};
 
 use crate::config::{ListenerTls, PlaintextLogin};
+use crate::context::Context;
 use crate::router::Route;
-use crate::runtime::Context;
 use crate::session::{ClientSession, Credentials, SessionEnd};
 use crate::throttle::{Failure, MailboxGuard, TenantGuard, Verdict};
 use crate::upstream::LoggedIn;

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use tracing::info;
 
+use crate::context::{Context, Registered, SessionEntry};
 use crate::metrics::TenantMetrics;
 use crate::relay::{RelayConfig, RelayStats, relay};
-use crate::runtime::{Context, Registered, SessionEntry};
 use crate::session::{ClientSession, SessionEnd};
 use crate::throttle::MailboxGuard;
 use crate::upstream::group::ActiveSession;

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, info, info_span};
 
 use crate::config::ListenerTls;
-use crate::runtime::Context;
+use crate::context::Context;
 use crate::session::{ClientSession, Credentials, SessionEnd};
 
 use self::admit::Admission;

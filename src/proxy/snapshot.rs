@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::config::{BackendLogin, ClientIpForwarding, Config, ListenerTls, PlaintextLogin};
+use crate::context::Context;
 use crate::router::{TenantId, TenantTable};
-use crate::runtime::Context;
 use crate::secret::Secret;
 use crate::session::Mechanism;
 use crate::tls::SniResolver;

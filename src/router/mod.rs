@@ -6,9 +6,7 @@
 use std::collections::HashMap;
 
 use crate::config::{Config, LoginCase, TemplatePart, UsernameForm};
-
-/// Index of a tenant in [`TenantTable::tenants`].
-pub type TenantId = usize;
+pub use crate::vocab::{TenantId, canonical_local, mailbox_key, normalize_domain};
 
 /// A login name split into its parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +84,7 @@ impl TenantTable {
         let mut default = None;
         for (id, (name, tenant)) in config.tenants.iter().enumerate() {
             for d in &tenant.value.domains {
-                let Ok(norm) = crate::config::normalize_domain_pattern(&d.value) else {
+                let Ok(norm) = crate::vocab::normalize_domain_pattern(&d.value) else {
                     continue;
                 };
                 match norm.strip_prefix("*.") {
@@ -236,37 +234,6 @@ impl TenantTable {
     }
 }
 
-/// The mailbox as popgate keys it (consistent hash, throttles, session caps, secrets): `local@domain` with
-/// the tenant's case rule on the local part, or the local part alone when there is no domain. `domain` must
-/// already be normalised ([`normalize_domain`]). The local part is put in Unicode NFC after case mapping
-/// (as RFC 7613 prepares user names), so `jörg` typed as `o` + U+0308 is the same mailbox, on the same
-/// store, as `jörg` with a precomposed `ö`; the store still gets the name as the client wrote it.
-pub fn mailbox_key(local: &str, domain: &str, case: LoginCase) -> String {
-    let local = canonical_local(local, case);
-    if domain.is_empty() {
-        local.into_owned()
-    } else {
-        format!("{local}@{domain}")
-    }
-}
-
-/// A local part as popgate keys it: case-mapped per `case`, then Unicode NFC.
-fn canonical_local(local: &str, case: LoginCase) -> std::borrow::Cow<'_, str> {
-    const NFC: icu_normalizer::ComposingNormalizerBorrowed<'static> =
-        icu_normalizer::ComposingNormalizerBorrowed::new_nfc();
-    match case {
-        LoginCase::Sensitive => NFC.normalize(local),
-        LoginCase::Insensitive | LoginCase::Lower => {
-            let lower = local.to_lowercase();
-            // Already in NFC (every ASCII name): keep the lowercased string, no second allocation.
-            match NFC.normalize(&lower) {
-                std::borrow::Cow::Borrowed(_) => std::borrow::Cow::Owned(lower),
-                std::borrow::Cow::Owned(nfc) => std::borrow::Cow::Owned(nfc),
-            }
-        }
-    }
-}
-
 /// The store login name for a mailbox. A template is filled part by part: what the client typed is
 /// copied in, never searched for placeholders.
 pub fn backend_username(form: &UsernameForm, m: &Mailbox) -> String {
@@ -287,22 +254,6 @@ pub fn backend_username(form: &UsernameForm, m: &Mailbox) -> String {
             out
         }
     }
-}
-
-/// Lowercases and IDNA-normalises (UTS #46, to ASCII) a domain; `None` when it is not a usable domain.
-pub fn normalize_domain(domain: &str) -> Option<String> {
-    let domain = domain.strip_suffix('.').unwrap_or(domain);
-    if domain.is_empty() || domain.len() > 253 {
-        return None;
-    }
-    let ascii = idna::domain_to_ascii_strict(domain).ok()?;
-    let labels_ok = ascii.split('.').all(|l| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    });
-    labels_ok.then_some(ascii)
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@ use tokio_rustls::TlsAcceptor;
 
 use super::state::{Action, Authorization, Credentials};
 use crate::protocol::line::{Frame, LineFramer};
-use crate::router::TenantId;
 use crate::stream::Stream;
 use crate::tls::SniResolver;
+use crate::vocab::TenantId;
 
 /// Why a client session ended before a successful login.
 #[derive(Debug, thiserror::Error)]
@@ -271,7 +271,7 @@ impl ClientSession {
 }
 
 /// Relays a store's SASL challenges to the client and returns the client's answers (SCRAM, OAuth errors).
-impl crate::upstream::backend::SaslRelay for ClientSession {
+impl crate::protocol::sasl::SaslRelay for ClientSession {
     async fn exchange(&mut self, challenge_line: Vec<u8>) -> Option<Vec<u8>> {
         self.out.extend_from_slice(&challenge_line);
         self.flush().await.ok()?;

@@ -8,6 +8,7 @@ use crate::protocol::command::{Command, CommandError};
 use crate::protocol::sasl::{self, SaslError};
 use crate::protocol::{MAX_COMMAND_LINE, MAX_SASL_LINE};
 use crate::secret::Secret;
+pub use crate::vocab::Mechanism;
 
 /// Facts about the connection the machine needs to decide what to offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,90 +28,6 @@ pub struct Limits {
     pub max_bad_commands: u32,
     /// Failed logins before the connection is closed.
     pub max_failed_logins: u32,
-}
-
-/// How the client logged in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mechanism {
-    /// USER/PASS.
-    #[serde(rename = "user")]
-    UserPass,
-    /// APOP (RFC 1939).
-    Apop,
-    /// AUTH PLAIN.
-    Plain,
-    /// AUTH LOGIN.
-    Login,
-    /// AUTH CRAM-MD5 (RFC 2195).
-    CramMd5,
-    /// AUTH XOAUTH2 (Google/Microsoft).
-    Xoauth2,
-    /// AUTH OAUTHBEARER (RFC 7628).
-    Oauthbearer,
-    /// AUTH SCRAM-SHA-1 (RFC 5802).
-    #[serde(rename = "scram-sha-1")]
-    ScramSha1,
-    /// AUTH SCRAM-SHA-256 (RFC 7677).
-    #[serde(rename = "scram-sha-256")]
-    ScramSha256,
-}
-
-impl Mechanism {
-    /// Lower-case name for logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mechanism::UserPass => "user",
-            Mechanism::Apop => "apop",
-            Mechanism::Plain => "plain",
-            Mechanism::Login => "login",
-            Mechanism::CramMd5 => "cram-md5",
-            Mechanism::Xoauth2 => "xoauth2",
-            Mechanism::Oauthbearer => "oauthbearer",
-            Mechanism::ScramSha1 => "scram-sha-1",
-            Mechanism::ScramSha256 => "scram-sha-256",
-        }
-    }
-
-    /// The SASL name, for CAPA and AUTH (None for USER and APOP).
-    pub fn sasl_name(self) -> Option<&'static str> {
-        Some(match self {
-            Mechanism::UserPass | Mechanism::Apop => return None,
-            Mechanism::Plain => "PLAIN",
-            Mechanism::Login => "LOGIN",
-            Mechanism::CramMd5 => "CRAM-MD5",
-            Mechanism::Xoauth2 => "XOAUTH2",
-            Mechanism::Oauthbearer => "OAUTHBEARER",
-            Mechanism::ScramSha1 => "SCRAM-SHA-1",
-            Mechanism::ScramSha256 => "SCRAM-SHA-256",
-        })
-    }
-
-    /// Mechanisms that put a reusable secret (password or bearer token) on the wire: plaintext policy applies.
-    pub fn reveals_secret(self) -> bool {
-        matches!(
-            self,
-            Mechanism::UserPass
-                | Mechanism::Plain
-                | Mechanism::Login
-                | Mechanism::Xoauth2
-                | Mechanism::Oauthbearer
-        )
-    }
-
-    fn from_sasl(name: &str) -> Option<Self> {
-        [
-            Mechanism::Plain,
-            Mechanism::Login,
-            Mechanism::CramMd5,
-            Mechanism::Xoauth2,
-            Mechanism::Oauthbearer,
-            Mechanism::ScramSha1,
-            Mechanism::ScramSha256,
-        ]
-        .into_iter()
-        .find(|m| m.sasl_name() == Some(name))
-    }
 }
 
 /// What this connection offers: mechanisms that can work here, the greeting, and the challenge used by

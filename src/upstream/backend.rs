@@ -195,25 +195,7 @@ pub enum StoreAuth<'a> {
     },
 }
 
-/// The client side of a relayed SASL exchange: shows the store's challenge line to the client and returns the
-/// client's answer line (None when the client went away).
-pub trait SaslRelay: Send {
-    /// One round trip with the client.
-    fn exchange(
-        &mut self,
-        challenge_line: Vec<u8>,
-    ) -> impl std::future::Future<Output = Option<Vec<u8>>> + Send;
-}
-
-/// For logins that need no client round trip.
-#[derive(Debug)]
-pub struct NoRelay;
-
-impl SaslRelay for NoRelay {
-    async fn exchange(&mut self, _challenge_line: Vec<u8>) -> Option<Vec<u8>> {
-        None
-    }
-}
+pub use crate::protocol::sasl::{NoRelay, SaslRelay};
 
 // === impl Connector ===
 

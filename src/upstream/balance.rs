@@ -13,20 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::BackendAddr;
-
-/// How a tenant's sessions are spread over its stores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Policy {
-    /// Each store in turn, as often as its weight says. The default.
-    #[default]
-    RoundRobin,
-    /// The store with the fewest sessions in flight per unit of weight.
-    LeastConnections,
-    /// The same mailbox always goes to the same store (weighted rendezvous hashing), so that stores which do
-    /// not share mail keep seeing their own mailboxes; few mailboxes move when a store joins or leaves.
-    ConsistentHash,
-}
+pub use crate::vocab::Policy;
 
 /// One store as the balancer sees it.
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,176 @@
+//! The shared vocabulary every room may use: tenant ids, login mechanisms, balance policies, the case rule
+//! for login names, and how domains and mailboxes are normalised. A leaf: it imports nothing of popgate, so
+//! `config` can describe settings in these words without depending on the stages that act on them.
+
+/// Index of a tenant in the router's tenant table (`router::TenantTable::tenants`).
+pub type TenantId = usize;
+
+/// How the client logged in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mechanism {
+    /// USER/PASS.
+    #[serde(rename = "user")]
+    UserPass,
+    /// APOP (RFC 1939).
+    Apop,
+    /// AUTH PLAIN.
+    Plain,
+    /// AUTH LOGIN.
+    Login,
+    /// AUTH CRAM-MD5 (RFC 2195).
+    CramMd5,
+    /// AUTH XOAUTH2 (Google/Microsoft).
+    Xoauth2,
+    /// AUTH OAUTHBEARER (RFC 7628).
+    Oauthbearer,
+    /// AUTH SCRAM-SHA-1 (RFC 5802).
+    #[serde(rename = "scram-sha-1")]
+    ScramSha1,
+    /// AUTH SCRAM-SHA-256 (RFC 7677).
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+impl Mechanism {
+    /// Lower-case name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::UserPass => "user",
+            Mechanism::Apop => "apop",
+            Mechanism::Plain => "plain",
+            Mechanism::Login => "login",
+            Mechanism::CramMd5 => "cram-md5",
+            Mechanism::Xoauth2 => "xoauth2",
+            Mechanism::Oauthbearer => "oauthbearer",
+            Mechanism::ScramSha1 => "scram-sha-1",
+            Mechanism::ScramSha256 => "scram-sha-256",
+        }
+    }
+
+    /// The SASL name, for CAPA and AUTH (None for USER and APOP).
+    pub fn sasl_name(self) -> Option<&'static str> {
+        Some(match self {
+            Mechanism::UserPass | Mechanism::Apop => return None,
+            Mechanism::Plain => "PLAIN",
+            Mechanism::Login => "LOGIN",
+            Mechanism::CramMd5 => "CRAM-MD5",
+            Mechanism::Xoauth2 => "XOAUTH2",
+            Mechanism::Oauthbearer => "OAUTHBEARER",
+            Mechanism::ScramSha1 => "SCRAM-SHA-1",
+            Mechanism::ScramSha256 => "SCRAM-SHA-256",
+        })
+    }
+
+    /// Mechanisms that put a reusable secret (password or bearer token) on the wire: plaintext policy applies.
+    pub fn reveals_secret(self) -> bool {
+        matches!(
+            self,
+            Mechanism::UserPass
+                | Mechanism::Plain
+                | Mechanism::Login
+                | Mechanism::Xoauth2
+                | Mechanism::Oauthbearer
+        )
+    }
+
+    /// The mechanism a SASL name stands for.
+    pub fn from_sasl(name: &str) -> Option<Self> {
+        [
+            Mechanism::Plain,
+            Mechanism::Login,
+            Mechanism::CramMd5,
+            Mechanism::Xoauth2,
+            Mechanism::Oauthbearer,
+            Mechanism::ScramSha1,
+            Mechanism::ScramSha256,
+        ]
+        .into_iter()
+        .find(|m| m.sasl_name() == Some(name))
+    }
+}
+
+/// How a tenant's sessions are spread over its stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Each store in turn, as often as its weight says. The default.
+    #[default]
+    RoundRobin,
+    /// The store with the fewest sessions in flight per unit of weight.
+    LeastConnections,
+    /// The same mailbox always goes to the same store (weighted rendezvous hashing), so that stores which do
+    /// not share mail keep seeing their own mailboxes; few mailboxes move when a store joins or leaves.
+    ConsistentHash,
+}
+
+/// How a tenant treats the case of login names' local parts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginCase {
+    /// One mailbox whatever the case; the store sees the name as the client wrote it.
+    #[default]
+    Insensitive,
+    /// One mailbox whatever the case; the store sees it lowercased.
+    Lower,
+    /// Case matters: `John` and `john` are different mailboxes.
+    Sensitive,
+}
+
+/// The mailbox as popgate keys it (consistent hash, throttles, session caps, secrets): `local@domain` with
+/// the tenant's case rule on the local part, or the local part alone when there is no domain. `domain` must
+/// already be normalised ([`normalize_domain`]). The local part is put in Unicode NFC after case mapping
+/// (as RFC 7613 prepares user names), so `jörg` typed as `o` + U+0308 is the same mailbox, on the same
+/// store, as `jörg` with a precomposed `ö`; the store still gets the name as the client wrote it.
+pub fn mailbox_key(local: &str, domain: &str, case: LoginCase) -> String {
+    let local = canonical_local(local, case);
+    if domain.is_empty() {
+        local.into_owned()
+    } else {
+        format!("{local}@{domain}")
+    }
+}
+
+/// A local part as popgate keys it: case-mapped per `case`, then Unicode NFC.
+pub fn canonical_local(local: &str, case: LoginCase) -> std::borrow::Cow<'_, str> {
+    const NFC: icu_normalizer::ComposingNormalizerBorrowed<'static> =
+        icu_normalizer::ComposingNormalizerBorrowed::new_nfc();
+    match case {
+        LoginCase::Sensitive => NFC.normalize(local),
+        LoginCase::Insensitive | LoginCase::Lower => {
+            let lower = local.to_lowercase();
+            // Already in NFC (every ASCII name): keep the lowercased string, no second allocation.
+            match NFC.normalize(&lower) {
+                std::borrow::Cow::Borrowed(_) => std::borrow::Cow::Owned(lower),
+                std::borrow::Cow::Owned(nfc) => std::borrow::Cow::Owned(nfc),
+            }
+        }
+    }
+}
+
+/// Lowercases and IDNA-normalises (UTS #46, to ASCII) a domain; `None` when it is not a usable domain.
+pub fn normalize_domain(domain: &str) -> Option<String> {
+    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    if domain.is_empty() || domain.len() > 253 {
+        return None;
+    }
+    let ascii = idna::domain_to_ascii_strict(domain).ok()?;
+    let labels_ok = ascii.split('.').all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    labels_ok.then_some(ascii)
+}
+
+/// Lowercases and IDNA-normalises a domain or `*.domain` pattern.
+pub fn normalize_domain_pattern(pattern: &str) -> Result<String, String> {
+    let (wild, rest) = match pattern.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, pattern),
+    };
+    let norm =
+        normalize_domain(rest).ok_or_else(|| format!("`{pattern}` is not a valid domain name"))?;
+    Ok(if wild { format!("*.{norm}") } else { norm })
+}
