@@ -48,6 +48,8 @@ struct ListenerHandle {
     bind: SocketAddr,
     local: SocketAddr,
     stop: CancellationToken,
+    /// Cancelled once the accept loop has ended and its socket is closed.
+    closed: CancellationToken,
 }
 
 /// The running process.
@@ -142,6 +144,7 @@ impl Runtime {
         let local = tcp.local_addr().unwrap_or(bind);
         info!(listener = %name, addr = %local, "listening");
         let stop = self.context.draining.child_token();
+        let closed = CancellationToken::new();
         self.listeners
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -151,9 +154,10 @@ impl Runtime {
                     bind,
                     local,
                     stop: stop.clone(),
+                    closed: closed.clone(),
                 },
             );
-        self.tracker.spawn(crate::listener::accept_loop(
+        let accepting = crate::listener::accept_loop(
             tcp,
             name,
             self.context.clone(),
@@ -161,7 +165,12 @@ impl Runtime {
             self.permits.clone(),
             self.tracker.clone(),
             stop,
-        ));
+        );
+        self.tracker.spawn(async move {
+            // The loop owns the socket: it is closed once the loop's future has finished.
+            accepting.await;
+            closed.cancel();
+        });
     }
 
     /// The current config snapshot.
@@ -305,16 +314,23 @@ impl Runtime {
             })
             .map(|(n, _)| n.clone())
             .collect();
-        // A listener that moved to another address is stopped first so a same-port rebind can work.
-        let bound = crate::listener::bind_all(&added)
-            .await
-            .map_err(|e| e.to_string())?;
         let tasks = self.context.stop.child_token();
         let config = Arc::new(config);
         let shared = match Shared::new(config.clone(), self.context.clone(), tasks.clone()).await {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 tasks.cancel();
+                return Err(e.to_string());
+            }
+        };
+        // A listener leaving an address a new one needs (moved to another IP on the same port, or renamed)
+        // is stopped first, so the new bind can work; if a bind fails anyway, the stopped ones come back.
+        let freed = self.stop_conflicting(&removed, &added).await;
+        let bound = match crate::listener::bind_all(&added).await {
+            Ok(bound) => bound,
+            Err(e) => {
+                tasks.cancel();
+                self.restore(freed).await;
                 return Err(e.to_string());
             }
         };
@@ -359,6 +375,66 @@ impl Runtime {
             config.listeners.len(),
             config.tenants.len()
         ))
+    }
+
+    /// Stops each listener of `removed` whose address conflicts with one of `added` and waits until its
+    /// socket is closed; returns their names and addresses.
+    async fn stop_conflicting(
+        &self,
+        removed: &[String],
+        added: &[(String, SocketAddr)],
+    ) -> Vec<(String, SocketAddr)> {
+        let conflicts = |a: SocketAddr, b: SocketAddr| {
+            a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        };
+        let stopping: Vec<(String, ListenerHandle)> = {
+            let mut listeners = self
+                .listeners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let names: Vec<&String> = removed
+                .iter()
+                .filter(|name| {
+                    listeners
+                        .get(*name)
+                        .is_some_and(|h| added.iter().any(|(_, b)| conflicts(h.bind, *b)))
+                })
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|name| listeners.remove(name).map(|h| (name.clone(), h)))
+                .collect()
+        };
+        let mut freed = Vec::with_capacity(stopping.len());
+        for (name, handle) in stopping {
+            info!(listener = %name, addr = %handle.local, "stopping a listener whose address a new one needs");
+            handle.stop.cancel();
+            if tokio::time::timeout(Duration::from_secs(5), handle.closed.cancelled())
+                .await
+                .is_err()
+            {
+                warn!(listener = %name, "listener did not close within 5 s");
+            }
+            freed.push((name, handle.bind));
+        }
+        freed
+    }
+
+    /// Binds and serves again listeners [`Self::stop_conflicting`] stopped (a reload that failed).
+    async fn restore(self: &Arc<Self>, freed: Vec<(String, SocketAddr)>) {
+        for (name, bind) in freed {
+            match crate::listener::bind_all(&[(name.clone(), bind)]).await {
+                Ok(mut tcp) => {
+                    if let Some(tcp) = tcp.pop() {
+                        self.spawn_listener(name, bind, tcp);
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "a listener stopped for a failed reload cannot bind again")
+                }
+            }
+        }
     }
 
     /// Graceful stop: readiness false and no new connections at once, pre-login sessions told to come back,

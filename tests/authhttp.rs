@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use popgate::authhttp::{AuthAnswer, AuthHttp, AuthHttpConfig, AuthHttpError, AuthRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -522,4 +524,88 @@ async fn unsendable_requests_and_configs_are_refused_up_front() {
     ] {
         assert!(matches!(AuthHttp::new(bad), Err(AuthHttpError::Config(_))));
     }
+}
+
+// === auth_http through popgate ===
+
+/// popgate with one tenant (`example.com`) whose logins go through the auth service at `url`.
+async fn popgate_asking(url: &str, extra: &str) -> Result<popgate::Running, popgate::StartError> {
+    let yaml = format!(
+        "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\n{extra}tenants:\n  acme:\n    \
+         domains: [example.com]\n    backends: [\"127.0.0.1:9\"]\n    plaintext_login: allow\n    \
+         health: {{enabled: false}}\n    pool: {{min_idle: 0}}\n    auth_http: {{url: \"{url}\"}}\n"
+    );
+    let config = popgate::Config::from_yaml_str(&yaml, std::path::Path::new(".")).unwrap();
+    popgate::start(config, tokio_util::sync::CancellationToken::new()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_login_attempt_on_a_connection_is_numbered() {
+    let service = Service::start(|_| {
+        Some("HTTP/1.0 200 OK\r\nAuth-Status: Invalid login or password\r\n\r\n".into())
+    })
+    .await;
+    let pg = popgate_asking(&service.url(), "").await.unwrap();
+    let mut c = support::pop3::Pop3::greeted(pg.local_addr("pop3").unwrap()).await;
+    for pass in ["first-guess", "second-guess"] {
+        c.ok("USER bob@example.com").await;
+        let reply = c.cmd(&format!("PASS {pass}")).await;
+        assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    }
+    assert_eq!(service.requests(), 2);
+    assert_eq!(
+        header(&service.head(0), "Auth-Login-Attempt"),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        header(&service.head(1), "Auth-Login-Attempt"),
+        Some(&b"2"[..])
+    );
+    pg.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_server_names_resolve_with_popgates_own_dns() {
+    let md = maildrop::Maildrop::new(maildrop::Settings::default());
+    md.add_mailbox(
+        "bob@example.com",
+        "pw",
+        vec![b"Subject: x\r\n\r\nhi\r\n".to_vec()],
+    );
+    let store = md.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    // A name only popgate's configured nameserver knows; the system resolver has never heard of it.
+    let dns = support::dns::TestDns::start("mail.test.");
+    dns.set_a("store.mail.test.", &["127.0.0.1".parse().unwrap()], 60);
+    let port = store.local_addr().port();
+    let service = Service::start(move |_| {
+        Some(format!(
+            "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: store.mail.test\r\nAuth-Port: {port}\r\n\r\n"
+        ))
+    })
+    .await;
+    let extra = format!("dns:\n  nameservers: [\"{}\"]\n", dns.addr());
+    let pg = popgate_asking(&service.url(), &extra).await.unwrap();
+    let mut c = support::pop3::Pop3::greeted(pg.local_addr("pop3").unwrap()).await;
+    c.login("bob@example.com", "pw").await;
+    assert!(c.ok("STAT").await.starts_with("+OK 1 "));
+    c.ok("QUIT").await;
+    assert!(
+        dns.query_count() > 0,
+        "popgate did not ask its own nameserver"
+    );
+    pg.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_auth_http_setting_is_reported_as_such() {
+    let Err(e) = popgate_asking("https://auth.example/check", "").await else {
+        panic!("popgate started with an https:// auth_http url");
+    };
+    let text = e.to_string();
+    assert!(
+        text.contains("tenant acme: auth_http:")
+            && text.contains("scheme")
+            && !text.contains("secrets"),
+        "{text}"
+    );
 }

@@ -21,7 +21,7 @@ use crate::upstream::group::{ActiveSession, GroupError};
 
 use super::offer::Passthrough;
 use super::snapshot::{ListenerInfo, Shared, TenantRuntime};
-use super::store_login::{AuthHttpOutcome, OwnedAuth, auth_http_login, store_auth};
+use super::store_login::{AuthHttpLogin, AuthHttpOutcome, OwnedAuth, auth_http_login, store_auth};
 
 const AUTH_FAILED: &[u8] = b"-ERR [AUTH] Authentication failed.\r\n";
 const LOCKED_OUT: &[u8] = b"-ERR [AUTH] Too many failed logins; try again later\r\n";
@@ -98,9 +98,11 @@ pub(super) async fn admit(
     client: &ClientInfo,
     passthrough: &mut Option<Passthrough>,
     creds: Credentials,
+    number: u32,
     routed: &mut Option<String>,
 ) -> Admission {
     let attempt = Attempt {
+        number,
         ctx,
         shared,
         creds: &creds,
@@ -140,6 +142,8 @@ struct Attempt<'a> {
     creds: &'a Credentials,
     mechanism: &'static str,
     client: ClientInfo,
+    /// This attempt's number on the connection, from 1.
+    number: u32,
 }
 
 impl Attempt<'_> {
@@ -326,16 +330,17 @@ impl Attempt<'_> {
             let store = active.store().id.clone();
             return Ok((logged_in, Some(active), store));
         };
-        let outcome = auth_http_login(
+        let login = AuthHttpLogin {
             service,
+            discovery: &self.shared.discovery,
             tenant,
-            self.creds,
+            creds: self.creds,
             auth,
-            &route.backend_user,
-            &self.client,
-            session,
-        )
-        .await;
+            backend_user: &route.backend_user,
+            client: &self.client,
+            attempt: self.number,
+        };
+        let outcome = auth_http_login(login, session).await;
         match outcome {
             AuthHttpOutcome::LoggedIn(logged_in, store) => Ok((logged_in, None, store)),
             AuthHttpOutcome::Refused(line) => Err(GroupError::Login(LoginError::Rejected(line))),

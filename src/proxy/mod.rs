@@ -137,11 +137,13 @@ async fn run<'c>(
         return Summary::NoLogin(routed, end);
     }
     let mut stls_counted = false;
+    let mut attempts: u32 = 0;
     loop {
         let creds = match credentials(ctx, listener, &mut session, &mut stls_counted).await {
             Ok(creds) => creds,
             Err(end) => return Summary::NoLogin(routed, end),
         };
+        attempts = attempts.saturating_add(1);
         let admission = admit::admit(
             ctx,
             shared,
@@ -150,6 +152,7 @@ async fn run<'c>(
             &client,
             &mut passthrough,
             creds,
+            attempts,
             &mut routed,
         )
         .await;

@@ -37,6 +37,8 @@ pub struct Shared {
     /// Some tenant sends PROXY headers to its stores, which name the address the client connected to:
     /// only then is it asked of the socket (`getsockname(2)`) on every connection.
     pub(super) proxy_headers_out: bool,
+    /// popgate's resolver (`dns:`), for names given at run time (auth_http's `Auth-Server`).
+    pub(super) discovery: Arc<Discovery>,
 }
 
 /// What a connection can offer, given which tenants can log in on it. Computed once per config
@@ -125,6 +127,14 @@ pub enum SharedError {
     /// A secrets file.
     #[error("secrets: {0}")]
     Secrets(String),
+    /// A tenant's auth_http service settings.
+    #[error("tenant {tenant}: auth_http: {source}")]
+    AuthHttp {
+        /// The tenant.
+        tenant: String,
+        /// What is wrong.
+        source: crate::authhttp::AuthHttpError,
+    },
 }
 
 /// A listener's facts that sessions need.
@@ -227,7 +237,10 @@ impl Shared {
                             cache_size: a.cache_size,
                             extra_headers: Vec::new(),
                         })
-                        .map_err(|e| SharedError::Secrets(format!("tenant {name}: {e}")))?,
+                        .map_err(|source| SharedError::AuthHttp {
+                            tenant: name.clone(),
+                            source,
+                        })?,
                     )),
                     None => None,
                 },
@@ -279,6 +292,7 @@ impl Shared {
             listeners,
             unbound,
             proxy_headers_out,
+            discovery,
         })
     }
 

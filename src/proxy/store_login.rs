@@ -143,6 +143,20 @@ pub(super) fn store_auth(
     })
 }
 
+/// One auth_http login's facts.
+pub(super) struct AuthHttpLogin<'a> {
+    pub(super) service: &'a crate::authhttp::AuthHttp,
+    /// popgate's resolver, for the store the service names.
+    pub(super) discovery: &'a crate::upstream::dns::Discovery,
+    pub(super) tenant: &'a TenantRuntime,
+    pub(super) creds: &'a Credentials,
+    pub(super) auth: &'a OwnedAuth,
+    pub(super) backend_user: &'a str,
+    pub(super) client: &'a ClientInfo,
+    /// This connection's login attempt, from 1 (`Auth-Login-Attempt`, as nginx counts).
+    pub(super) attempt: u32,
+}
+
 pub(super) enum AuthHttpOutcome {
     LoggedIn(crate::upstream::LoggedIn, String),
     /// The auth service or the store refused the credentials: a failed login.
@@ -155,14 +169,19 @@ pub(super) enum AuthHttpOutcome {
 /// nginx `auth_http`: the service checks the client and names the store (and possibly the name and
 /// password to use there); popgate then connects and logs in as told.
 pub(super) async fn auth_http_login(
-    service: &crate::authhttp::AuthHttp,
-    tenant: &TenantRuntime,
-    creds: &Credentials,
-    auth: &OwnedAuth,
-    backend_user: &str,
-    client: &ClientInfo,
+    login: AuthHttpLogin<'_>,
     relay: &mut ClientSession,
 ) -> AuthHttpOutcome {
+    let AuthHttpLogin {
+        service,
+        discovery,
+        tenant,
+        creds,
+        auth,
+        backend_user,
+        client,
+        attempt,
+    } = login;
     let method = match creds.mechanism {
         Mechanism::Apop => "apop",
         Mechanism::CramMd5 => "cram-md5",
@@ -174,7 +193,7 @@ pub(super) async fn auth_http_login(
         pass: creds.password.expose(),
         salt: creds.challenge.as_deref(),
         protocol: "pop3",
-        attempt: 1,
+        attempt,
         client_ip: client.peer.ip(),
         client_host: None,
     };
@@ -196,12 +215,21 @@ pub(super) async fn auth_http_login(
             return AuthHttpOutcome::Refused(format!("-ERR [AUTH] {message}\r\n").into_bytes());
         }
     };
-    let addr = match tokio::net::lookup_host((server.as_str(), port))
-        .await
-        .map(|mut a| a.next())
-    {
-        Ok(Some(addr)) => addr,
-        _ => return AuthHttpOutcome::Unavailable(format!("cannot resolve Auth-Server {server}")),
+    // With popgate's own resolver (`dns:`), as the stores' names are, never the system's.
+    let target = crate::upstream::dns::Target::Host {
+        host: server.clone(),
+        port,
+    };
+    let addr = match discovery.resolve(&target).await {
+        Ok((endpoints, _)) if !endpoints.is_empty() => endpoints[0].addr,
+        Ok(_) => {
+            return AuthHttpOutcome::Unavailable(format!("Auth-Server {server} has no address"));
+        }
+        Err(e) => {
+            return AuthHttpOutcome::Unavailable(format!(
+                "cannot resolve Auth-Server {server}: {e}"
+            ));
+        }
     };
     let user = user.unwrap_or_else(|| backend_user.to_string());
     let store_auth = match (&pass, auth) {
