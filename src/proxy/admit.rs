@@ -21,7 +21,9 @@ use crate::upstream::group::{ActiveSession, GroupError};
 
 use super::offer::Passthrough;
 use super::snapshot::{ListenerInfo, Shared, TenantRuntime};
-use super::store_login::{AuthHttpLogin, AuthHttpOutcome, OwnedAuth, auth_http_login, store_auth};
+use super::store_login::{
+    AuthHttpLogin, AuthHttpOutcome, LoginRules, OwnedAuth, auth_http_login, store_auth,
+};
 
 const AUTH_FAILED: &[u8] = b"-ERR [AUTH] Authentication failed.\r\n";
 const LOCKED_OUT: &[u8] = b"-ERR [AUTH] Too many failed logins; try again later\r\n";
@@ -219,8 +221,12 @@ impl Attempt<'_> {
         let via_passthrough = passthrough
             .as_ref()
             .is_some_and(|p| p.tenant == route.tenant);
+        let rules = LoginRules {
+            secrets: tenant.secrets.as_ref(),
+            backend_login: &tenant.backend_login,
+        };
         let auth = match store_auth(
-            tenant,
+            rules,
             self.creds,
             &route.backend_user,
             || self.shared.table.checked_user(route),

@@ -2,6 +2,8 @@
 //! APOP and CRAM-MD5 digests popgate checks itself) and the nginx-style auth_http login. No client I/O
 //! beyond the SASL round trips a store asks for.
 
+use std::collections::HashMap;
+
 use crate::config::BackendLogin;
 use crate::secret::Secret;
 use crate::session::{ClientSession, Credentials, Mechanism};
@@ -56,6 +58,15 @@ impl OwnedAuth {
     }
 }
 
+/// What a tenant says about logging in at its stores.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LoginRules<'a> {
+    /// `mailbox → secret`, when the tenant has a secrets source.
+    pub(super) secrets: Option<&'a HashMap<String, Secret>>,
+    /// How popgate logs in at the tenant's stores.
+    pub(super) backend_login: &'a BackendLogin,
+}
+
 /// Decides how to log the client in at the store. APOP and CRAM-MD5 digests are checked here against the
 /// tenant's secrets (Err when they do not match or no secret is known), unless APOP goes to the store the
 /// client saw greeting it. Whenever popgate itself checked the client's secret (a digest, or a master
@@ -63,20 +74,14 @@ impl OwnedAuth {
 /// name as typed: on a store that tells case or Unicode forms apart, the name as typed may be another
 /// account.
 pub(super) fn store_auth(
-    tenant: &TenantRuntime,
+    rules: LoginRules<'_>,
     creds: &Credentials,
     backend_user: &str,
     checked_user: impl FnOnce() -> String,
     mailbox_key: &str,
     passthrough: bool,
 ) -> Result<OwnedAuth, ()> {
-    let secret = || {
-        tenant
-            .secrets
-            .as_ref()
-            .and_then(|s| s.get(mailbox_key))
-            .cloned()
-    };
+    let secret = || rules.secrets.and_then(|s| s.get(mailbox_key)).cloned();
     let verified_secret = match creds.mechanism {
         Mechanism::Apop if passthrough => {
             return Ok(OwnedAuth::Apop {
@@ -99,7 +104,7 @@ pub(super) fn store_auth(
         }
         _ => None,
     };
-    if let BackendLogin::Master(master) = &tenant.backend_login {
+    if let BackendLogin::Master(master) = rules.backend_login {
         // Only after popgate itself checked the client: a master login ignores the user's password.
         let checked = verified_secret.is_some()
             || secret().is_some_and(|s| {
@@ -134,7 +139,7 @@ pub(super) fn store_auth(
             user: backend_user.to_string(),
             password: creds.password.clone(),
             authzid: creds.authzid.clone(),
-            plain: match tenant.backend_login {
+            plain: match rules.backend_login {
                 BackendLogin::AuthPlain => true,
                 BackendLogin::UserPass => false,
                 _ => creds.mechanism == Mechanism::Plain,
@@ -270,5 +275,187 @@ pub(super) async fn auth_http_login(
         Err(LoginError::Unavailable(why) | LoginError::Dropped(why)) => {
             AuthHttpOutcome::Unavailable(why)
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly where it stands
+mod tests {
+    //! The store-login decision, case by case: every mechanism × `backend_login` × secrets present or
+    //! not (× APOP passthrough). What must hold: popgate never logs in with a master user or a stored
+    //! secret unless it checked the client itself, and then only as the mailbox it checked.
+
+    use super::*;
+    use crate::config::MasterUser;
+    use crate::protocol::sasl::{apop_digest, cram_md5_digest};
+    use crate::secret::SecretString;
+
+    const CHALLENGE: &str = "<1.2@popgate>";
+    const TYPED: &str = "Alice@example.com";
+    const CHECKED: &str = "alice@example.com";
+    const SECRET: &str = "alice-secret";
+
+    const ALL: [Mechanism; 9] = [
+        Mechanism::UserPass,
+        Mechanism::Plain,
+        Mechanism::Login,
+        Mechanism::Apop,
+        Mechanism::CramMd5,
+        Mechanism::Xoauth2,
+        Mechanism::Oauthbearer,
+        Mechanism::ScramSha1,
+        Mechanism::ScramSha256,
+    ];
+
+    fn logins() -> [BackendLogin; 4] {
+        [
+            BackendLogin::Client,
+            BackendLogin::UserPass,
+            BackendLogin::AuthPlain,
+            BackendLogin::Master(MasterUser {
+                user: "popmaster".into(),
+                password: SecretString::new("master-pw".into()),
+                separator: "*".into(),
+            }),
+        ]
+    }
+
+    /// What the client presents with `mechanism`: the right secret (or its digest) when `right`.
+    fn creds(mechanism: Mechanism, right: bool) -> Credentials {
+        let secret = if right { SECRET } else { "wrong" };
+        let password = match mechanism {
+            Mechanism::Apop => apop_digest(CHALLENGE, secret.as_bytes()),
+            Mechanism::CramMd5 => cram_md5_digest(CHALLENGE, secret.as_bytes()),
+            Mechanism::Xoauth2 | Mechanism::Oauthbearer => "dG9rZW4=".into(),
+            Mechanism::ScramSha1 | Mechanism::ScramSha256 => "bixuPWFsaWNl".into(),
+            _ => secret.into(),
+        };
+        Credentials {
+            mechanism,
+            login: TYPED.into(),
+            authzid: None,
+            password: Secret::new(password.into_bytes()),
+            challenge: Some(CHALLENGE.into()),
+        }
+    }
+
+    fn decide(
+        mechanism: Mechanism,
+        login: &BackendLogin,
+        secrets: Option<&HashMap<String, Secret>>,
+        right: bool,
+        passthrough: bool,
+    ) -> Result<OwnedAuth, ()> {
+        store_auth(
+            LoginRules {
+                secrets,
+                backend_login: login,
+            },
+            &creds(mechanism, right),
+            TYPED,
+            || CHECKED.to_string(),
+            CHECKED,
+            passthrough,
+        )
+    }
+
+    /// A readable summary of a decision, secrets left out.
+    fn shape(auth: &Result<OwnedAuth, ()>) -> String {
+        match auth {
+            Err(()) => "refused".into(),
+            Ok(OwnedAuth::Password {
+                user,
+                plain,
+                password,
+                ..
+            }) => {
+                let pw = String::from_utf8_lossy(password.expose()).into_owned();
+                format!("password user={user} plain={plain} pw={pw}")
+            }
+            Ok(OwnedAuth::Apop { user, .. }) => format!("apop user={user}"),
+            Ok(OwnedAuth::Secret { user, secret }) => {
+                format!(
+                    "secret user={user} pw={}",
+                    String::from_utf8_lossy(secret.expose())
+                )
+            }
+            Ok(OwnedAuth::Sasl { mechanism, .. }) => format!("sasl {mechanism}"),
+        }
+    }
+
+    #[test]
+    fn every_mechanism_login_form_and_secrets_case() {
+        let stored: HashMap<String, Secret> =
+            [(CHECKED.to_string(), Secret::new(SECRET.as_bytes().to_vec()))].into();
+        for mechanism in ALL {
+            for login in logins() {
+                let master = matches!(login, BackendLogin::Master(_));
+                for secrets in [None, Some(&stored)] {
+                    for right in [true, false] {
+                        let got = shape(&decide(mechanism, &login, secrets, right, false));
+                        let case = format!(
+                            "{mechanism:?} {login:?} secrets={} right={right}",
+                            secrets.is_some()
+                        );
+                        let digest = matches!(mechanism, Mechanism::Apop | Mechanism::CramMd5);
+                        let relayed = matches!(
+                            mechanism,
+                            Mechanism::Xoauth2
+                                | Mechanism::Oauthbearer
+                                | Mechanism::ScramSha1
+                                | Mechanism::ScramSha256
+                        );
+                        // popgate itself checked the client: a digest against the stored secret, or
+                        // (master only) a password against it. A bearer token is no password: under a
+                        // master login, OAuth mechanisms are refused.
+                        let checked = secrets.is_some()
+                            && right
+                            && (digest || (master && mechanism.reveals_secret() && !relayed));
+                        let want = if master {
+                            if checked {
+                                format!(
+                                    "password user={CHECKED}*popmaster plain=false pw=master-pw"
+                                )
+                            } else {
+                                "refused".into()
+                            }
+                        } else if digest {
+                            if checked {
+                                format!("secret user={CHECKED} pw={SECRET}")
+                            } else {
+                                "refused".into()
+                            }
+                        } else if relayed {
+                            format!("sasl {}", mechanism.sasl_name().unwrap())
+                        } else {
+                            let plain = match login {
+                                BackendLogin::AuthPlain => true,
+                                BackendLogin::UserPass => false,
+                                _ => mechanism == Mechanism::Plain,
+                            };
+                            let pw = if right { SECRET } else { "wrong" };
+                            format!("password user={TYPED} plain={plain} pw={pw}")
+                        };
+                        assert_eq!(got, want, "{case}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn apop_passthrough_relays_the_digest_as_typed_unless_a_master_login_is_set() {
+        let got = decide(Mechanism::Apop, &BackendLogin::Client, None, true, true);
+        assert_eq!(shape(&got), format!("apop user={TYPED}"));
+        let Ok(OwnedAuth::Apop { digest, .. }) = got else {
+            panic!("not APOP")
+        };
+        assert_eq!(digest, apop_digest(CHALLENGE, SECRET.as_bytes()));
+        // Passthrough is decided before the master rule: the store checks the digest itself.
+        let master = &logins()[3];
+        assert_eq!(
+            shape(&decide(Mechanism::Apop, master, None, false, true)),
+            format!("apop user={TYPED}")
+        );
     }
 }
