@@ -292,6 +292,10 @@ async fn host_must_be_an_ip_localhost_or_a_configured_name() {
 /// Finding B, cross-site writes: with no token configured a POST still needs `X-Popgate-Admin` or a Bearer
 /// `Authorization`, which a page cannot send without a preflight; with a token the token decides as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 async fn writes_need_a_header_a_web_page_cannot_send() {
     let (_md, server) = store().await;
     let dir = tempfile::tempdir().unwrap();

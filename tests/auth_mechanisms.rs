@@ -132,6 +132,10 @@ except poplib.error_proto as e:
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn apop_and_cram_md5_checked_by_popgate_against_a_secrets_file() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -238,6 +242,10 @@ fn scram(addr: SocketAddr, user: &str, password: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn real_dovecot_apop_passthrough_cram_md5_via_secrets_and_scram_relay() {
     const MSG: &[u8] = b"Subject: mechanisms\n\nhello\n";
     let store = DovecotStore::start(

@@ -76,6 +76,10 @@ Hello Alice.\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n"
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn raw_retr_is_dot_stuffed_on_the_wire() {
     let store = DovecotStore::start(two_users());
     let mut pop = RawPop3::connect(store.pop3_addr(), b"");
@@ -102,6 +106,10 @@ Hello Alice.\r\n..leading dot\r\n...two dots\r\n..\r\nend\r\n.\r\n"
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn curl_retrieves_exact_messages_with_every_login_method() {
     let store = DovecotStore::start(two_users());
     eprintln!("store started in {:?}", store.startup_time());
@@ -140,6 +148,10 @@ fn curl_retrieves_exact_messages_with_every_login_method() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn failed_logins_do_not_slow_down_later_logins() {
     let store = DovecotStore::start(two_users());
     let url = pop3_url(store.pop3_addr(), "1");
@@ -164,6 +176,10 @@ fn failed_logins_do_not_slow_down_later_logins() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn poplib_sees_counts_sizes_uidls_and_content() {
     let store = DovecotStore::start(two_users());
     let steps = [
@@ -235,6 +251,10 @@ fn poplib_sees_counts_sizes_uidls_and_content() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn maildir_count_sees_what_is_really_stored() {
     let store = DovecotStore::start(two_users());
     let alice = "alice@example.com";
@@ -272,6 +292,10 @@ fn maildir_count_sees_what_is_really_stored() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn messages_keep_the_order_they_were_given_in() {
     // Enough files that directory order (hashed on ext4) would show if Dovecot used it.
     let messages: Vec<String> = (1..=40)
@@ -299,6 +323,10 @@ fn messages_keep_the_order_they_were_given_in() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn tls_store_serves_stls_and_pop3s() {
     let store = DovecotStore::start(two_users().tls(TlsPem::self_signed(&["localhost"])));
     let user = "alice@example.com";
@@ -334,6 +362,10 @@ fn tls_store_serves_stls_and_pop3s() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn xclient_and_haproxy_forward_the_client_address() {
     let store = DovecotStore::start(two_users().haproxy());
 
@@ -358,6 +390,10 @@ fn xclient_and_haproxy_forward_the_client_address() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn stores_run_side_by_side_and_leave_nothing_behind() {
     let stores: Vec<DovecotStore> = std::thread::scope(|s| {
         let starting: Vec<_> = (0..3)
@@ -404,6 +440,10 @@ fn stores_run_side_by_side_and_leave_nothing_behind() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn extra_config_overrides_a_default() {
     let store = DovecotStore::start(
         two_users()

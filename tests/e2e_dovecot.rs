@@ -84,6 +84,10 @@ fn stores() -> (DovecotStore, DovecotStore) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn curl_through_popgate_matches_dovecot_byte_for_byte() {
     let (com, net) = stores();
     let pg = start_popgate(&com, &net);
@@ -173,6 +177,10 @@ fn curl_through_popgate_matches_dovecot_byte_for_byte() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn poplib_through_popgate_sees_what_dovecot_serves() {
     let (com, net) = stores();
     let pg = start_popgate(&com, &net);
@@ -227,6 +235,10 @@ fn poplib_through_popgate_sees_what_dovecot_serves() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn dovecot_deletes_only_on_the_clients_quit() {
     let (com, net) = stores();
     let pg = start_popgate(&com, &net);

@@ -53,6 +53,10 @@ fn store_of(stores: &[&DovecotStore], user: &str) -> usize {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn stores_over_implicit_tls_and_stls_are_verified_against_the_tenant_ca() {
     let ca = TestCa::new("popgate test CA");
     let leaf = ca.leaf(&["localhost", "127.0.0.1"]);
@@ -126,6 +130,10 @@ tenants:
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn a_stopped_store_fails_over_with_shared_storage_and_not_with_affinity() {
     let mut opts = StoreOptions::new();
     for i in 0..6 {
@@ -255,6 +263,10 @@ tenants:
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn client_address_reaches_dovecot_through_xclient_and_proxy_v2() {
     let store = DovecotStore::start(
         StoreOptions::new()
@@ -334,6 +346,10 @@ tenants:
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn srv_records_add_and_remove_stores_without_restart() {
     let users = || StoreOptions::new().user("u@k8s.test", "pw", [MSG]);
     let s0 = DovecotStore::start(users());

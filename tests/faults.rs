@@ -313,6 +313,10 @@ async fn maildrop_dying_mid_retr_closes_the_client_and_keeps_every_message() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn dovecot_killed_mid_retr_closes_the_client_and_keeps_every_message() {
     let _g = shared_blocking();
     let user = "big@example.com";
@@ -470,6 +474,10 @@ async fn store_that_hangs_after_its_greeting_gives_sys_temp_within_backend_reply
 /// Real Dovecot frozen with SIGSTOP while popgate holds pre-warmed connections to it: the pooled
 /// connection never answers USER, and a fresh one is accepted by the kernel but never greeted.
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn frozen_dovecot_gives_sys_temp_within_backend_reply() {
     let _g = shared_blocking();
     let user = "frozen@example.com";
@@ -581,6 +589,10 @@ async fn garbage_overlong_and_err_greetings_give_sys_temp_and_the_client_carries
 /// DELE then vanish: nothing deleted. DELE, QUIT, vanish before the answer (with a FIN, and with a
 /// reset): the deletions happen, because the QUIT was the client's.
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn vanishing_clients_delete_only_what_they_quit_with() {
     let _g = shared_blocking();
     let user = "dave@example.com";
@@ -719,6 +731,10 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 async fn broken_certificate_reload_keeps_the_old_certificate_and_is_logged_and_counted() {
     let _g = shared().await;
     captured_log();
@@ -1133,6 +1149,10 @@ async fn raw_cmd(tcp: &mut TcpStream, cmd: &str) -> String {
 /// 5,000 admitted connections open while 1,000 more try to get in (100 at a time). The client side keeps at most
 /// 6,000 sockets open, so with popgate's own 6,000 the process stays well under its 20,000 fds.
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn connection_storm_against_the_cap_is_refused_cleanly_and_leaves_nothing_behind() {
     let _x = exclusive_blocking();
     const CAP: usize = 5000;

@@ -65,6 +65,10 @@ async fn login_reply(addr: SocketAddr, user: &str, pass: &str) -> (Pop3, String)
 // === UTF-8 login names ===
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn utf8_login_names_reach_dovecot_after_the_utf8_command() {
     let user = "jörg@example.com";
     // Dovecot allows only ASCII name characters unless told otherwise: an empty list allows all.
@@ -380,6 +384,10 @@ async fn a_tenant_at_its_session_cap_answers_sys_temp_while_others_log_in() {
 // === master user to real Dovecot ===
 
 #[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 fn master_user_login_to_dovecot_after_popgate_checked_the_client() {
     let masters = tempfile::tempdir().unwrap();
     std::fs::write(

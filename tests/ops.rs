@@ -60,6 +60,10 @@ async fn start(yaml: &str, dir: &Path) -> popgate::Running {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 async fn admin_endpoints_metrics_and_promtool() {
     let (_md, server) = store(2, 2).await;
     let dir = tempfile::tempdir().unwrap();
@@ -148,6 +152,10 @@ async fn admin_endpoints_metrics_and_promtool() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 async fn reload_under_500_sessions_drops_none_and_routes_new_logins() {
     const SESSIONS: usize = 500;
     let (_a, server_a) = store(SESSIONS + 1, 1).await;
@@ -201,6 +209,10 @@ async fn reload_under_500_sessions_drops_none_and_routes_new_logins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 async fn reload_follows_file_changes_and_post_reload() {
     let (_a, server_a) = store(2, 1).await;
     let dir = tempfile::tempdir().unwrap();
@@ -239,6 +251,10 @@ async fn reload_follows_file_changes_and_post_reload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 async fn admin_token_file_rotates_on_reload() {
     let (_md, server) = store(1, 1).await;
     let dir = tempfile::tempdir().unwrap();
@@ -278,6 +294,10 @@ async fn admin_token_file_rotates_on_reload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 async fn drain_refuses_new_work_lets_relays_finish_then_closes_without_quit() {
     let (md, server) = store(3, 2).await;
     let dir = tempfile::tempdir().unwrap();
@@ -323,6 +343,10 @@ async fn drain_refuses_new_work_lets_relays_finish_then_closes_without_quit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 async fn kick_closes_a_mailboxs_sessions_without_quit() {
     let (md, server) = store(2, 2).await;
     let dir = tempfile::tempdir().unwrap();
@@ -370,6 +394,10 @@ async fn kick_closes_a_mailboxs_sessions_without_quit() {
 /// The status page in a real browser: headless Chromium renders it; the DOM shows the tenant and its store,
 /// and a screenshot is kept as a test artefact (target/artifacts/status-page.png).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 async fn status_page_renders_in_headless_chromium() {
     let (_md, server) = store(1, 1).await;
     let dir = tempfile::tempdir().unwrap();
@@ -434,6 +462,10 @@ async fn status_page_renders_in_headless_chromium() {
 /// One tenant's outage must not take the replica out of the load balancer for every tenant: by default
 /// `/readyz` needs some tenant with a store up; `all_tenants` asks for every tenant, `listening` for none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
 async fn readiness_follows_ready_when_not_one_tenants_outage() {
     let (_md, server) = store(1, 1).await;
     // A loopback port nothing listens on: its stores fail every probe.
