@@ -123,6 +123,15 @@ fn proxy_v1_fuzz_artifact_3b579582() {
     );
 }
 
+// Found by `login_name` (artifact crash-77060973f2305be1c68fa14d0441cd7691eed688) after local parts that
+// name a hosted domain were refused: the check still expected every split error to be `Malformed`. The
+// check now knows `LocalPartNamesDomain`; this input (`bob@exatple.net.alice+ex@mple.com`: `+ex` would not
+// route, but the split at `@` leaves an `@` in the local part) must be refused with it.
+#[test]
+fn login_name_fuzz_artifact_77060973() {
+    checks::login_name::check(b"bob@exatple.net.alice+ex@mple.com");
+}
+
 // Found while writing the `config` check (the fuzzer did not reach it; its dictionary now has the value),
 // fixed by capping durations at a year: a timeout of u64::MAX seconds passed validation, then
 // `Instant::now() + timeout` (pre-login deadline, STLS handshake, store reply) panicked per connection.

@@ -1,5 +1,6 @@
 //! The tenant table: `split` and `route` never panic, a route is consistent with the split and with
-//! the tenant a listener is bound to, and the store login name can never carry a line break.
+//! the tenant a listener is bound to, a local part never carries the separator it was split at, and the
+//! store login name can never carry a line break.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -65,14 +66,26 @@ pub fn check(data: &[u8]) {
                 );
             }
         }
-        Err(e) => assert_eq!(*e, RouteError::Malformed),
+        // Unusable, or a local part that names another domain (`a@b.example@c.example`).
+        Err(e) => assert!(
+            matches!(e, RouteError::Malformed | RouteError::LocalPartNamesDomain),
+            "{e:?}"
+        ),
     }
 
     let unbound = table.route(login, None);
-    let Ok(mailbox) = split else {
-        assert_eq!(unbound, Err(RouteError::Malformed));
-        return;
+    let mailbox = match split {
+        Ok(m) => m,
+        Err(e) => {
+            assert_eq!(unbound, Err(e));
+            return;
+        }
     };
+    // The local part never carries the separator it was split at.
+    if !mailbox.domain.is_empty() {
+        let sep = login[mailbox.local.len()..].chars().next();
+        assert!(sep.is_some_and(|s| !mailbox.local.contains(s)), "{login:?}");
+    }
     // A default tenant exists, so every well-formed name has a route.
     let route = unbound.expect("the default tenant takes every well-formed name");
     assert_eq!(route.mailbox, mailbox);
