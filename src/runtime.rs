@@ -473,14 +473,6 @@ impl Runtime {
         self.tracker.wait().await;
     }
 
-    /// Spawns a task tracked with the sessions.
-    pub fn track<F>(&self, f: F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.tracker.spawn(f);
-    }
-
     /// The config path reloads read.
     pub fn config_path(&self) -> Option<&Path> {
         self.config_path.as_deref()

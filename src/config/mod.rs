@@ -13,7 +13,6 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::Duration;
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
@@ -1242,13 +1241,6 @@ impl fmt::Display for Problem {
             Some(line) => write!(f, "{} (line {line}): {}", self.field, self.message),
             None => write!(f, "{}: {}", self.field, self.message),
         }
-    }
-}
-
-impl Timeouts {
-    /// The post-login idle timeout as a `Duration`.
-    pub fn idle(&self) -> Duration {
-        self.idle.get()
     }
 }
 

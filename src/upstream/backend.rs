@@ -353,11 +353,6 @@ fn contains_code(line: &[u8], code: &[u8]) -> bool {
 // === impl Prepared ===
 
 impl Prepared {
-    /// Capabilities the store announced.
-    pub fn capabilities_seen(&self) -> &Capabilities {
-        &self.caps
-    }
-
     /// The store's greeting line (without CRLF).
     pub fn greeting(&self) -> &[u8] {
         &self.greeting

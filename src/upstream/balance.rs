@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::config::BackendAddr;
 pub use crate::vocab::Policy;
 
 /// One store as the balancer sees it.
@@ -245,39 +244,6 @@ fn interleaved_pick(weights: &[u32], turn: u64) -> usize {
         .filter(|&(_, &w)| u64::from(w.max(1)) >= lo)
         .nth(offset as usize)
         .map_or(0, |(i, _)| i)
-}
-
-// Transitional: removed when proxy.rs uses Balancer.
-/// A tenant's stores and a plain round-robin position over them.
-#[derive(Debug)]
-pub struct BackendGroup {
-    servers: Vec<BackendAddr>,
-    next: AtomicUsize,
-}
-
-// Transitional: removed when proxy.rs uses Balancer.
-impl BackendGroup {
-    /// A group over these stores (validated non-empty by the config).
-    pub fn new(servers: Vec<BackendAddr>) -> Self {
-        Self {
-            servers,
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    /// The stores, in configured order.
-    pub fn servers(&self) -> &[BackendAddr] {
-        &self.servers
-    }
-
-    /// The next store, round robin. `None` only for an empty group.
-    pub fn pick(&self) -> Option<&BackendAddr> {
-        if self.servers.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.servers.len();
-        self.servers.get(i)
-    }
 }
 
 #[cfg(test)]
@@ -537,17 +503,5 @@ mod tests {
         let count = |id: &str| owned.iter().filter(|&&o| o == id).count() as f64;
         let ratio = count("s2:110") / ((count("s1:110") + count("s3:110")) / 2.0);
         assert!((1.85..2.15).contains(&ratio), "weight-2 store got {ratio}x");
-    }
-
-    #[test]
-    fn transitional_group_rotates() {
-        let servers: Vec<BackendAddr> = ["10.0.0.1:110", "10.0.0.2:110"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        let g = BackendGroup::new(servers.clone());
-        assert_eq!(g.pick(), Some(&servers[0]));
-        assert_eq!(g.pick(), Some(&servers[1]));
-        assert!(BackendGroup::new(vec![]).pick().is_none());
     }
 }
