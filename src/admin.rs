@@ -62,8 +62,12 @@ pub trait Control: Send + Sync + 'static {
     fn addrs(&self) -> Vec<(String, SocketAddr)>;
     /// Recent reloads, oldest first.
     fn reloads(&self) -> Vec<ReloadRecord>;
+    /// Why a reload was refused.
+    type ReloadError: std::fmt::Display + Send;
     /// Re-reads the config file and swaps it in when valid.
-    fn reload(self: Arc<Self>) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    fn reload(
+        self: Arc<Self>,
+    ) -> impl std::future::Future<Output = Result<(), Self::ReloadError>> + Send;
 }
 
 /// The longest an admin connection stays open, whatever it does (a slow body, a client that does not read
@@ -203,7 +207,7 @@ async fn route<R: Control>(
                 Ok(Ok(())) => json_reply(StatusCode::OK, json!({"ok": true})),
                 Ok(Err(e)) => json_reply(
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    json!({"ok": false, "error": e}),
+                    json!({"ok": false, "error": e.to_string()}),
                 ),
                 Err(e) => json_reply(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -91,7 +91,7 @@ impl Running {
     }
 
     /// Re-reads the config file and swaps it in when valid.
-    pub async fn reload(&self) -> Result<(), String> {
+    pub async fn reload(&self) -> Result<(), runtime::ReloadError> {
         self.runtime.reload().await
     }
 

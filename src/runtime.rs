@@ -43,6 +43,39 @@ pub enum StartError {
     },
 }
 
+/// Why a reload was refused; the running config stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// popgate was started from a config value, not a file.
+    #[error("popgate was started without a config file")]
+    NoConfigFile,
+    /// The file cannot be read, parsed or validated.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Certificates, CA bundles, secrets or the resolver cannot be set up.
+    #[error(transparent)]
+    Setup(#[from] crate::proxy::SharedError),
+    /// A new listener cannot bind.
+    #[error(transparent)]
+    Bind(#[from] crate::listener::BindError),
+}
+
+/// Why the config directory cannot be watched.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// popgate was started from a config value, not a file.
+    #[error("no config file to watch")]
+    NoConfigFile,
+    /// The file-change notifier failed.
+    #[error("watching {dir}: {source}")]
+    Notify {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        source: notify::Error,
+    },
+}
+
 #[derive(Debug)]
 struct ListenerHandle {
     bind: SocketAddr,
@@ -226,7 +259,7 @@ impl Runtime {
 
     /// Re-reads the config file; if it is valid, swaps it in (sessions in flight keep theirs). A bad file
     /// leaves the running config untouched and says why.
-    pub async fn reload(self: &Arc<Self>) -> Result<(), String> {
+    pub async fn reload(self: &Arc<Self>) -> Result<(), ReloadError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let result = self.try_reload().await;
         let ok = result.is_ok();
@@ -238,7 +271,7 @@ impl Runtime {
             }
             Err(e) => {
                 error!("config reload refused; the running config stays: {e}");
-                e.clone()
+                e.to_string()
             }
         };
         let mut log = self.reloads.lock().unwrap_or_else(PoisonError::into_inner);
@@ -284,12 +317,12 @@ impl Runtime {
         *total = wanted;
     }
 
-    async fn try_reload(self: &Arc<Self>) -> Result<String, String> {
+    async fn try_reload(self: &Arc<Self>) -> Result<String, ReloadError> {
         let path = self
             .config_path
             .as_deref()
-            .ok_or("popgate was started without a config file")?;
-        let config = Config::load(path).map_err(|e| e.to_string())?;
+            .ok_or(ReloadError::NoConfigFile)?;
+        let config = Config::load(path)?;
         // Bind new listeners first: if one cannot bind, nothing changes.
         let current: HashMap<String, SocketAddr> = self
             .listeners
@@ -320,7 +353,7 @@ impl Runtime {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 tasks.cancel();
-                return Err(e.to_string());
+                return Err(e.into());
             }
         };
         // A listener leaving an address a new one needs (moved to another IP on the same port, or renamed)
@@ -331,7 +364,7 @@ impl Runtime {
             Err(e) => {
                 tasks.cancel();
                 self.restore(freed).await;
-                return Err(e.to_string());
+                return Err(e.into());
             }
         };
         let tenant_names: Vec<String> = config.tenants.keys().cloned().collect();
@@ -493,10 +526,10 @@ const CONFIG_SETTLE: Duration = Duration::from_millis(500);
 
 /// Reloads when the config file's directory changes (debounced). Watching the directory rather than the file
 /// catches editors that replace files and Kubernetes, which swaps a ConfigMap's `..data` symlink.
-pub fn watch_config_dir(runtime: &Arc<Runtime>) -> Result<(), String> {
+pub fn watch_config_dir(runtime: &Arc<Runtime>) -> Result<(), WatchError> {
     use notify::{EventKind, RecursiveMode, Watcher};
     let Some(path) = runtime.config_path() else {
-        return Err("no config file to watch".into());
+        return Err(WatchError::NoConfigFile);
     };
     let path = path.to_path_buf();
     let dir = path
@@ -527,10 +560,16 @@ pub fn watch_config_dir(runtime: &Arc<Runtime>) -> Result<(), String> {
             }
         }
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|source| WatchError::Notify {
+        dir: dir.clone(),
+        source,
+    })?;
     watcher
         .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| format!("watching {}: {e}", dir.display()))?;
+        .map_err(|source| WatchError::Notify {
+            dir: dir.clone(),
+            source,
+        })?;
     // What the file held when last loaded: a change event that leaves the bytes as they were (a touch, an
     // editor's save without edits) is not worth a reload. Read before the watch task runs, so an edit made
     // right after this call is seen as one.
@@ -590,7 +629,9 @@ impl crate::admin::Control for Runtime {
         Runtime::reloads(self)
     }
 
-    async fn reload(self: Arc<Self>) -> Result<(), String> {
+    type ReloadError = ReloadError;
+
+    async fn reload(self: Arc<Self>) -> Result<(), ReloadError> {
         Runtime::reload(&self).await
     }
 }

@@ -559,7 +559,7 @@ async fn a_listener_moves_to_another_address_on_the_same_port() {
             held.local_addr().unwrap()
         );
     std::fs::write(&path, yaml(&both)).unwrap();
-    let err = pg.reload().await.unwrap_err();
+    let err = pg.reload().await.unwrap_err().to_string();
     assert!(err.contains("extra"), "{err}");
     assert_eq!(pg.local_addr("pop3"), Some(moved));
     let mut c = Pop3::greeted(moved).await;
