@@ -366,12 +366,15 @@ fn json_reply(status: StatusCode, body: serde_json::Value) -> Reply {
 pub fn status<R: Control>(runtime: &R) -> serde_json::Value {
     let shared = runtime.snapshot();
     let per_tenant = runtime.context().sessions.per_tenant();
+    // Each tenant by its id: its name from the table, its settings and state looked up with it.
     let tenants: Vec<serde_json::Value> = shared
-        .config
-        .tenants
-        .iter()
-        .zip(&shared.tenants)
-        .map(|((name, cfg), rt)| {
+        .table
+        .ids()
+        .filter_map(|id| {
+            let name = &shared.table.tenant(id).name;
+            Some((name, shared.config.tenants.get(name)?, shared.tenant(id)?))
+        })
+        .map(|(name, cfg, rt)| {
             let stores: Vec<serde_json::Value> = rt
                 .group
                 .status()

@@ -30,8 +30,12 @@ pub struct SniResolver {
 
 impl SniResolver {
     /// Builds the resolver from a validated config. Uses the default certificate, or a self-signed one
-    /// (with a warning) when none is configured.
-    pub fn from_config(config: &Config) -> Result<Self, TlsError> {
+    /// (with a warning) when none is configured. `tenant_id` gives each tenant's id by its name (the tenant
+    /// table's), so the ids an SNI name selects are the table's own.
+    pub fn from_config(
+        config: &Config,
+        tenant_id: impl Fn(&str) -> Option<TenantId>,
+    ) -> Result<Self, TlsError> {
         let default = match &config.tls {
             Some(files) => load_certified_key(
                 &config.resolve_path(&files.certificate),
@@ -46,8 +50,8 @@ impl SniResolver {
         };
         let mut exact = HashMap::new();
         let mut wildcard = Vec::new();
-        for (id, (_, tenant)) in config.tenants.iter().enumerate() {
-            let Some(tls) = &tenant.value.tls else {
+        for (name, tenant) in &config.tenants {
+            let (Some(tls), Some(id)) = (&tenant.value.tls, tenant_id(name)) else {
                 continue;
             };
             let ck = load_certified_key(

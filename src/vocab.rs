@@ -2,8 +2,23 @@
 //! for login names, and how domains and mailboxes are normalised. A leaf: it imports nothing of popgate, so
 //! `config` can describe settings in these words without depending on the stages that act on them.
 
-/// Index of a tenant in the router's tenant table (`router::TenantTable::tenants`).
-pub type TenantId = usize;
+/// A tenant of one config snapshot. Only the router's tenant table hands them out
+/// (`router::TenantTable::ids`), and everything per tenant (routes, runtime state, SNI bindings) is
+/// looked up with them in that table's order, so no two lists can disagree about which tenant an id is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantId(usize);
+
+impl TenantId {
+    /// The id of the tenant at `index` in the table's order (for the table itself).
+    pub(crate) fn from_index(index: usize) -> Self {
+        Self(index)
+    }
+
+    /// Its position in the table's order.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
 
 /// How the client logged in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]

@@ -122,10 +122,10 @@ pub(super) async fn admit(
         Ok(route) => route,
         Err(refusal) => return Admission::Refused(refusal),
     };
-    let tenant_name = &shared.table.tenants()[route.tenant].name;
+    let tenant_name = &shared.table.tenant(route.tenant).name;
     tracing::Span::current().record("tenant", tenant_name.as_str());
     *routed = Some(tenant_name.clone());
-    let Some(tenant) = shared.tenants.get(route.tenant) else {
+    let Some(tenant) = shared.tenant(route.tenant) else {
         return Admission::Closed(SessionEnd::Policy);
     };
     match attempt
@@ -175,14 +175,13 @@ impl Attempt<'_> {
         if !session.is_tls() {
             let tls_required = match &route {
                 Ok(r) => shared
-                    .tenants
-                    .get(r.tenant)
+                    .tenant(r.tenant)
                     .is_none_or(|t| t.plaintext == PlaintextLogin::RequireTls),
                 Err(_) => shared.reach(bound).tls_required,
             };
             if tls_required {
                 let label = match &route {
-                    Ok(r) => shared.table.tenants()[r.tenant].name.as_str(),
+                    Ok(r) => shared.table.tenant(r.tenant).name.as_str(),
                     Err(_) => crate::metrics::UNKNOWN_TENANT,
                 };
                 metrics.login(label, self.mechanism, "tls_required");

@@ -79,7 +79,7 @@ async fn passthrough(
     accepted: &Accepted,
 ) -> Option<Passthrough> {
     let t = bound?;
-    let tenant = shared.tenants.get(t)?;
+    let tenant = shared.tenant(t)?;
     let cap = tenant.passthrough.as_ref()?;
     if tenant.secrets.is_some() || !tenant.mechanisms.contains(&Mechanism::Apop) {
         return None;

@@ -127,6 +127,10 @@ pub enum SharedError {
     /// A secrets file.
     #[error("secrets: {0}")]
     Secrets(String),
+    /// The tenant table names a tenant the config does not have (cannot happen: both come from one
+    /// config).
+    #[error("tenant {0} is in the tenant table but not in the config")]
+    NoSuchTenant(String),
     /// A tenant's auth_http service settings.
     #[error("tenant {tenant}: auth_http: {source}")]
     AuthHttp {
@@ -169,8 +173,14 @@ impl Shared {
             connect: config.timeouts.backend_connect.get(),
             reply: config.timeouts.backend_reply.get(),
         };
-        let mut tenants = Vec::with_capacity(config.tenants.len());
-        for (name, t) in &config.tenants {
+        // In the table's order, each looked up by its name: an id means the same tenant in the table and
+        // here by construction.
+        let mut tenants = Vec::with_capacity(table.tenants().len());
+        for id in table.ids() {
+            let name = &table.tenant(id).name;
+            let Some(t) = config.tenants.get(name) else {
+                return Err(SharedError::NoSuchTenant(name.clone()));
+            };
             let t = &t.value;
             let tls = match Config::uses_store_tls(t) {
                 false => None,
@@ -251,7 +261,9 @@ impl Shared {
             .iter()
             .any(|l| l.value.tls != ListenerTls::None);
         let tls = if needs_tls {
-            let resolver = Arc::new(SniResolver::from_config(&config)?);
+            let resolver = Arc::new(SniResolver::from_config(&config, |name| {
+                table.tenant_by_name(name)
+            })?);
             let server = crate::tls::server_config(resolver.clone())?;
             Some((server, resolver))
         } else {
@@ -297,8 +309,13 @@ impl Shared {
     }
 
     /// What a connection bound to `tenant` (or to none) can offer.
+    /// A tenant's runtime state.
+    pub fn tenant(&self, id: TenantId) -> Option<&TenantRuntime> {
+        self.tenants.get(id.index())
+    }
+
     pub(super) fn reach(&self, tenant: Option<TenantId>) -> &Reach {
-        match tenant.and_then(|t| self.tenants.get(t)) {
+        match tenant.and_then(|t| self.tenant(t)) {
             Some(t) => &t.reach,
             None => &self.unbound,
         }

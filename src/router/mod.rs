@@ -73,6 +73,7 @@ pub struct TenantTable {
     wildcard: HashMap<String, TenantId>,
     default: Option<TenantId>,
     tenants: Vec<TenantRoute>,
+    by_name: HashMap<String, TenantId>,
 }
 
 impl TenantTable {
@@ -82,7 +83,8 @@ impl TenantTable {
         let mut wildcard = HashMap::new();
         let mut tenants = Vec::new();
         let mut default = None;
-        for (id, (name, tenant)) in config.tenants.iter().enumerate() {
+        for (index, (name, tenant)) in config.tenants.iter().enumerate() {
+            let id = TenantId::from_index(index);
             for d in &tenant.value.domains {
                 let Ok(norm) = crate::vocab::normalize_domain_pattern(&d.value) else {
                     continue;
@@ -110,18 +112,33 @@ impl TenantTable {
             exact,
             wildcard,
             default,
+            by_name: tenants
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.clone(), TenantId::from_index(i)))
+                .collect(),
             tenants,
         }
     }
 
-    /// The tenants, indexed by [`TenantId`].
+    /// Every tenant's id, in the table's order.
+    pub fn ids(&self) -> impl Iterator<Item = TenantId> + '_ {
+        (0..self.tenants.len()).map(TenantId::from_index)
+    }
+
+    /// A tenant's routing facts.
+    pub fn tenant(&self, id: TenantId) -> &TenantRoute {
+        &self.tenants[id.index()]
+    }
+
+    /// The tenants, in the order of their ids.
     pub fn tenants(&self) -> &[TenantRoute] {
         &self.tenants
     }
 
     /// The tenant with this configured name.
     pub fn tenant_by_name(&self, name: &str) -> Option<TenantId> {
-        self.tenants.iter().position(|t| t.name == name)
+        self.by_name.get(name).copied()
     }
 
     /// Splits a login name on the configured separators: the first separator (in configured order) that
@@ -203,7 +220,7 @@ impl TenantTable {
             (Some(t), Some(b)) if t != b => return Err(RouteError::WrongTenant),
             (Some(t), _) => t,
         };
-        let rules = &self.tenants[tenant];
+        let rules = self.tenant(tenant);
         let mut mailbox = mailbox;
         if rules.case == LoginCase::Lower {
             mailbox.local = mailbox.local.to_lowercase();
@@ -223,7 +240,7 @@ impl TenantTable {
     /// client's secret itself (a master user, APOP/CRAM-MD5 against `secrets`), so the store opens exactly
     /// the mailbox whose secret was checked, even on a store that tells case or Unicode forms apart.
     pub fn checked_user(&self, route: &Route) -> String {
-        let rules = &self.tenants[route.tenant];
+        let rules = self.tenant(route.tenant);
         let local = canonical_local(&route.mailbox.local, rules.case);
         let mailbox = Mailbox {
             local: local.into_owned(),
