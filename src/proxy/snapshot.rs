@@ -115,6 +115,102 @@ pub struct TenantRuntime {
     reach: Reach,
 }
 
+/// What building one tenant's runtime needs from the snapshot being built.
+struct TenantSetup<'a> {
+    config: &'a Config,
+    discovery: &'a Arc<Discovery>,
+    context: &'a Context,
+    timeouts: BackendTimeouts,
+    shutdown: &'a CancellationToken,
+}
+
+impl TenantRuntime {
+    /// One tenant's stores (resolved once, probes and pools started), secrets, mechanisms and auth
+    /// service.
+    async fn build(
+        name: &str,
+        t: &crate::config::TenantConfig,
+        setup: TenantSetup<'_>,
+    ) -> Result<Self, SharedError> {
+        let tls = match Config::uses_store_tls(t) {
+            false => None,
+            true => {
+                if t.backend_tls.insecure_skip_verify {
+                    warn!(tenant = %name, "backend_tls.insecure_skip_verify is set: store certificates are NOT verified");
+                }
+                Some(crate::tls::store_client_config(
+                    &t.backend_tls,
+                    setup.config,
+                )?)
+            }
+        };
+        let connector = Arc::new(Connector {
+            tls,
+            server_name: t.backend_tls.server_name.clone(),
+            client_ip: t.client_ip,
+            timeouts: setup.timeouts,
+        });
+        let group = StoreGroup::start(
+            name,
+            t,
+            connector,
+            setup.discovery.clone(),
+            setup.context.metrics.clone(),
+            setup.shutdown.clone(),
+        )
+        .await;
+        let secrets = match &t.secrets {
+            Some(path) => Some(
+                crate::config::load_secrets(&setup.config.resolve_path(path), t.login_case)
+                    .map_err(SharedError::Secrets)?,
+            ),
+            None => None,
+        };
+        let mechanisms = t.mechanisms.clone().unwrap_or_else(|| {
+            let mut m = vec![
+                Mechanism::UserPass,
+                Mechanism::Plain,
+                Mechanism::Login,
+                Mechanism::Apop,
+            ];
+            if secrets.is_some() {
+                m.push(Mechanism::CramMd5);
+            }
+            m
+        });
+        Ok(TenantRuntime {
+            reach: Reach::default(),
+            max_sessions: t.max_sessions,
+            min_login_interval: t.min_login_interval.map(|s| s.get()),
+            passthrough: t
+                .apop_passthrough
+                .map(|p| crate::throttle::HeldCap::new(p.max_pending, p.max_pending_per_ip)),
+            group,
+            plaintext: t.plaintext_login,
+            mechanisms,
+            secrets,
+            backend_login: t.backend_login.clone(),
+            auth_http: match &t.auth_http {
+                Some(a) => Some(Arc::new(
+                    crate::authhttp::AuthHttp::new(crate::authhttp::AuthHttpConfig {
+                        url: a.url.clone(),
+                        timeout: a.timeout.get(),
+                        cache_ttl: a.cache_ttl.get(),
+                        negative_cache_ttl: a.negative_cache_ttl.get(),
+                        cache_size: a.cache_size,
+                        extra_headers: Vec::new(),
+                    })
+                    .map_err(|source| SharedError::AuthHttp {
+                        tenant: name.to_string(),
+                        source,
+                    })?,
+                )),
+                None => None,
+            },
+        })
+    }
+}
+
 /// Why the shared state could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
@@ -181,80 +277,14 @@ impl Shared {
             let Some(t) = config.tenants.get(name) else {
                 return Err(SharedError::NoSuchTenant(name.clone()));
             };
-            let t = &t.value;
-            let tls = match Config::uses_store_tls(t) {
-                false => None,
-                true => {
-                    if t.backend_tls.insecure_skip_verify {
-                        warn!(tenant = %name, "backend_tls.insecure_skip_verify is set: store certificates are NOT verified");
-                    }
-                    Some(crate::tls::store_client_config(&t.backend_tls, &config)?)
-                }
-            };
-            let connector = Arc::new(Connector {
-                tls,
-                server_name: t.backend_tls.server_name.clone(),
-                client_ip: t.client_ip,
+            let setup = TenantSetup {
+                config: &config,
+                discovery: &discovery,
+                context: &context,
                 timeouts,
-            });
-            let group = StoreGroup::start(
-                name,
-                t,
-                connector,
-                discovery.clone(),
-                context.metrics.clone(),
-                shutdown.clone(),
-            )
-            .await;
-            let secrets = match &t.secrets {
-                Some(path) => Some(
-                    crate::config::load_secrets(&config.resolve_path(path), t.login_case)
-                        .map_err(SharedError::Secrets)?,
-                ),
-                None => None,
+                shutdown: &shutdown,
             };
-            let mechanisms = t.mechanisms.clone().unwrap_or_else(|| {
-                let mut m = vec![
-                    Mechanism::UserPass,
-                    Mechanism::Plain,
-                    Mechanism::Login,
-                    Mechanism::Apop,
-                ];
-                if secrets.is_some() {
-                    m.push(Mechanism::CramMd5);
-                }
-                m
-            });
-            tenants.push(TenantRuntime {
-                reach: Reach::default(),
-                max_sessions: t.max_sessions,
-                min_login_interval: t.min_login_interval.map(|s| s.get()),
-                passthrough: t
-                    .apop_passthrough
-                    .map(|p| crate::throttle::HeldCap::new(p.max_pending, p.max_pending_per_ip)),
-                group,
-                plaintext: t.plaintext_login,
-                mechanisms,
-                secrets,
-                backend_login: t.backend_login.clone(),
-                auth_http: match &t.auth_http {
-                    Some(a) => Some(Arc::new(
-                        crate::authhttp::AuthHttp::new(crate::authhttp::AuthHttpConfig {
-                            url: a.url.clone(),
-                            timeout: a.timeout.get(),
-                            cache_ttl: a.cache_ttl.get(),
-                            negative_cache_ttl: a.negative_cache_ttl.get(),
-                            cache_size: a.cache_size,
-                            extra_headers: Vec::new(),
-                        })
-                        .map_err(|source| SharedError::AuthHttp {
-                            tenant: name.clone(),
-                            source,
-                        })?,
-                    )),
-                    None => None,
-                },
-            });
+            tenants.push(TenantRuntime::build(name, &t.value, setup).await?);
         }
         let needs_tls = config
             .listeners

@@ -177,49 +177,19 @@ pub(super) async fn auth_http_login(
     login: AuthHttpLogin<'_>,
     relay: &mut ClientSession,
 ) -> AuthHttpOutcome {
+    let (server, port, user, pass) = match ask_service(&login).await {
+        Ok(told) => told,
+        Err(outcome) => return outcome,
+    };
     let AuthHttpLogin {
-        service,
         discovery,
         tenant,
         creds,
         auth,
         backend_user,
         client,
-        attempt,
+        ..
     } = login;
-    let method = match creds.mechanism {
-        Mechanism::Apop => "apop",
-        Mechanism::CramMd5 => "cram-md5",
-        _ => "plain",
-    };
-    let request = crate::authhttp::AuthRequest {
-        method,
-        user: &creds.login,
-        pass: creds.password.expose(),
-        salt: creds.challenge.as_deref(),
-        protocol: "pop3",
-        attempt,
-        client_ip: client.peer.ip(),
-        client_host: None,
-    };
-    let answer = match service.lookup(&request).await {
-        Ok(a) => a,
-        Err(e) => return AuthHttpOutcome::Unavailable(e.to_string()),
-    };
-    let (server, port, user, pass) = match answer {
-        crate::authhttp::AuthAnswer::Ok {
-            server,
-            port,
-            user,
-            pass,
-        } => (server, port, user, pass),
-        crate::authhttp::AuthAnswer::Refused { message, wait } => {
-            if let Some(wait) = wait {
-                tokio::time::sleep(wait).await;
-            }
-            return AuthHttpOutcome::Refused(format!("-ERR [AUTH] {message}\r\n").into_bytes());
-        }
-    };
     // With popgate's own resolver (`dns:`), as the stores' names are, never the system's.
     let target = crate::upstream::dns::Target::Host {
         host: server.clone(),
@@ -275,6 +245,46 @@ pub(super) async fn auth_http_login(
         Err(LoginError::Unavailable(why) | LoginError::Dropped(why)) => {
             AuthHttpOutcome::Unavailable(why)
         }
+    }
+}
+
+/// Where the service says to log in: `(server, port, user, password)`, or its refusal (after the wait it
+/// asked for) or trouble reaching it.
+async fn ask_service(
+    login: &AuthHttpLogin<'_>,
+) -> Result<(String, u16, Option<String>, Option<Secret>), AuthHttpOutcome> {
+    let creds = login.creds;
+    let method = match creds.mechanism {
+        Mechanism::Apop => "apop",
+        Mechanism::CramMd5 => "cram-md5",
+        _ => "plain",
+    };
+    let request = crate::authhttp::AuthRequest {
+        method,
+        user: &creds.login,
+        pass: creds.password.expose(),
+        salt: creds.challenge.as_deref(),
+        protocol: "pop3",
+        attempt: login.attempt,
+        client_ip: login.client.peer.ip(),
+        client_host: None,
+    };
+    match login.service.lookup(&request).await {
+        Ok(crate::authhttp::AuthAnswer::Ok {
+            server,
+            port,
+            user,
+            pass,
+        }) => Ok((server, port, user, pass)),
+        Ok(crate::authhttp::AuthAnswer::Refused { message, wait }) => {
+            if let Some(wait) = wait {
+                tokio::time::sleep(wait).await;
+            }
+            Err(AuthHttpOutcome::Refused(
+                format!("-ERR [AUTH] {message}\r\n").into_bytes(),
+            ))
+        }
+        Err(e) => Err(AuthHttpOutcome::Unavailable(e.to_string())),
     }
 }
 
