@@ -3,8 +3,8 @@
 //! (`cargo bench --bench load -- [--quick] [--rounds N] [--popgate PATH] [--serve SECONDS]`); it needs
 //! Dovecot and root, as the end-to-end tests do.
 //!
-//! Layout: one Dovecot store (plain and implicit-TLS listeners, capacity settings from
-//! `shared/notes/dovecot-in-tests.md`); popgate as separate release processes, one per configuration (pool
+//! Layout: one Dovecot store (plain and implicit-TLS listeners, capacity settings for thousands of
+//! sessions, see `start_store`); popgate as separate release processes, one per configuration (pool
 //! on, pool off, and both again with the store reached over implicit TLS), so that each one's RSS and CPU
 //! time can be read from /proc; HAProxy in TCP mode as a reference when it is installed (`haproxy` from
 //! Debian; it is skipped otherwise); the load itself from `popload`, in this process, on a
@@ -592,7 +592,7 @@ fn start_store(profile: Profile) -> DovecotStore {
             [small.clone(), small.clone()],
         );
     }
-    // Capacity for thousands of sessions (shared/notes/dovecot-in-tests.md): long-lived login processes,
+    // Capacity for thousands of sessions: long-lived login processes,
     // a small default process limit (Dovecot sums the limits into RLIMIT_NPROC), pop3 processes reused.
     let sessions = profile.hold_sessions + 2 * CONCURRENCY + 200;
     let opts = opts.extra_config(&format!(
