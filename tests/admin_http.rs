@@ -6,15 +6,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use maildrop::{Maildrop, Server, Settings};
 use support::pop3::Pop3;
-use support::popgate::http;
+use support::popgate::{http, start_from_file};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 /// `admin.max_connections` in these tests.
 const CAP: usize = 8;
@@ -63,16 +61,6 @@ admin:
     )
 }
 
-/// Started from a file, so `POST /reload` has something to re-read.
-async fn start(yaml: &str, dir: &Path) -> popgate::Running {
-    let path = dir.join("popgate.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let config = popgate::Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    popgate::start_from_file(config, path, CancellationToken::new())
-        .await
-        .unwrap()
-}
-
 /// Reads until the server closes the connection (EOF or reset) or `deadline` passes: what was read, or
 /// `None` when the connection is still open.
 async fn closed_by(s: &mut TcpStream, deadline: Instant) -> Option<Vec<u8>> {
@@ -115,7 +103,7 @@ fn raw(method: &str, target: &str, headers: &str) -> String {
 async fn admin_connections_are_capped_and_timed_out_while_pop3_serves() {
     let (_md, server) = store().await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = start(&config(server.local_addr(), ""), dir.path()).await;
+    let pg = start_from_file(&config(server.local_addr(), ""), dir.path()).await;
     let admin = pg.admin_addr().unwrap();
     let pop3 = pg.local_addr("pop3").unwrap();
 
@@ -226,7 +214,7 @@ async fn admin_connections_are_capped_and_timed_out_while_pop3_serves() {
 async fn host_must_be_an_ip_localhost_or_a_configured_name() {
     let (_md, server) = store().await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = start(&config(server.local_addr(), ""), dir.path()).await;
+    let pg = start_from_file(&config(server.local_addr(), ""), dir.path()).await;
     let admin = pg.admin_addr().unwrap();
     let port = admin.port();
 
@@ -299,7 +287,7 @@ async fn host_must_be_an_ip_localhost_or_a_configured_name() {
 async fn writes_need_a_header_a_web_page_cannot_send() {
     let (_md, server) = store().await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = start(&config(server.local_addr(), ""), dir.path()).await;
+    let pg = start_from_file(&config(server.local_addr(), ""), dir.path()).await;
     let admin = pg.admin_addr().unwrap();
     let pop3 = pg.local_addr("pop3").unwrap();
     let mut session = Pop3::greeted(pop3).await;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use maildrop::{Maildrop, Server, Settings};
 use support::pop3::Pop3;
+use support::popgate::start;
 use support::store::{Script, ScriptedStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,14 +30,6 @@ fn b64(raw: &[u8]) -> String {
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-async fn start(yaml: &str, base: &Path) -> popgate::Running {
-    let config =
-        popgate::Config::from_yaml_str(yaml, base).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    popgate::start(config, CancellationToken::new())
-        .await
-        .unwrap()
 }
 
 /// Edge defences that act on loopback (which is trusted by default), with no delays to wait out and no

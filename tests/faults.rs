@@ -15,7 +15,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -23,10 +22,9 @@ use maildrop::{Faults, Maildrop, Server, Settings};
 use support::dns::TestDns;
 use support::dovecot::{DovecotStore, StoreOptions, pop3_retr_bytes};
 use support::pop3::{Pop3, unstuff};
-use support::popgate::{Popgate, http};
+use support::popgate::{Popgate, http, start_from_file};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 /// `timeouts.backend_reply` in the store-fault tests (`BACKEND_REPLY_YAML` sets it).
 const BACKEND_REPLY: Duration = Duration::from_secs(3);
@@ -190,16 +188,6 @@ async fn maildrop(users: &[&str], faults: Faults) -> (Maildrop, Server) {
     (md, server)
 }
 
-/// Starts popgate in the current runtime from YAML written to `dir/popgate.yaml`, so it can reload.
-async fn popgate_from_file(yaml: &str, dir: &Path) -> popgate::Running {
-    let path = dir.join("popgate.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let config = popgate::Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    popgate::start_from_file(config, path, CancellationToken::new())
-        .await
-        .unwrap()
-}
-
 /// One plain listener `pop3`, tenants as given (YAML lines under `tenants:`), and extra top-level YAML.
 fn config(extra: &str, tenants: &str) -> String {
     format!(
@@ -260,7 +248,7 @@ async fn maildrop_dying_mid_retr_closes_the_client_and_keeps_every_message() {
     let user = "alice@example.com";
     let (md, server) = maildrop(&[user], Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = popgate_from_file(
+    let pg = start_from_file(
         &config("", &tenant("acme", "example.com", &[server.local_addr()])),
         dir.path(),
     )
@@ -417,7 +405,7 @@ async fn store_that_never_greets_gives_sys_temp_within_backend_reply() {
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = popgate_from_file(
+    let pg = start_from_file(
         &config(
             BACKEND_REPLY_YAML,
             &tenant("silent", "silent.test", &[server.local_addr()]),
@@ -459,7 +447,7 @@ async fn store_that_hangs_after_its_greeting_gives_sys_temp_within_backend_reply
     let _g = shared().await;
     let store = greet_then_hang().await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = popgate_from_file(
+    let pg = start_from_file(
         &config(BACKEND_REPLY_YAML, &tenant("hung", "hung.test", &[store])),
         dir.path(),
     )
@@ -558,7 +546,7 @@ async fn garbage_overlong_and_err_greetings_give_sys_temp_and_the_client_carries
     tenants.push_str(&tenant("acme", "example.com", &[good_server.local_addr()]));
     let dir = tempfile::tempdir().unwrap();
     // A long backend_reply: each bad greeting must be recognised as such, not waited out.
-    let pg = popgate_from_file(
+    let pg = start_from_file(
         &config("timeouts:\n  backend_reply: 20s\n", &tenants),
         dir.path(),
     )
@@ -690,7 +678,7 @@ async fn dns_outage_keeps_the_last_good_stores_serving() {
             server.local_addr().port()
         ),
     );
-    let pg = popgate_from_file(&yaml, dir.path()).await;
+    let pg = start_from_file(&yaml, dir.path()).await;
     let addr = pg.local_addr("pop3").unwrap();
     assert!(try_login(addr, user, "pw").await.starts_with("+OK"));
 
@@ -759,7 +747,7 @@ tenants:
 "#,
         server.local_addr()
     );
-    let pg = popgate_from_file(&yaml, d).await;
+    let pg = start_from_file(&yaml, d).await;
     let pop3s = pg.local_addr("pop3s").unwrap();
     let admin = format!("http://{}", pg.admin_addr().unwrap());
     let served = |sni: &'static str| async move {
@@ -867,7 +855,7 @@ async fn reload_refusal_names_the_broken_certificate_file() {
          tenants:\n  acme:\n    domains: [example.com]\n    backends: [\"{}\"]\n",
         server.local_addr()
     );
-    let pg = popgate_from_file(&yaml, d).await;
+    let pg = start_from_file(&yaml, d).await;
     std::fs::write(
         d.join("default.crt"),
         "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
@@ -898,7 +886,7 @@ async fn one_config_edit_reloads_once_not_forever() {
     let (_md, server) = maildrop(&["alice@example.com"], Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let yaml = config("", &tenant("acme", "example.com", &[server.local_addr()]));
-    let pg = popgate_from_file(&yaml, dir.path()).await;
+    let pg = start_from_file(&yaml, dir.path()).await;
     popgate::runtime::watch_config_dir(pg.runtime()).unwrap();
     std::fs::write(dir.path().join("popgate.yaml"), format!("{yaml}# edited\n")).unwrap();
     eventually(Duration::from_secs(10), "the edit to be reloaded", || {
@@ -923,7 +911,7 @@ async fn slowloris_is_closed_at_the_pre_login_timeout_while_others_log_in() {
     let user = "alice@example.com";
     let (_md, server) = maildrop(&[user], Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = popgate_from_file(
+    let pg = start_from_file(
         &config(
             "timeouts:\n  pre_login: 2s\n",
             &tenant("acme", "example.com", &[server.local_addr()]),
@@ -986,7 +974,7 @@ async fn nul_and_non_utf8_bytes_get_err_and_the_connection_stays_usable() {
     let user = "alice@example.com";
     let (_md, server) = maildrop(&[user], Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = popgate_from_file(
+    let pg = start_from_file(
         &config("", &tenant("acme", "example.com", &[server.local_addr()])),
         dir.path(),
     )
@@ -1056,7 +1044,7 @@ async fn megabyte_lines_without_crlf_are_refused_without_being_buffered() {
     let user = "alice@example.com";
     let (_md, server) = maildrop(&[user], Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = popgate_from_file(
+    let pg = start_from_file(
         &config("", &tenant("acme", "example.com", &[server.local_addr()])),
         dir.path(),
     )
@@ -1324,7 +1312,7 @@ async fn a_burst_of_simultaneous_connections_is_answered() {
     const BURST: usize = 1000;
     let (_md, server) = maildrop(&["alice@example.com"], Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = popgate_from_file(
+    let pg = start_from_file(
         &config("", &tenant("acme", "example.com", &[server.local_addr()])),
         dir.path(),
     )

@@ -13,7 +13,7 @@ use maildrop::{Maildrop, Server, Settings};
 use support::clients::{PopClient, PopMode, PopStep};
 use support::dovecot::{DovecotStore, StoreOptions};
 use support::pop3::Pop3;
-use support::popgate::Popgate;
+use support::popgate::{Popgate, start};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -44,14 +44,6 @@ async fn maildrop(users: &[(&str, &str)]) -> (Maildrop, Server) {
     }
     let server = md.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     (md, server)
-}
-
-async fn start(yaml: &str) -> popgate::Running {
-    let config = popgate::Config::from_yaml_str(yaml, Path::new("."))
-        .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    popgate::start(config, CancellationToken::new())
-        .await
-        .unwrap()
 }
 
 /// USER/PASS on a fresh connection; the PASS reply.
@@ -173,7 +165,11 @@ async fn utf8_store() -> (SocketAddr, Seen) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn utf8_mode_is_asked_of_a_store_that_offers_it_and_only_for_utf8_clients() {
     let (store, seen) = utf8_store().await;
-    let pg = start(&config("", &tenant("acme", "example.com", store, ""))).await;
+    let pg = start(
+        &config("", &tenant("acme", "example.com", store, "")),
+        Path::new("."),
+    )
+    .await;
     let addr = pg.local_addr("pop3").unwrap();
 
     let mut c = Pop3::greeted(addr).await;
@@ -216,7 +212,11 @@ async fn utf8_mode_is_asked_of_a_store_that_offers_it_and_only_for_utf8_clients(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_capabilities_are_remembered_not_asked_per_login() {
     let (store, seen) = utf8_store().await;
-    let pg = start(&config("", &tenant("acme", "example.com", store, ""))).await;
+    let pg = start(
+        &config("", &tenant("acme", "example.com", store, "")),
+        Path::new("."),
+    )
+    .await;
     let addr = pg.local_addr("pop3").unwrap();
     for n in 0..4 {
         let (mut c, reply) = login_reply(addr, &format!("u{n}@example.com"), "pw").await;
@@ -274,7 +274,7 @@ async fn case_rules_decide_what_the_store_sees_and_what_counts_as_one_mailbox() 
         ]
         .concat(),
     );
-    let pg = start(&yaml).await;
+    let pg = start(&yaml, Path::new(".")).await;
     let addr = pg.local_addr("pop3").unwrap();
     // `lower`: the store (whose user is lowercase) gets `john` whatever the client typed, and
     // `JOHN` and `john` are one mailbox for the per-mailbox cap.
@@ -295,15 +295,18 @@ async fn case_rules_decide_what_the_store_sees_and_what_counts_as_one_mailbox() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_login_within_the_interval_gets_login_delay_and_commits_nothing() {
     let (md, store) = maildrop(&[("alice@example.com", "pw"), ("bob@example.com", "pw")]).await;
-    let pg = start(&config(
-        "",
-        &tenant(
-            "acme",
-            "example.com",
-            store.local_addr(),
-            "    min_login_interval: 1h\n",
+    let pg = start(
+        &config(
+            "",
+            &tenant(
+                "acme",
+                "example.com",
+                store.local_addr(),
+                "    min_login_interval: 1h\n",
+            ),
         ),
-    ))
+        Path::new("."),
+    )
     .await;
     let addr = pg.local_addr("pop3").unwrap();
 
@@ -360,7 +363,7 @@ async fn a_tenant_at_its_session_cap_answers_sys_temp_while_others_log_in() {
         ]
         .concat(),
     );
-    let pg = start(&yaml).await;
+    let pg = start(&yaml, Path::new(".")).await;
     let addr = pg.local_addr("pop3").unwrap();
     let (mut first, r1) = login_reply(addr, "a@small.test", "pw").await;
     let (_second, r2) = login_reply(addr, "b@small.test", "pw").await;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use maildrop::{Maildrop, Server, Settings};
 use support::pop3::Pop3;
-use support::popgate::http;
+use support::popgate::{http, start_from_file};
 use tokio_util::sync::CancellationToken;
 
 async fn store(users: usize, messages: usize) -> (Maildrop, Server) {
@@ -50,15 +50,6 @@ tenants:
     )
 }
 
-async fn start(yaml: &str, dir: &Path) -> popgate::Running {
-    let path = dir.join("popgate.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let config = popgate::Config::load(&path).unwrap();
-    popgate::start_from_file(config, path, CancellationToken::new())
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(feature = "external-tools"),
@@ -67,7 +58,7 @@ async fn start(yaml: &str, dir: &Path) -> popgate::Running {
 async fn admin_endpoints_metrics_and_promtool() {
     let (_md, server) = store(2, 2).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = start(&config(server.local_addr(), ""), dir.path()).await;
+    let pg = start_from_file(&config(server.local_addr(), ""), dir.path()).await;
     let admin = format!("http://{}", pg.admin_addr().unwrap());
     let pop3 = pg.local_addr("pop3").unwrap();
 
@@ -161,7 +152,7 @@ async fn reload_under_500_sessions_drops_none_and_routes_new_logins() {
     let (_a, server_a) = store(SESSIONS + 1, 1).await;
     let (_b, server_b) = store(SESSIONS + 1, 2).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = start(&config(server_a.local_addr(), ""), dir.path()).await;
+    let pg = start_from_file(&config(server_a.local_addr(), ""), dir.path()).await;
     let pop3 = pg.local_addr("pop3").unwrap();
 
     let mut sessions = Vec::with_capacity(SESSIONS);
@@ -264,7 +255,7 @@ async fn admin_token_file_rotates_on_reload() {
         "  token: s3cret-token",
         "  token_file: admin-token\n  token_for_reads: true",
     );
-    let pg = start(&yaml, dir.path()).await;
+    let pg = start_from_file(&yaml, dir.path()).await;
     let admin = pg.admin_addr().unwrap();
     let call = |method: &'static str, path: &'static str, token: Option<&'static str>| {
         let url = format!("http://{admin}{path}");
@@ -301,7 +292,7 @@ async fn admin_token_file_rotates_on_reload() {
 async fn drain_refuses_new_work_lets_relays_finish_then_closes_without_quit() {
     let (md, server) = store(3, 2).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = start(&config(server.local_addr(), ""), dir.path()).await;
+    let pg = start_from_file(&config(server.local_addr(), ""), dir.path()).await;
     let pop3 = pg.local_addr("pop3").unwrap();
     let ready = format!("http://{}/readyz", pg.admin_addr().unwrap());
 
@@ -350,7 +341,7 @@ async fn drain_refuses_new_work_lets_relays_finish_then_closes_without_quit() {
 async fn kick_closes_a_mailboxs_sessions_without_quit() {
     let (md, server) = store(2, 2).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = start(&config(server.local_addr(), ""), dir.path()).await;
+    let pg = start_from_file(&config(server.local_addr(), ""), dir.path()).await;
     let pop3 = pg.local_addr("pop3").unwrap();
     let mut kicked = Pop3::greeted(pop3).await;
     kicked.login("u0@example.com", "pw").await;
@@ -401,7 +392,7 @@ async fn kick_closes_a_mailboxs_sessions_without_quit() {
 async fn status_page_renders_in_headless_chromium() {
     let (_md, server) = store(1, 1).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = start(&config(server.local_addr(), ""), dir.path()).await;
+    let pg = start_from_file(&config(server.local_addr(), ""), dir.path()).await;
     let url = format!("http://{}/", pg.admin_addr().unwrap());
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
@@ -493,7 +484,7 @@ async fn readiness_follows_ready_when_not_one_tenants_outage() {
         let yaml = format!(
             "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\nadmin:\n  bind: 127.0.0.1:0\n{line}tenants:\n{tenants}"
         );
-        let pg = start(&yaml, dir.path()).await;
+        let pg = start_from_file(&yaml, dir.path()).await;
         // Stores start up; wait until the probes have marked the dead one down.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while pg

@@ -66,6 +66,27 @@ impl Drop for Popgate {
     }
 }
 
+/// popgate started on the caller's runtime from YAML; relative paths resolve from `base`. Panics with the
+/// config's problems and the YAML when it is refused.
+pub async fn start(yaml: &str, base: &Path) -> popgate::Running {
+    let config =
+        popgate::Config::from_yaml_str(yaml, base).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    popgate::start(config, CancellationToken::new())
+        .await
+        .unwrap()
+}
+
+/// popgate started on the caller's runtime from a config file it writes as `dir/popgate.yaml`, so reloads
+/// (`POST /reload`, SIGHUP, file changes) re-read it.
+pub async fn start_from_file(yaml: &str, dir: &Path) -> popgate::Running {
+    let path = dir.join("popgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let config = popgate::Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    popgate::start_from_file(config, path, CancellationToken::new())
+        .await
+        .unwrap()
+}
+
 /// `curl -s` against an admin server; (HTTP status, body). A bearer token is sent when given; a POST also
 /// carries `X-Popgate-Admin`, as every tool must (the admin server refuses writes a web page could send).
 pub fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
