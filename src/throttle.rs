@@ -366,16 +366,10 @@ impl Throttle {
         }
     }
 
-    /// After a failed login: counts it for the client IP and the mailbox. Returns the delay to wait
-    /// before the `-ERR` (growing with the failures), or [`Verdict::LockedOut`] once either reaches
-    /// `lockout_after` (or is already locked). Trusted clients get [`Verdict::Allow`] and are not counted.
-    /// Every call counts; [`Throttle::failed`] knows repeated passwords and unrouted names.
-    pub fn login_failed(&self, ip: IpAddr, mailbox: &str) -> Verdict {
-        self.login_failed_at(ip, mailbox, Instant::now())
-    }
-
-    /// [`Throttle::login_failed`] at a given time.
-    pub fn login_failed_at(&self, ip: IpAddr, mailbox: &str, now: Instant) -> Verdict {
+    /// A failure with a new secret for `mailbox` (counted for the address and the mailbox), at `now`: the
+    /// unit tests' shorthand for [`Throttle::failed_at`].
+    #[cfg(test)]
+    fn login_failed_at(&self, ip: IpAddr, mailbox: &str, now: Instant) -> Verdict {
         self.failed_at(
             ip,
             Failure {
@@ -386,9 +380,12 @@ impl Throttle {
         )
     }
 
-    /// After a failed login, as [`Throttle::login_failed`], but: without a mailbox only the address is
-    /// counted; and a secret this mailbox already failed with lately counts for neither the address nor
-    /// the mailbox (a mail client polling with an old password is one mistake, not one per poll).
+    /// After a failed login: counts it for the client IP and, when the name routed to a tenant, for the
+    /// mailbox (an unrouted name gets no state of its own). Returns the delay to wait before the `-ERR`
+    /// (growing with the failures), or [`Verdict::LockedOut`] once either reaches `lockout_after` (or is
+    /// already locked). Trusted clients get [`Verdict::Allow`] and are not counted. A secret this mailbox
+    /// already failed with lately counts for neither the address nor the mailbox (a mail client polling
+    /// with an old password is one mistake, not one per poll).
     pub fn failed(&self, ip: IpAddr, failure: Failure<'_>) -> Verdict {
         self.failed_at(ip, failure, Instant::now())
     }

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use maildrop::{Maildrop, Server, Settings};
+use support::auth_service::Service;
 use support::pop3::Pop3;
-use support::popgate::start;
+use support::popgate::{plain_config as config, start};
 use support::store::{Script, ScriptedStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 const LOCKED_OUT: &str = "-ERR [AUTH] Too many failed logins; try again later";
@@ -37,20 +38,11 @@ fn ip(s: &str) -> IpAddr {
 const THROTTLE_ON_LOOPBACK: &str = "throttle:\n  trusted_networks: []\n  failed_login_delay: 0s\n  \
      lockout_after: 3\n  connection_burst: 0\n";
 
-/// A plain listener named `pop3` and the given extra top-level YAML and tenants.
-fn config(extra: &str, tenants: &str) -> String {
-    format!(
-        "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\n{extra}\ntenants:\n{tenants}"
-    )
-}
-
-/// A tenant with plaintext logins allowed, no pool and no health probes (so store connections are the
-/// logins' own).
+/// A tenant as `support::popgate::tenant` makes it, with no health probes either (so store connections
+/// are the logins' own).
 fn tenant(name: &str, domain: &str, store: SocketAddr, extra: &str) -> String {
-    format!(
-        "  {name}:\n    domains: [{domain}]\n    backends: [\"{store}\"]\n    plaintext_login: allow\n    \
-         pool: {{min_idle: 0}}\n    health: {{enabled: false}}\n{extra}"
-    )
+    let extra = format!("    health: {{enabled: false}}\n{extra}");
+    support::popgate::tenant(name, domain, store, &extra)
 }
 
 async fn maildrop(users: &[(&str, &str)]) -> (Maildrop, Server) {
@@ -500,40 +492,19 @@ async fn quit_then_a_close_without_close_notify_counts_as_quit() {
 
 // === Finding 14: auth_http refusals stay refusals; a store's temporary reply is not a failure ===
 
-/// An auth_http service answering every request with `response`.
-async fn auth_service(response: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = conn.write_all(response.as_bytes()).await;
-                let _ = conn.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_http_refusals_with_control_bytes_are_refusals() {
-    let service =
-        auth_service("HTTP/1.0 200 OK\r\nAuth-Status: Invalid\x01 login\x1b[0m\r\n\r\n").await;
+    let service = Service::start(|_| {
+        Some("HTTP/1.0 200 OK\r\nAuth-Status: Invalid\x01 login\x1b[0m\r\n\r\n".into())
+    })
+    .await;
     let yaml = config(
         "",
         &tenant(
             "acme",
             "example.com",
             "127.0.0.1:9".parse().unwrap(),
-            &format!("    auth_http: {{url: \"http://{service}/auth\"}}\n"),
+            &format!("    auth_http: {{url: \"{}\"}}\n", service.url()),
         ),
     );
     let pg = start(&yaml, Path::new(".")).await;
@@ -559,21 +530,18 @@ async fn a_stores_temporary_reply_via_auth_http_is_not_a_failed_login() {
         ..Script::default()
     })
     .await;
-    let response: &'static str = Box::leak(
-        format!(
-            "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: {}\r\n\r\n",
-            store.addr.port()
-        )
-        .into_boxed_str(),
+    let response = format!(
+        "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: {}\r\n\r\n",
+        store.addr.port()
     );
-    let service = auth_service(response).await;
+    let service = Service::start(move |_| Some(response.clone())).await;
     let yaml = config(
         &THROTTLE_ON_LOOPBACK.replace("lockout_after: 3", "lockout_after: 2"),
         &tenant(
             "acme",
             "example.com",
             store.addr,
-            &format!("    auth_http: {{url: \"http://{service}/auth\"}}\n"),
+            &format!("    auth_http: {{url: \"{}\"}}\n", service.url()),
         ),
     );
     let pg = start(&yaml, Path::new(".")).await;

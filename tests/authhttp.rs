@@ -2,75 +2,17 @@
 //! which records every request head and answers like an nginx mail auth script.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly where it stands
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod support;
 
+use support::auth_service::Service;
+
 use popgate::authhttp::{AuthAnswer, AuthHttp, AuthHttpConfig, AuthHttpError, AuthRequest};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-
-/// What the service answers to a request head: a whole response, or `None` to never answer.
-type Handler = dyn Fn(&[u8]) -> Option<String> + Send + Sync;
-
-/// An auth service on 127.0.0.1 that keeps every request head it receives.
-struct Service {
-    addr: SocketAddr,
-    heads: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-impl Service {
-    async fn start(handler: impl Fn(&[u8]) -> Option<String> + Send + Sync + 'static) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let heads = Arc::new(Mutex::new(Vec::new()));
-        let handler: Arc<Handler> = Arc::new(handler);
-        let seen = Arc::clone(&heads);
-        tokio::spawn(async move {
-            loop {
-                let (mut conn, _) = listener.accept().await.unwrap();
-                let handler = Arc::clone(&handler);
-                let seen = Arc::clone(&seen);
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        match conn.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    seen.lock().unwrap().push(head.clone());
-                    match handler(&head) {
-                        Some(response) => {
-                            let _ = conn.write_all(response.as_bytes()).await;
-                            let _ = conn.shutdown().await;
-                        }
-                        // Hold the connection until the client gives up.
-                        None => while conn.read(&mut buf).await.is_ok_and(|n| n > 0) {},
-                    }
-                });
-            }
-        });
-        Self { addr, heads }
-    }
-
-    /// Requests received so far.
-    fn requests(&self) -> usize {
-        self.heads.lock().unwrap().len()
-    }
-
-    fn head(&self, n: usize) -> Vec<u8> {
-        self.heads.lock().unwrap()[n].clone()
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/auth?tenant=a", self.addr)
-    }
-}
 
 /// A header's value in a request head, raw.
 fn header<'h>(head: &'h [u8], name: &str) -> Option<&'h [u8]> {

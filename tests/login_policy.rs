@@ -13,28 +13,13 @@ use maildrop::{Maildrop, Server, Settings};
 use support::clients::{PopClient, PopMode, PopStep};
 use support::dovecot::{DovecotStore, StoreOptions};
 use support::pop3::Pop3;
-use support::popgate::{Popgate, start};
+use support::popgate::{Popgate, plain_config as config, start, tenant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 fn message(subject: &str) -> Vec<u8> {
     format!("From: a@example.org\r\nSubject: {subject}\r\n\r\nbody of {subject}\r\n").into_bytes()
-}
-
-/// One plain listener, these tenants (YAML under `tenants:`), extra top-level YAML.
-fn config(extra: &str, tenants: &str) -> String {
-    format!(
-        "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\n{extra}\ntenants:\n{tenants}"
-    )
-}
-
-/// A tenant block with plaintext logins allowed and no pre-warmed connections.
-fn tenant(name: &str, domain: &str, store: SocketAddr, extra: &str) -> String {
-    format!(
-        "  {name}:\n    domains: [{domain}]\n    backends: [\"{store}\"]\n    plaintext_login: allow\n    \
-         pool: {{min_idle: 0}}\n{extra}"
-    )
 }
 
 async fn maildrop(users: &[(&str, &str)]) -> (Maildrop, Server) {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly instead of returning errors
 
+pub mod auth_service;
 pub mod clients;
 pub mod dns;
 pub mod dovecot;

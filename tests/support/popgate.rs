@@ -66,6 +66,23 @@ impl Drop for Popgate {
     }
 }
 
+/// A config with one plain listener named `pop3` on 127.0.0.1, the extra top-level YAML `extra`, and
+/// `tenants` (YAML under `tenants:`, e.g. from [`tenant`]).
+pub fn plain_config(extra: &str, tenants: &str) -> String {
+    format!(
+        "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\n{extra}\ntenants:\n{tenants}"
+    )
+}
+
+/// A tenant block: one domain, one store, plaintext logins allowed, no pre-warmed connections, then
+/// `extra` (more tenant keys, indented four spaces).
+pub fn tenant(name: &str, domain: &str, store: SocketAddr, extra: &str) -> String {
+    format!(
+        "  {name}:\n    domains: [{domain}]\n    backends: [\"{store}\"]\n    plaintext_login: allow\n    \
+         pool: {{min_idle: 0}}\n{extra}"
+    )
+}
+
 /// popgate started on the caller's runtime from YAML; relative paths resolve from `base`. Panics with the
 /// config's problems and the YAML when it is refused.
 pub async fn start(yaml: &str, base: &Path) -> popgate::Running {
