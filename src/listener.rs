@@ -123,6 +123,13 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Whether two listen addresses cannot both be bound: the same port, and the same IP or a wildcard on
+/// either side (`0.0.0.0:110` takes port 110 on every IPv4 address, so `127.0.0.1:110` cannot bind next to it;
+/// `[::]:110` is dual-stack on Linux by default, so it takes the IPv4 port as well).
+pub fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Binds every configured listener before any is served, so a bad port fails the start as a whole.
 pub async fn bind_all(addrs: &[(String, SocketAddr)]) -> Result<Vec<TcpListener>, BindError> {
     let mut bound = Vec::with_capacity(addrs.len());
@@ -135,4 +142,27 @@ pub async fn bind_all(addrs: &[(String, SocketAddr)]) -> Result<Vec<TcpListener>
         bound.push(l);
     }
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::overlap;
+    use std::net::SocketAddr;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn overlap_is_same_port_and_same_or_wildcard_address() {
+        assert!(overlap(a("127.0.0.1:110"), a("127.0.0.1:110")));
+        assert!(overlap(a("0.0.0.0:110"), a("127.0.0.1:110")));
+        assert!(overlap(a("127.0.0.1:110"), a("0.0.0.0:110")));
+        assert!(overlap(a("[::]:110"), a("[::1]:110")));
+        assert!(overlap(a("[::]:110"), a("0.0.0.0:110")));
+        assert!(!overlap(a("127.0.0.1:110"), a("127.0.0.2:110")));
+        assert!(!overlap(a("0.0.0.0:110"), a("0.0.0.0:995")));
+        assert!(!overlap(a("127.0.0.1:110"), a("[::1]:110")));
+    }
 }

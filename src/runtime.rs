@@ -411,16 +411,12 @@ impl Runtime {
     }
 
     /// Stops each listener of `removed` whose address conflicts with one of `added` and waits until its
-    /// socket is closed; returns their names and addresses.
+    /// socket is closed; returns their names, configured addresses and bound addresses.
     async fn stop_conflicting(
         &self,
         removed: &[String],
         added: &[(String, SocketAddr)],
-    ) -> Vec<(String, SocketAddr)> {
-        let conflicts = |a: SocketAddr, b: SocketAddr| {
-            a.port() == b.port()
-                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
-        };
+    ) -> Vec<(String, SocketAddr, SocketAddr)> {
         let stopping: Vec<(String, ListenerHandle)> = {
             let mut listeners = self
                 .listeners
@@ -429,9 +425,11 @@ impl Runtime {
             let names: Vec<&String> = removed
                 .iter()
                 .filter(|name| {
-                    listeners
-                        .get(*name)
-                        .is_some_and(|h| added.iter().any(|(_, b)| conflicts(h.bind, *b)))
+                    listeners.get(*name).is_some_and(|h| {
+                        added
+                            .iter()
+                            .any(|(_, b)| crate::listener::overlap(h.local, *b))
+                    })
                 })
                 .collect();
             names
@@ -449,15 +447,16 @@ impl Runtime {
             {
                 warn!(listener = %name, "listener did not close within 5 s");
             }
-            freed.push((name, handle.bind));
+            freed.push((name, handle.bind, handle.local));
         }
         freed
     }
 
     /// Binds and serves again listeners [`Self::stop_conflicting`] stopped (a reload that failed).
-    async fn restore(self: &Arc<Self>, freed: Vec<(String, SocketAddr)>) {
-        for (name, bind) in freed {
-            match crate::listener::bind_all(&[(name.clone(), bind)]).await {
+    /// Each comes back on the address it had (`local`; the same as `bind` unless that asked for port 0).
+    async fn restore(self: &Arc<Self>, freed: Vec<(String, SocketAddr, SocketAddr)>) {
+        for (name, bind, local) in freed {
+            match crate::listener::bind_all(&[(name.clone(), local)]).await {
                 Ok(mut tcp) => {
                     if let Some(tcp) = tcp.pop() {
                         self.spawn_listener(name, bind, tcp);
