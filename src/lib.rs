@@ -22,7 +22,7 @@
 //! - [`logs`]: the log writer (a buffer written out by one thread every 50 ms).
 
 pub mod admin;
-pub mod authhttp;
+pub mod auth;
 pub mod certs;
 pub mod config;
 pub mod context;

@@ -18,7 +18,13 @@ const ALLOWED: &[(&str, &str)] = &[
     ("admin", "proxy"),
     ("admin", "router"),
     ("admin", "upstream"),
-    ("authhttp", "secret"),
+    // Authentication: the store-login decision reads the session's credentials and speaks the store
+    // side's login forms; auth_http reaches only secrets.
+    ("auth", "config"),
+    ("auth", "protocol"),
+    ("auth", "secret"),
+    ("auth", "session"),
+    ("auth", "upstream"),
     // Config is data: it validates with the leaves, never with a stage.
     ("config", "certs"),
     ("config", "secret"),
@@ -32,11 +38,10 @@ const ALLOWED: &[(&str, &str)] = &[
     ("listener", "proxy"),
     ("protocol", "secret"),
     // The composition: the one module that sees every stage.
-    ("proxy", "authhttp"),
+    ("proxy", "auth"),
     ("proxy", "config"),
     ("proxy", "context"),
     ("proxy", "metrics"),
-    ("proxy", "protocol"),
     ("proxy", "proxy_protocol"),
     ("proxy", "relay"),
     ("proxy", "router"),
@@ -58,6 +63,8 @@ const ALLOWED: &[(&str, &str)] = &[
     ("runtime", "metrics"),
     ("runtime", "proxy"),
     ("runtime", "throttle"),
+    // The secrets and token files key mailboxes as logins are keyed: a leaf reading a leaf.
+    ("secret", "vocab"),
     ("session", "protocol"),
     ("session", "secret"),
     ("session", "stream"),
@@ -77,7 +84,14 @@ const ALLOWED: &[(&str, &str)] = &[
 ];
 
 /// Modules that must not touch sockets or files.
-const NO_IO: &[&str] = &["protocol", "router", "vocab", "session/state.rs"];
+const NO_IO: &[&str] = &[
+    "protocol",
+    "router",
+    "vocab",
+    "session/state.rs",
+    "auth/decision.rs",
+    "auth/http/wire.rs",
+];
 
 /// Every `.rs` file under `dir`, recursively.
 fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
@@ -234,10 +248,14 @@ fn pure_modules_do_no_io() {
 #[test]
 fn the_leaves_import_nothing_of_popgate() {
     let modules = modules();
-    for leaf in ["vocab", "secret"] {
+    // `vocab` imports nothing; `secret` only `vocab` (its files are keyed as logins are).
+    for (leaf, may) in [("vocab", &[][..]), ("secret", &["vocab"][..])] {
         for (file, text) in &modules[leaf] {
             let refs = crate_refs(text);
-            assert!(refs.is_empty(), "src/{file} imports {refs:?}");
+            assert!(
+                refs.iter().all(|r| may.contains(&r.as_str())),
+                "src/{file} imports {refs:?}"
+            );
         }
     }
 }

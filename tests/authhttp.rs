@@ -11,7 +11,7 @@ mod support;
 
 use support::auth_service::Service;
 
-use popgate::authhttp::{AuthAnswer, AuthHttp, AuthHttpConfig, AuthHttpError, AuthRequest};
+use popgate::auth::http::{AuthAnswer, AuthHttp, AuthHttpConfig, AuthHttpError, AuthRequest};
 use tokio::net::TcpListener;
 
 /// A header's value in a request head, raw.

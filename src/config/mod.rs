@@ -611,20 +611,23 @@ impl Config {
         let options = serde_saphyr::options! {
             duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
             strict_booleans: true,
+            // A snippet of the file would put its text (passwords, tokens) into logs and the status page.
+            with_snippet: false,
         };
         let mut config: Config = serde_saphyr::from_str_with_options(text, options)
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+            .map_err(|e| ConfigError::Parse(with_key(e.to_string(), e.location(), text)))?;
         config.base_dir = base_dir.to_path_buf();
         config.validate()?;
         if let Some(path) = config.admin.as_ref().and_then(|a| a.token_file.clone()) {
             // validate() has read it once; a file that vanished since is still reported, not ignored.
-            let token = read_token_file(&config.resolve_path(&path)).map_err(|message| {
-                ConfigError::Invalid(vec![Problem {
-                    field: "admin.token_file".into(),
-                    line: None,
-                    message,
-                }])
-            })?;
+            let token = crate::secret::files::read_token_file(&config.resolve_path(&path))
+                .map_err(|e| {
+                    ConfigError::Invalid(vec![Problem {
+                        field: "admin.token_file".into(),
+                        line: None,
+                        message: e.to_string(),
+                    }])
+                })?;
             if let Some(admin) = config.admin.as_mut() {
                 admin.token = Some(token);
             }
@@ -712,9 +715,9 @@ impl Config {
                 );
             }
             if let Some(path) = &admin.token_file
-                && let Err(e) = read_token_file(&self.resolve_path(path))
+                && let Err(e) = crate::secret::files::read_token_file(&self.resolve_path(path))
             {
-                push("admin.token_file".into(), None, e);
+                push("admin.token_file".into(), None, e.to_string());
             }
             if admin.max_connections == 0 {
                 push(
@@ -859,9 +862,10 @@ impl Config {
             }
             self.validate_upstream(name, t, line, &mut push);
             if let Some(path) = &t.secrets
-                && let Err(e) = load_secrets(&self.resolve_path(path), t.login_case)
+                && let Err(e) =
+                    crate::secret::files::load_secrets(&self.resolve_path(path), t.login_case)
             {
-                push(format!("{field}.secrets"), line, e);
+                push(format!("{field}.secrets"), line, e.to_string());
             }
             if matches!(t.backend_login, BackendLogin::Master(_)) && t.secrets.is_none() {
                 push(
@@ -1094,48 +1098,27 @@ fn is_label_safe(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// Reads a secrets file: a YAML map of `mailbox: secret`; keys are normalised (`local@domain`, lowercased).
-/// The admin token in a token file: its first line without surrounding whitespace; an empty one is refused
-/// (it would let anybody through who sends an empty bearer token).
-pub fn read_token_file(path: &Path) -> Result<crate::secret::SecretString, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let token = text.lines().next().unwrap_or_default().trim();
-    if token.is_empty() {
-        return Err(format!(
-            "{} holds no token on its first line",
-            path.display()
-        ));
+/// A parse error without a snippet of the file (which may hold a password) names the mapping key on the
+/// line it points at, when that line starts with one: `… at line 10, column 9 (key `idle`)`.
+fn with_key(message: String, at: Option<serde_saphyr::Location>, text: &str) -> String {
+    let key = at
+        .and_then(|l| usize::try_from(l.line()).ok())
+        .and_then(|n| text.lines().nth(n.checked_sub(1)?))
+        .and_then(|line| {
+            let line = line.trim_start().trim_start_matches("- ");
+            let (key, _) = line.split_once(':')?;
+            let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+            let plain = !key.is_empty()
+                && key.len() <= 64
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            plain.then(|| key.to_string())
+        });
+    match key {
+        Some(key) => format!("{message} (key `{key}`)"),
+        None => message,
     }
-    Ok(crate::secret::SecretString::new(token.to_owned()))
-}
-
-pub fn load_secrets(
-    path: &Path,
-    case: LoginCase,
-) -> Result<HashMap<String, crate::secret::Secret>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let options = serde_saphyr::options! {
-        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
-    };
-    let map: BTreeMap<String, String> = serde_saphyr::from_str_with_options(&text, options)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    // Keys are written as mailboxes are keyed at login (`jörg@Bücher.example` matches a login of either form).
-    let key = |mailbox: &str| -> String {
-        match mailbox.rsplit_once('@') {
-            Some((local, domain)) => {
-                let domain =
-                    crate::vocab::normalize_domain(domain).unwrap_or_else(|| domain.to_lowercase());
-                crate::vocab::mailbox_key(local, &domain, case)
-            }
-            None => crate::vocab::mailbox_key(mailbox, "", case),
-        }
-    };
-    Ok(map
-        .into_iter()
-        .map(|(k, v)| (key(&k), crate::secret::Secret::new(v.into_bytes())))
-        .collect())
 }
 
 // === defaults ===

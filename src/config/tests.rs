@@ -272,3 +272,15 @@ tenants:
     assert!(!err.contains("tenants.delta.domains"), "{err}");
     assert!(!err.contains("tenants.acme.domains"), "{err}");
 }
+
+/// A parse error says where, by line and column, and never shows the file's text: the message reaches
+/// logs and the status page, and the lines around a mistake may hold a password or token.
+#[test]
+fn a_parse_error_quotes_no_line_of_the_file() {
+    let yaml = format!(
+        "{GOOD}admin:\n  bind: 127.0.0.1:9100\n  token: hunter2-admin-token\n  max_connections: [\n"
+    );
+    let err = parse(&yaml).unwrap_err().to_string();
+    assert!(err.contains("line"), "{err}");
+    assert!(!err.contains("hunter2"), "file text in the error: {err}");
+}

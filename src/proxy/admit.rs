@@ -19,11 +19,10 @@ use crate::upstream::LoginError;
 use crate::upstream::backend::ClientInfo;
 use crate::upstream::group::{ActiveSession, GroupError};
 
+use super::auth_http_login::{AuthHttpLogin, AuthHttpOutcome, auth_http_login};
 use super::offer::Passthrough;
 use super::snapshot::{ListenerInfo, Shared, TenantRuntime};
-use super::store_login::{
-    AuthHttpLogin, AuthHttpOutcome, LoginRules, OwnedAuth, auth_http_login, store_auth,
-};
+use crate::auth::decision::{LoginRules, OwnedAuth, store_auth};
 
 const AUTH_FAILED: &[u8] = b"-ERR [AUTH] Authentication failed.\r\n";
 const LOCKED_OUT: &[u8] = b"-ERR [AUTH] Too many failed logins; try again later\r\n";
@@ -233,7 +232,7 @@ impl Attempt<'_> {
             via_passthrough,
         ) {
             Ok(auth) => auth,
-            Err(()) => {
+            Err(crate::auth::decision::NotChecked) => {
                 info!(
                     mechanism = self.mechanism,
                     "login refused: digest does not match"

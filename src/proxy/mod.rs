@@ -6,15 +6,15 @@
 //! - [`admit`]: one login attempt → a logged-in store connection, or a refusal the client may retry;
 //! - [`handover`]: registration, the store's `+OK` to the client, and the [`relay`](crate::relay).
 //!
-//! [`snapshot`] is what every session of one config shares; [`store_login`] decides how to log in at a
-//! store. Each room returns a value; none calls back up.
+//! [`snapshot`] is what every session of one config shares; [`auth_http_login`] logs in where an auth_http
+//! service says (what to send a store is [`crate::auth::decision`]). Each room returns a value; none calls back up.
 
 mod accept;
 mod admit;
+mod auth_http_login;
 mod handover;
 mod offer;
 mod snapshot;
-mod store_login;
 
 use std::future::Future;
 use std::net::SocketAddr;

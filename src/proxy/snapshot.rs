@@ -104,7 +104,7 @@ pub struct TenantRuntime {
     /// How popgate logs in to the tenant's stores.
     pub backend_login: BackendLogin,
     /// The tenant's nginx-style auth service, when it has one.
-    pub auth_http: Option<Arc<crate::authhttp::AuthHttp>>,
+    pub auth_http: Option<Arc<crate::auth::http::AuthHttp>>,
     /// Logged-in sessions at once; 0 for no cap.
     pub max_sessions: usize,
     /// Minimum time between two logins of one mailbox (`-ERR [LOGIN-DELAY]`).
@@ -161,7 +161,7 @@ impl TenantRuntime {
         .await;
         let secrets = match &t.secrets {
             Some(path) => Some(
-                crate::config::load_secrets(&setup.config.resolve_path(path), t.login_case)
+                crate::secret::files::load_secrets(&setup.config.resolve_path(path), t.login_case)
                     .map_err(SharedError::Secrets)?,
             ),
             None => None,
@@ -192,7 +192,7 @@ impl TenantRuntime {
             backend_login: t.backend_login.clone(),
             auth_http: match &t.auth_http {
                 Some(a) => Some(Arc::new(
-                    crate::authhttp::AuthHttp::new(crate::authhttp::AuthHttpConfig {
+                    crate::auth::http::AuthHttp::new(crate::auth::http::AuthHttpConfig {
                         url: a.url.clone(),
                         timeout: a.timeout.get(),
                         cache_ttl: a.cache_ttl.get(),
@@ -222,7 +222,7 @@ pub enum SharedError {
     Dns(#[from] crate::upstream::dns::DnsError),
     /// A secrets file.
     #[error("secrets: {0}")]
-    Secrets(String),
+    Secrets(#[from] crate::secret::files::FileError),
     /// The tenant table names a tenant the config does not have (cannot happen: both come from one
     /// config).
     #[error("tenant {0} is in the tenant table but not in the config")]
@@ -233,7 +233,7 @@ pub enum SharedError {
         /// The tenant.
         tenant: String,
         /// What is wrong.
-        source: crate::authhttp::AuthHttpError,
+        source: crate::auth::http::AuthHttpError,
     },
 }
 

@@ -1,4 +1,7 @@
 //! A password or token that never reaches a log line: `Debug` prints `MASKED`, and there is no `Display`.
+//! [`files`] reads them from the secrets and token files operators write.
+
+pub mod files;
 
 use std::fmt;
 

@@ -1,19 +1,17 @@
-//! How popgate logs a client in at a store: the decision (which name, which mechanism, which secret; the
-//! APOP and CRAM-MD5 digests popgate checks itself) and the nginx-style auth_http login. No client I/O
-//! beyond the SASL round trips a store asks for.
+//! The store-login decision: which name, which mechanism and which secret popgate sends a store for a
+//! client, and the APOP and CRAM-MD5 digests popgate checks itself. No I/O: it is a function of the
+//! tenant's rules and the client's credentials, tested case by case below.
 
 use std::collections::HashMap;
 
 use crate::config::BackendLogin;
 use crate::secret::Secret;
-use crate::session::{ClientSession, Credentials, Mechanism};
-use crate::upstream::LoginError;
-use crate::upstream::backend::{ClientInfo, StoreAuth};
-
-use super::snapshot::TenantRuntime;
+use crate::session::{Credentials, Mechanism};
+use crate::upstream::backend::StoreAuth;
 
 /// What to send the store, owning what it needs (a secret looked up, a master login name built).
-pub(super) enum OwnedAuth {
+#[derive(Debug)]
+pub enum OwnedAuth {
     Password {
         user: String,
         password: Secret,
@@ -35,7 +33,7 @@ pub(super) enum OwnedAuth {
 }
 
 impl OwnedAuth {
-    pub(super) fn as_store_auth(&self) -> StoreAuth<'_> {
+    pub fn as_store_auth(&self) -> StoreAuth<'_> {
         match self {
             OwnedAuth::Password {
                 user,
@@ -58,13 +56,19 @@ impl OwnedAuth {
     }
 }
 
+/// The client's digest or password did not check out against the tenant's secrets (or no secret is
+/// known for the mailbox) where popgate must check it itself: a failed login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the client's credentials did not check out")]
+pub struct NotChecked;
+
 /// What a tenant says about logging in at its stores.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct LoginRules<'a> {
+pub struct LoginRules<'a> {
     /// `mailbox → secret`, when the tenant has a secrets source.
-    pub(super) secrets: Option<&'a HashMap<String, Secret>>,
+    pub secrets: Option<&'a HashMap<String, Secret>>,
     /// How popgate logs in at the tenant's stores.
-    pub(super) backend_login: &'a BackendLogin,
+    pub backend_login: &'a BackendLogin,
 }
 
 /// Decides how to log the client in at the store. APOP and CRAM-MD5 digests are checked here against the
@@ -73,14 +77,14 @@ pub(super) struct LoginRules<'a> {
 /// login), the store is asked for `checked_user`, the normalised mailbox whose secret that was, never the
 /// name as typed: on a store that tells case or Unicode forms apart, the name as typed may be another
 /// account.
-pub(super) fn store_auth(
+pub fn store_auth(
     rules: LoginRules<'_>,
     creds: &Credentials,
     backend_user: &str,
     checked_user: impl FnOnce() -> String,
     mailbox_key: &str,
     passthrough: bool,
-) -> Result<OwnedAuth, ()> {
+) -> Result<OwnedAuth, NotChecked> {
     let secret = || rules.secrets.and_then(|s| s.get(mailbox_key)).cloned();
     let verified_secret = match creds.mechanism {
         Mechanism::Apop if passthrough => {
@@ -90,7 +94,10 @@ pub(super) fn store_auth(
             });
         }
         Mechanism::Apop | Mechanism::CramMd5 => {
-            let (secret, challenge) = (secret().ok_or(())?, creds.challenge.as_deref().ok_or(())?);
+            let (secret, challenge) = (
+                secret().ok_or(NotChecked)?,
+                creds.challenge.as_deref().ok_or(NotChecked)?,
+            );
             let expected = if creds.mechanism == Mechanism::Apop {
                 crate::protocol::sasl::apop_digest(challenge, secret.expose())
             } else {
@@ -98,7 +105,7 @@ pub(super) fn store_auth(
             };
             let presented = String::from_utf8_lossy(creds.password.expose()).into_owned();
             if !crate::protocol::sasl::digests_match(&expected, &presented) {
-                return Err(());
+                return Err(NotChecked);
             }
             Some(secret)
         }
@@ -111,7 +118,7 @@ pub(super) fn store_auth(
                 creds.mechanism.reveals_secret() && s.matches(creds.password.expose())
             });
         if !checked {
-            return Err(());
+            return Err(NotChecked);
         }
         return Ok(OwnedAuth::Password {
             user: format!("{}{}{}", checked_user(), master.separator, master.user),
@@ -146,146 +153,6 @@ pub(super) fn store_auth(
             },
         },
     })
-}
-
-/// One auth_http login's facts.
-pub(super) struct AuthHttpLogin<'a> {
-    pub(super) service: &'a crate::authhttp::AuthHttp,
-    /// popgate's resolver, for the store the service names.
-    pub(super) discovery: &'a crate::upstream::dns::Discovery,
-    pub(super) tenant: &'a TenantRuntime,
-    pub(super) creds: &'a Credentials,
-    pub(super) auth: &'a OwnedAuth,
-    pub(super) backend_user: &'a str,
-    pub(super) client: &'a ClientInfo,
-    /// This connection's login attempt, from 1 (`Auth-Login-Attempt`, as nginx counts).
-    pub(super) attempt: u32,
-}
-
-pub(super) enum AuthHttpOutcome {
-    LoggedIn(crate::upstream::LoggedIn, String),
-    /// The auth service or the store refused the credentials: a failed login.
-    Refused(Vec<u8>),
-    /// The store answered for now only (`[IN-USE]`, `[SYS/TEMP]`): not a failed login.
-    Temporary(Vec<u8>),
-    Unavailable(String),
-}
-
-/// nginx `auth_http`: the service checks the client and names the store (and possibly the name and
-/// password to use there); popgate then connects and logs in as told.
-pub(super) async fn auth_http_login(
-    login: AuthHttpLogin<'_>,
-    relay: &mut ClientSession,
-) -> AuthHttpOutcome {
-    let (server, port, user, pass) = match ask_service(&login).await {
-        Ok(told) => told,
-        Err(outcome) => return outcome,
-    };
-    let AuthHttpLogin {
-        discovery,
-        tenant,
-        creds,
-        auth,
-        backend_user,
-        client,
-        ..
-    } = login;
-    // With popgate's own resolver (`dns:`), as the stores' names are, never the system's.
-    let target = crate::upstream::dns::Target::Host {
-        host: server.clone(),
-        port,
-    };
-    let addr = match discovery.resolve(&target).await {
-        Ok((endpoints, _)) if !endpoints.is_empty() => endpoints[0].addr,
-        Ok(_) => {
-            return AuthHttpOutcome::Unavailable(format!("Auth-Server {server} has no address"));
-        }
-        Err(e) => {
-            return AuthHttpOutcome::Unavailable(format!(
-                "cannot resolve Auth-Server {server}: {e}"
-            ));
-        }
-    };
-    let user = user.unwrap_or_else(|| backend_user.to_string());
-    let store_auth = match (&pass, auth) {
-        (Some(p), _) => StoreAuth::Password {
-            user: &user,
-            password: p,
-            authzid: None,
-            plain: false,
-        },
-        // A digest cannot be replayed to another store: nginx requires Auth-Pass for these methods.
-        (None, _) if matches!(creds.mechanism, Mechanism::Apop | Mechanism::CramMd5) => {
-            return AuthHttpOutcome::Unavailable(
-                "auth_http gave no Auth-Pass for a digest login".into(),
-            );
-        }
-        (None, OwnedAuth::Sasl { .. }) => auth.as_store_auth(),
-        (None, _) => StoreAuth::Password {
-            user: &user,
-            password: &creds.password,
-            authzid: None,
-            plain: false,
-        },
-    };
-    let endpoint = crate::upstream::dns::Endpoint {
-        addr,
-        host: server.clone(),
-        priority: 0,
-        weight: 1,
-    };
-    match tenant
-        .group
-        .login_direct(&endpoint, &store_auth, client, relay)
-        .await
-    {
-        Ok(l) => AuthHttpOutcome::LoggedIn(l, format!("{server}:{port}")),
-        Err(LoginError::Rejected(line)) => AuthHttpOutcome::Refused(line),
-        Err(LoginError::Temporary(line)) => AuthHttpOutcome::Temporary(line),
-        Err(LoginError::Unavailable(why) | LoginError::Dropped(why)) => {
-            AuthHttpOutcome::Unavailable(why)
-        }
-    }
-}
-
-/// Where the service says to log in: `(server, port, user, password)`, or its refusal (after the wait it
-/// asked for) or trouble reaching it.
-async fn ask_service(
-    login: &AuthHttpLogin<'_>,
-) -> Result<(String, u16, Option<String>, Option<Secret>), AuthHttpOutcome> {
-    let creds = login.creds;
-    let method = match creds.mechanism {
-        Mechanism::Apop => "apop",
-        Mechanism::CramMd5 => "cram-md5",
-        _ => "plain",
-    };
-    let request = crate::authhttp::AuthRequest {
-        method,
-        user: &creds.login,
-        pass: creds.password.expose(),
-        salt: creds.challenge.as_deref(),
-        protocol: "pop3",
-        attempt: login.attempt,
-        client_ip: login.client.peer.ip(),
-        client_host: None,
-    };
-    match login.service.lookup(&request).await {
-        Ok(crate::authhttp::AuthAnswer::Ok {
-            server,
-            port,
-            user,
-            pass,
-        }) => Ok((server, port, user, pass)),
-        Ok(crate::authhttp::AuthAnswer::Refused { message, wait }) => {
-            if let Some(wait) = wait {
-                tokio::time::sleep(wait).await;
-            }
-            Err(AuthHttpOutcome::Refused(
-                format!("-ERR [AUTH] {message}\r\n").into_bytes(),
-            ))
-        }
-        Err(e) => Err(AuthHttpOutcome::Unavailable(e.to_string())),
-    }
 }
 
 #[cfg(test)]
@@ -355,7 +222,7 @@ mod tests {
         secrets: Option<&HashMap<String, Secret>>,
         right: bool,
         passthrough: bool,
-    ) -> Result<OwnedAuth, ()> {
+    ) -> Result<OwnedAuth, NotChecked> {
         store_auth(
             LoginRules {
                 secrets,
@@ -370,9 +237,9 @@ mod tests {
     }
 
     /// A readable summary of a decision, secrets left out.
-    fn shape(auth: &Result<OwnedAuth, ()>) -> String {
+    fn shape(auth: &Result<OwnedAuth, NotChecked>) -> String {
         match auth {
-            Err(()) => "refused".into(),
+            Err(NotChecked) => "refused".into(),
             Ok(OwnedAuth::Password {
                 user,
                 plain,
