@@ -179,13 +179,17 @@ pub fn normalize_domain(domain: &str) -> Option<String> {
     labels_ok.then_some(ascii)
 }
 
+/// A domain or `*.domain` pattern that IDNA rejects (the name, as written, is in the message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a valid domain name")]
+pub struct BadDomain(pub String);
+
 /// Lowercases and IDNA-normalises a domain or `*.domain` pattern.
-pub fn normalize_domain_pattern(pattern: &str) -> Result<String, String> {
+pub fn normalize_domain_pattern(pattern: &str) -> Result<String, BadDomain> {
     let (wild, rest) = match pattern.strip_prefix("*.") {
         Some(rest) => (true, rest),
         None => (false, pattern),
     };
-    let norm =
-        normalize_domain(rest).ok_or_else(|| format!("`{pattern}` is not a valid domain name"))?;
+    let norm = normalize_domain(rest).ok_or_else(|| BadDomain(pattern.to_owned()))?;
     Ok(if wild { format!("*.{norm}") } else { norm })
 }

@@ -499,10 +499,26 @@ impl UsernameTemplate {
     }
 }
 
-impl TryFrom<String> for UsernameTemplate {
-    type Error = String;
+/// Why a `backend_username` template cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("template `{0}`: a brace outside {{local}}, {{domain}} or {{login}}")]
+    StrayBrace(String),
+    #[error(
+        "template `{template}`: unknown placeholder {{{placeholder}}} (use {{local}}, {{domain}} or {{login}})"
+    )]
+    UnknownPlaceholder {
+        template: String,
+        placeholder: String,
+    },
+    #[error("template `{0}` needs at least one of {{local}}, {{domain}}, {{login}}")]
+    NoPlaceholder(String),
+}
 
-    fn try_from(text: String) -> Result<Self, String> {
+impl TryFrom<String> for UsernameTemplate {
+    type Error = TemplateError;
+
+    fn try_from(text: String) -> Result<Self, TemplateError> {
         let mut parts = Vec::new();
         let mut rest = text.as_str();
         while !rest.is_empty() {
@@ -515,26 +531,23 @@ impl TryFrom<String> for UsernameTemplate {
             }
             rest = &rest[open..];
             let Some(close) = rest.find('}').filter(|_| rest.starts_with('{')) else {
-                return Err(format!(
-                    "template `{text}`: a brace outside {{local}}, {{domain}} or {{login}}"
-                ));
+                return Err(TemplateError::StrayBrace(text));
             };
             parts.push(match &rest[1..close] {
                 "local" => TemplatePart::Local,
                 "domain" => TemplatePart::Domain,
                 "login" => TemplatePart::Login,
                 other => {
-                    return Err(format!(
-                        "template `{text}`: unknown placeholder {{{other}}} (use {{local}}, {{domain}} or {{login}})"
-                    ));
+                    return Err(TemplateError::UnknownPlaceholder {
+                        placeholder: other.to_owned(),
+                        template: text,
+                    });
                 }
             });
             rest = &rest[close + 1..];
         }
         if !parts.iter().any(|p| !matches!(p, TemplatePart::Text(_))) {
-            return Err(format!(
-                "template `{text}` needs at least one of {{local}}, {{domain}}, {{login}}"
-            ));
+            return Err(TemplateError::NoPlaceholder(text));
         }
         Ok(Self { parts })
     }
@@ -857,7 +870,7 @@ impl Config {
                             );
                         }
                     }
-                    Err(why) => push(format!("{field}.domains[{i}]"), dline, why),
+                    Err(why) => push(format!("{field}.domains[{i}]"), dline, why.to_string()),
                 }
             }
             self.validate_upstream(name, t, line, &mut push);
@@ -886,7 +899,7 @@ impl Config {
                 );
                 for n in &tls.server_names {
                     if let Err(why) = normalize_domain_pattern(n) {
-                        push(format!("{field}.tls.server_names"), line, why);
+                        push(format!("{field}.tls.server_names"), line, why.to_string());
                     }
                 }
             }
@@ -1167,32 +1180,48 @@ impl Default for Limits {
 
 // === impl BackendAddr ===
 
+/// Why a store address cannot be used (the address, as written, is in the message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error("`{0}` is not host:port")]
+    NoPort(String),
+    #[error("`{port}` in `{addr}` is not a port number (1-65535)")]
+    BadPort { addr: String, port: String },
+    #[error("port 0 in `{0}` is not a port a store can listen on")]
+    PortZero(String),
+    #[error("`{0}` has no host")]
+    NoHost(String),
+    #[error("`{0}` is neither an IP address nor a host name")]
+    BadHost(String),
+    #[error("`{0}` is not an SRV name like _pop3._tcp.store.example.com")]
+    BadSrvName(String),
+}
+
 impl FromStr for BackendAddr {
-    type Err = String;
+    type Err = AddressError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (host, port) = s
             .rsplit_once(':')
-            .ok_or_else(|| format!("`{s}` is not host:port"))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("`{port}` in `{s}` is not a port number (1-65535)"))?;
+            .ok_or_else(|| AddressError::NoPort(s.to_owned()))?;
+        let port: u16 = port.parse().map_err(|_| AddressError::BadPort {
+            addr: s.to_owned(),
+            port: port.to_owned(),
+        })?;
         if port == 0 {
-            return Err(format!(
-                "port 0 in `{s}` is not a port a store can listen on"
-            ));
+            return Err(AddressError::PortZero(s.to_owned()));
         }
         let host = host
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
         if host.is_empty() {
-            return Err(format!("`{s}` has no host"));
+            return Err(AddressError::NoHost(s.to_owned()));
         }
         if host.parse::<std::net::IpAddr>().is_err()
             && crate::vocab::normalize_domain(host).is_none()
         {
-            return Err(format!("`{host}` is neither an IP address nor a host name"));
+            return Err(AddressError::BadHost(host.to_owned()));
         }
         Ok(Self {
             host: host.to_string(),

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use super::{BackendAddr, Seconds};
+use super::{AddressError, BackendAddr, Seconds};
 
 /// One configured store entry: `host:port` text, or an object with a weight and TLS mode, or an SRV name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,7 +84,7 @@ impl<'de> Deserialize<'de> for BackendSpec {
 }
 
 impl FromStr for BackendSpec {
-    type Err = String;
+    type Err = AddressError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.starts_with('_') && !s.contains(':') {
@@ -98,7 +98,7 @@ impl FromStr for BackendSpec {
     }
 }
 
-fn srv_spec(name: &str) -> Result<BackendSpec, String> {
+fn srv_spec(name: &str) -> Result<BackendSpec, AddressError> {
     let name = name.trim_end_matches('.');
     // SRV owner names carry `_service._proto` labels, which IDNA's host-name rules reject.
     let labels_ok = name.split('.').all(|l| {
@@ -108,9 +108,7 @@ fn srv_spec(name: &str) -> Result<BackendSpec, String> {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     });
     if !name.starts_with('_') || !labels_ok || name.len() > 253 {
-        return Err(format!(
-            "`{name}` is not an SRV name like _pop3._tcp.store.example.com"
-        ));
+        return Err(AddressError::BadSrvName(name.to_owned()));
     }
     Ok(BackendSpec::Srv {
         name: name.to_ascii_lowercase(),

@@ -136,6 +136,9 @@ pub enum AuthHttpError {
     /// [`AuthHttp::new`] refused the configuration.
     #[error("auth_http configuration: {0}")]
     Config(String),
+    /// The configured `url` cannot be used.
+    #[error("auth_http configuration: {0}")]
+    Url(#[from] wire::UrlError),
 }
 
 /// A client for one `auth_http` service with its answer cache; share it via `Arc`.
@@ -176,7 +179,7 @@ impl AuthHttp {
     /// [`AuthHttpError::Config`] for a URL that is not `http://host…`, a zero timeout, or an extra header
     /// that is not a valid HTTP header.
     pub fn new(config: AuthHttpConfig) -> Result<Self, AuthHttpError> {
-        let endpoint = parse_url(&config.url).map_err(AuthHttpError::Config)?;
+        let endpoint = parse_url(&config.url)?;
         if config.timeout.is_zero() {
             return Err(AuthHttpError::Config("timeout must be above zero".into()));
         }

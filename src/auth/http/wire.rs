@@ -235,13 +235,36 @@ pub(super) fn sanitise(raw: &[u8]) -> String {
     }
 }
 
-pub(super) fn parse_url(url: &str) -> Result<Endpoint, String> {
-    let scheme_end = url.find("://").ok_or("url must start with http://")?;
+/// Why an auth_http `url` cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("url must start with http://")]
+    NoScheme,
+    #[error("url scheme {0:?} is not supported: use http:// to a loopback or internal service")]
+    Scheme(String),
+    #[error("url path must be printable ASCII without spaces (percent-encode the rest)")]
+    Path,
+    #[error("url must not carry user info")]
+    UserInfo,
+    #[error("url has an unclosed [")]
+    UnclosedBracket,
+    #[error("url host [{0}] is not an IPv6 address")]
+    BadIpv6(String),
+    #[error("url has junk after ]")]
+    AfterBracket,
+    #[error("url has no host")]
+    NoHost,
+    #[error("url host {0:?} is not a host name")]
+    BadHost(String),
+    #[error("url port {0:?} is not a port number")]
+    BadPort(String),
+}
+
+pub(super) fn parse_url(url: &str) -> Result<Endpoint, UrlError> {
+    let scheme_end = url.find("://").ok_or(UrlError::NoScheme)?;
     let scheme = &url[..scheme_end];
     if !scheme.eq_ignore_ascii_case("http") {
-        return Err(format!(
-            "url scheme {scheme:?} is not supported: use http:// to a loopback or internal service"
-        ));
+        return Err(UrlError::Scheme(scheme.to_owned()));
     }
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -253,20 +276,18 @@ pub(super) fn parse_url(url: &str) -> Result<Endpoint, String> {
         t => t.to_owned(),
     };
     if !path.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(
-            "url path must be printable ASCII without spaces (percent-encode the rest)".into(),
-        );
+        return Err(UrlError::Path);
     }
     if authority.contains('@') {
-        return Err("url must not carry user info".into());
+        return Err(UrlError::UserInfo);
     }
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (ip, after) = v6.split_once(']').ok_or("url has an unclosed [")?;
+        let (ip, after) = v6.split_once(']').ok_or(UrlError::UnclosedBracket)?;
         ip.parse::<Ipv6Addr>()
-            .map_err(|_| format!("url host [{ip}] is not an IPv6 address"))?;
+            .map_err(|_| UrlError::BadIpv6(ip.to_owned()))?;
         let port = match after {
             "" => None,
-            p => Some(p.strip_prefix(':').ok_or("url has junk after ]")?),
+            p => Some(p.strip_prefix(':').ok_or(UrlError::AfterBracket)?),
         };
         (ip, port)
     } else {
@@ -276,16 +297,14 @@ pub(super) fn parse_url(url: &str) -> Result<Endpoint, String> {
         }
     };
     if host.is_empty() {
-        return Err("url has no host".into());
+        return Err(UrlError::NoHost);
     }
     if !authority.starts_with('[') && host.parse::<IpAddr>().is_err() && !is_host_name(host) {
-        return Err(format!("url host {host:?} is not a host name"));
+        return Err(UrlError::BadHost(host.to_owned()));
     }
     let port = match port {
         None => 80,
-        Some(p) => {
-            parse_port(p.as_bytes()).ok_or(format!("url port {p:?} is not a port number"))?
-        }
+        Some(p) => parse_port(p.as_bytes()).ok_or_else(|| UrlError::BadPort(p.to_owned()))?,
     };
     let host_header = if authority.starts_with('[') {
         format!("[{host}]")
