@@ -13,7 +13,7 @@ use popgate::protocol::command::Command;
 use popgate::protocol::line::{Frame, LineFramer};
 use popgate::protocol::reply::Status;
 use popgate::router::TenantTable;
-use popgate::upstream::balance::{Balancer, Candidate, Policy};
+use popgate::store::balance::{Balancer, Candidate, Policy};
 
 const TENANTS: usize = 10_000;
 const STORES: usize = 100;

@@ -387,7 +387,7 @@ pub fn status<R: Control>(runtime: &R) -> serde_json::Value {
             json!({
                 "name": name,
                 "domains": cfg.value.domains.iter().map(|d| d.value.clone()).collect::<Vec<_>>(),
-                "balance": crate::upstream::group::policy_name(cfg.value.balance),
+                "balance": crate::store::group::policy_name(cfg.value.balance),
                 "sessions": per_tenant.get(name).copied().unwrap_or(0),
                 "all_down_logins": rt.group.all_down_count(),
                 "stores": stores,

@@ -5,7 +5,7 @@
 //! - [`listener`]: bind, accept, connection cap; spawns a task per client.
 //! - [`session`]: the AUTHORIZATION state machine (no I/O) and its driver (timeouts, STLS).
 //! - [`router`]: login name → mailbox → tenant, and the name to use at the store.
-//! - [`upstream`]: picking a store and logging in there.
+//! - [`store`]: picking a store and logging in there.
 //! - [`relay`]: bytes both ways after login; QUIT seen, never invented.
 //! - [`proxy`]: the one place that composes the stages above.
 //! - [`protocol`]: POP3 and SASL wire formats, no I/O.
@@ -38,10 +38,10 @@ pub mod router;
 pub mod runtime;
 pub mod secret;
 pub mod session;
+pub mod store;
 pub mod stream;
 pub mod throttle;
 pub mod tls;
-pub mod upstream;
 pub mod vocab;
 
 use std::net::SocketAddr;
@@ -81,7 +81,7 @@ impl Running {
     }
 
     /// Every tenant's stores with their health, sessions and pool (for status pages and tests).
-    pub fn stores(&self) -> Vec<(String, Vec<upstream::group::StoreStatus>)> {
+    pub fn stores(&self) -> Vec<(String, Vec<store::group::StoreStatus>)> {
         self.runtime
             .snapshot()
             .tenants

@@ -132,7 +132,7 @@ pub fn server_config(resolver: Arc<SniResolver>) -> Result<Arc<ServerConfig>, Tl
 /// A client config for one tenant's stores: verified against its CA bundle (or, only when the operator
 /// asked for it, not verified at all), with an optional client certificate. TLS 1.2 and 1.3.
 pub fn store_client_config(
-    tls: &crate::config::BackendTls,
+    tls: &crate::config::StoreTls,
     config: &Config,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())

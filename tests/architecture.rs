@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// `from -> to` edges that may exist. The intended shape: `vocab`, `certs` and `secret` are leaves;
 /// `config` is data and reaches no stage; `protocol` and `router` do no I/O; `session` never reaches
-/// router, upstream or relay; `upstream` and `relay` never reach session or router; nothing reaches
+/// router, store or relay; `store` and `relay` never reach session or router; nothing reaches
 /// `admin`, `listener` or `runtime` but the process setup (`runtime`).
 const ALLOWED: &[(&str, &str)] = &[
     // The admin server reads the process through its own `Control` trait, never `runtime`.
@@ -17,14 +17,14 @@ const ALLOWED: &[(&str, &str)] = &[
     ("admin", "context"),
     ("admin", "proxy"),
     ("admin", "router"),
-    ("admin", "upstream"),
+    ("admin", "store"),
     // Authentication: the store-login decision reads the session's credentials and speaks the store
     // side's login forms; auth_http reaches only secrets.
     ("auth", "config"),
     ("auth", "protocol"),
     ("auth", "secret"),
     ("auth", "session"),
-    ("auth", "upstream"),
+    ("auth", "store"),
     // Config is data: it validates with the leaves, never with a stage.
     ("config", "certs"),
     ("config", "secret"),
@@ -50,7 +50,7 @@ const ALLOWED: &[(&str, &str)] = &[
     ("proxy", "stream"),
     ("proxy", "throttle"),
     ("proxy", "tls"),
-    ("proxy", "upstream"),
+    ("proxy", "store"),
     ("relay", "metrics"),
     ("relay", "stream"),
     ("router", "config"),
@@ -74,13 +74,13 @@ const ALLOWED: &[(&str, &str)] = &[
     ("tls", "certs"),
     ("tls", "config"),
     ("tls", "vocab"),
-    ("upstream", "config"),
-    ("upstream", "metrics"),
-    ("upstream", "protocol"),
-    ("upstream", "proxy_protocol"),
-    ("upstream", "secret"),
-    ("upstream", "stream"),
-    ("upstream", "vocab"),
+    ("store", "config"),
+    ("store", "metrics"),
+    ("store", "protocol"),
+    ("store", "proxy_protocol"),
+    ("store", "secret"),
+    ("store", "stream"),
+    ("store", "vocab"),
 ];
 
 /// Modules that must not touch sockets or files.

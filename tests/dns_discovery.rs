@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use popgate::upstream::dns::{Discovery, DnsError, DnsSettings, Endpoint, Target};
+use popgate::store::dns::{Discovery, DnsError, DnsSettings, Endpoint, Target};
 use support::dns::TestDns;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

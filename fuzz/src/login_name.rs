@@ -89,8 +89,8 @@ pub fn check(data: &[u8]) {
     // A default tenant exists, so every well-formed name has a route.
     let route = unbound.expect("the default tenant takes every well-formed name");
     assert_eq!(route.mailbox, mailbox);
-    assert!(!route.backend_user.is_empty());
-    assert!(!has_line_break_or_nul(route.backend_user.as_bytes()));
+    assert!(!route.store_user.is_empty());
+    assert!(!has_line_break_or_nul(route.store_user.as_bytes()));
     if !mailbox.domain.is_empty() {
         assert_eq!(table.tenant_for_domain(&mailbox.domain), Some(route.tenant));
     }

@@ -4,10 +4,10 @@
 
 use std::collections::HashMap;
 
-use crate::config::BackendLogin;
+use crate::config::StoreLogin;
 use crate::secret::Secret;
 use crate::session::{Credentials, Mechanism};
-use crate::upstream::backend::StoreAuth;
+use crate::store::connection::StoreAuth;
 
 /// What to send the store, owning what it needs (a secret looked up, a master login name built).
 #[derive(Debug)]
@@ -68,7 +68,7 @@ pub struct LoginRules<'a> {
     /// `mailbox → secret`, when the tenant has a secrets source.
     pub secrets: Option<&'a HashMap<String, Secret>>,
     /// How popgate logs in at the tenant's stores.
-    pub backend_login: &'a BackendLogin,
+    pub backend_login: &'a StoreLogin,
 }
 
 /// Decides how to log the client in at the store. APOP and CRAM-MD5 digests are checked here against the
@@ -80,7 +80,7 @@ pub struct LoginRules<'a> {
 pub fn store_auth(
     rules: LoginRules<'_>,
     creds: &Credentials,
-    backend_user: &str,
+    store_user: &str,
     checked_user: impl FnOnce() -> String,
     mailbox_key: &str,
     passthrough: bool,
@@ -89,7 +89,7 @@ pub fn store_auth(
     let verified_secret = match creds.mechanism {
         Mechanism::Apop if passthrough => {
             return Ok(OwnedAuth::Apop {
-                user: backend_user.to_string(),
+                user: store_user.to_string(),
                 digest: String::from_utf8_lossy(creds.password.expose()).into_owned(),
             });
         }
@@ -111,7 +111,7 @@ pub fn store_auth(
         }
         _ => None,
     };
-    if let BackendLogin::Master(master) = rules.backend_login {
+    if let StoreLogin::Master(master) = rules.backend_login {
         // Only after popgate itself checked the client: a master login ignores the user's password.
         let checked = verified_secret.is_some()
             || secret().is_some_and(|s| {
@@ -143,12 +143,12 @@ pub fn store_auth(
         Mechanism::ScramSha1 => sasl("SCRAM-SHA-1"),
         Mechanism::ScramSha256 => sasl("SCRAM-SHA-256"),
         _ => OwnedAuth::Password {
-            user: backend_user.to_string(),
+            user: store_user.to_string(),
             password: creds.password.clone(),
             authzid: creds.authzid.clone(),
             plain: match rules.backend_login {
-                BackendLogin::AuthPlain => true,
-                BackendLogin::UserPass => false,
+                StoreLogin::AuthPlain => true,
+                StoreLogin::UserPass => false,
                 _ => creds.mechanism == Mechanism::Plain,
             },
         },
@@ -184,12 +184,12 @@ mod tests {
         Mechanism::ScramSha256,
     ];
 
-    fn logins() -> [BackendLogin; 4] {
+    fn logins() -> [StoreLogin; 4] {
         [
-            BackendLogin::Client,
-            BackendLogin::UserPass,
-            BackendLogin::AuthPlain,
-            BackendLogin::Master(MasterUser {
+            StoreLogin::Client,
+            StoreLogin::UserPass,
+            StoreLogin::AuthPlain,
+            StoreLogin::Master(MasterUser {
                 user: "popmaster".into(),
                 password: SecretString::new("master-pw".into()),
                 separator: "*".into(),
@@ -218,7 +218,7 @@ mod tests {
 
     fn decide(
         mechanism: Mechanism,
-        login: &BackendLogin,
+        login: &StoreLogin,
         secrets: Option<&HashMap<String, Secret>>,
         right: bool,
         passthrough: bool,
@@ -266,7 +266,7 @@ mod tests {
             [(CHECKED.to_string(), Secret::new(SECRET.as_bytes().to_vec()))].into();
         for mechanism in ALL {
             for login in logins() {
-                let master = matches!(login, BackendLogin::Master(_));
+                let master = matches!(login, StoreLogin::Master(_));
                 for secrets in [None, Some(&stored)] {
                     for right in [true, false] {
                         let got = shape(&decide(mechanism, &login, secrets, right, false));
@@ -306,8 +306,8 @@ mod tests {
                             format!("sasl {}", mechanism.sasl_name().unwrap())
                         } else {
                             let plain = match login {
-                                BackendLogin::AuthPlain => true,
-                                BackendLogin::UserPass => false,
+                                StoreLogin::AuthPlain => true,
+                                StoreLogin::UserPass => false,
                                 _ => mechanism == Mechanism::Plain,
                             };
                             let pw = if right { SECRET } else { "wrong" };
@@ -322,7 +322,7 @@ mod tests {
 
     #[test]
     fn apop_passthrough_relays_the_digest_as_typed_unless_a_master_login_is_set() {
-        let got = decide(Mechanism::Apop, &BackendLogin::Client, None, true, true);
+        let got = decide(Mechanism::Apop, &StoreLogin::Client, None, true, true);
         assert_eq!(shape(&got), format!("apop user={TYPED}"));
         let Ok(OwnedAuth::Apop { digest, .. }) = got else {
             panic!("not APOP")

@@ -3,7 +3,7 @@
 //! cache in `cache.rs`).
 //!
 //! The secrets and token *files* are read by the `secret` leaf, not here: `config` checks them at load,
-//! and config may reach only leaves (this room reaches `session` and `upstream`, which reach `config`).
+//! and config may reach only leaves (this room reaches `session` and `store`, which reach `config`).
 
 pub mod decision;
 pub mod http;

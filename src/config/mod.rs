@@ -6,7 +6,7 @@
 //! with a line number rather than a silently ignored setting.
 
 mod duration;
-mod upstream;
+mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -18,9 +18,9 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 pub use duration::Seconds;
-pub use upstream::{
-    BackendSpec, BackendTls, BackendTlsMode, ClientIpForwarding, DnsConfig, HealthConfig,
-    PoolConfig, ProxyProtocolIn,
+pub use store::{
+    ClientIpForwarding, DnsConfig, HealthConfig, PoolConfig, ProxyProtocolIn, StoreSpec, StoreTls,
+    StoreTlsMode,
 };
 
 pub use crate::vocab::{LoginCase, Policy, normalize_domain_pattern};
@@ -227,7 +227,7 @@ pub struct TenantConfig {
     pub domains: Vec<Spanned<String>>,
     /// Stores: `host:port` (IP or A/AAAA name), `{address: "host:port", weight: N}`, or
     /// `{srv: "_pop3._tcp.store.mail.svc.cluster.local"}`.
-    pub backends: Vec<Spanned<BackendSpec>>,
+    pub backends: Vec<Spanned<StoreSpec>>,
     /// `round_robin` (default), `least_connections`, or `consistent_hash` of the mailbox (a user always lands
     /// on the same store while it is in the group).
     #[serde(default)]
@@ -239,7 +239,7 @@ pub struct TenantConfig {
     pub shared_storage: Option<bool>,
     /// TLS to the stores.
     #[serde(default)]
-    pub backend_tls: BackendTls,
+    pub backend_tls: StoreTls,
     /// How the client's address reaches the store: `xclient` (default), `proxy_v1`, `proxy_v2`, `none`.
     #[serde(default)]
     pub client_ip: ClientIpForwarding,
@@ -276,7 +276,7 @@ pub struct TenantConfig {
     /// default), `user_pass`, `auth_plain`, or `{master: {user: NAME, password: SECRET}}` (`mailbox*NAME`
     /// with the master password, as Dovecot accepts; only after popgate itself checked the client).
     #[serde(default)]
-    pub backend_login: BackendLogin,
+    pub backend_login: StoreLogin,
     /// How the case of the local part is treated: `insensitive` (default: `John` and `john` are one
     /// mailbox for popgate's hashing, throttles and secrets; the store gets the name as written),
     /// `lower` (as `insensitive`, and the store gets it lowercased too), or `sensitive` (different
@@ -429,7 +429,7 @@ fn default_auth_cache_size() -> usize {
 /// How popgate logs in to stores.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum BackendLogin {
+pub enum StoreLogin {
     /// The client's mechanism where the store offers it, else USER/PASS.
     #[default]
     Client,
@@ -566,7 +566,7 @@ pub enum PlaintextLogin {
 
 /// A store address: `host:port`, where host is an IP address or a DNS name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct BackendAddr {
+pub struct StoreAddr {
     /// IP address or host name (brackets removed from IPv6).
     pub host: String,
     /// TCP port.
@@ -848,7 +848,7 @@ impl Config {
                 push(
                     format!("{field}.backends"),
                     line,
-                    "at least one backend is required".into(),
+                    "at least one store is required".into(),
                 );
             }
             if t.domains.is_empty() && self.routing.default_tenant.as_deref() != Some(name) {
@@ -873,14 +873,14 @@ impl Config {
                     Err(why) => push(format!("{field}.domains[{i}]"), dline, why.to_string()),
                 }
             }
-            self.validate_upstream(name, t, line, &mut push);
+            self.validate_stores(name, t, line, &mut push);
             if let Some(path) = &t.secrets
                 && let Err(e) =
                     crate::secret::files::load_secrets(&self.resolve_path(path), t.login_case)
             {
                 push(format!("{field}.secrets"), line, e.to_string());
             }
-            if matches!(t.backend_login, BackendLogin::Master(_)) && t.secrets.is_none() {
+            if matches!(t.backend_login, StoreLogin::Master(_)) && t.secrets.is_none() {
                 push(
                     format!("{field}.backend_login"),
                     line,
@@ -997,7 +997,7 @@ impl Config {
         }
     }
 
-    fn validate_upstream(
+    fn validate_stores(
         &self,
         name: &str,
         t: &TenantConfig,
@@ -1074,9 +1074,9 @@ impl Config {
 
     /// Whether any of the tenant's stores is reached over TLS (tenant default or a store's own `tls`).
     pub fn uses_store_tls(t: &TenantConfig) -> bool {
-        t.backend_tls.mode != BackendTlsMode::None
+        t.backend_tls.mode != StoreTlsMode::None
             || t.backends.iter().any(|b| {
-                matches!(&b.value, BackendSpec::Host { tls: Some(m), .. } if *m != BackendTlsMode::None)
+                matches!(&b.value, StoreSpec::Host { tls: Some(m), .. } if *m != StoreTlsMode::None)
             })
     }
 
@@ -1178,7 +1178,7 @@ impl Default for Limits {
     }
 }
 
-// === impl BackendAddr ===
+// === impl StoreAddr ===
 
 /// Why a store address cannot be used (the address, as written, is in the message).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -1197,7 +1197,7 @@ pub enum AddressError {
     BadSrvName(String),
 }
 
-impl FromStr for BackendAddr {
+impl FromStr for StoreAddr {
     type Err = AddressError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -1230,14 +1230,14 @@ impl FromStr for BackendAddr {
     }
 }
 
-impl<'de> Deserialize<'de> for BackendAddr {
+impl<'de> Deserialize<'de> for StoreAddr {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
     }
 }
 
-impl fmt::Display for BackendAddr {
+impl fmt::Display for StoreAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.contains(':') {
             write!(f, "[{}]:{}", self.host, self.port)

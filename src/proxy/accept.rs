@@ -13,8 +13,8 @@ use crate::config::ListenerTls;
 use crate::context::Context;
 use crate::router::TenantId;
 use crate::session::SessionEnd;
+use crate::store::connection::ClientInfo;
 use crate::stream::Stream;
-use crate::upstream::backend::ClientInfo;
 
 use super::snapshot::{ListenerInfo, Shared};
 

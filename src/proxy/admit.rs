@@ -13,11 +13,11 @@ use crate::config::{ListenerTls, PlaintextLogin};
 use crate::context::Context;
 use crate::router::Route;
 use crate::session::{ClientSession, Credentials, SessionEnd};
+use crate::store::LoggedIn;
+use crate::store::LoginError;
+use crate::store::connection::ClientInfo;
+use crate::store::group::{ActiveSession, GroupError};
 use crate::throttle::{Failure, MailboxGuard, TenantGuard, Verdict};
-use crate::upstream::LoggedIn;
-use crate::upstream::LoginError;
-use crate::upstream::backend::ClientInfo;
-use crate::upstream::group::{ActiveSession, GroupError};
 
 use super::auth_http_login::{AuthHttpLogin, AuthHttpOutcome, auth_http_login};
 use super::offer::Passthrough;
@@ -226,7 +226,7 @@ impl Attempt<'_> {
         let auth = match store_auth(
             rules,
             self.creds,
-            &route.backend_user,
+            &route.store_user,
             || self.shared.table.checked_user(route),
             mailbox,
             via_passthrough,
@@ -340,7 +340,7 @@ impl Attempt<'_> {
             tenant,
             creds: self.creds,
             auth,
-            backend_user: &route.backend_user,
+            store_user: &route.store_user,
             client: &self.client,
             attempt: self.number,
         };

@@ -4,8 +4,8 @@
 use crate::auth::decision::OwnedAuth;
 use crate::secret::Secret;
 use crate::session::{ClientSession, Credentials, Mechanism};
-use crate::upstream::LoginError;
-use crate::upstream::backend::{ClientInfo, StoreAuth};
+use crate::store::LoginError;
+use crate::store::connection::{ClientInfo, StoreAuth};
 
 use super::snapshot::TenantRuntime;
 
@@ -13,18 +13,18 @@ use super::snapshot::TenantRuntime;
 pub(super) struct AuthHttpLogin<'a> {
     pub(super) service: &'a crate::auth::http::AuthHttp,
     /// popgate's resolver, for the store the service names.
-    pub(super) discovery: &'a crate::upstream::dns::Discovery,
+    pub(super) discovery: &'a crate::store::dns::Discovery,
     pub(super) tenant: &'a TenantRuntime,
     pub(super) creds: &'a Credentials,
     pub(super) auth: &'a OwnedAuth,
-    pub(super) backend_user: &'a str,
+    pub(super) store_user: &'a str,
     pub(super) client: &'a ClientInfo,
     /// This connection's login attempt, from 1 (`Auth-Login-Attempt`, as nginx counts).
     pub(super) attempt: u32,
 }
 
 pub(super) enum AuthHttpOutcome {
-    LoggedIn(crate::upstream::LoggedIn, String),
+    LoggedIn(crate::store::LoggedIn, String),
     /// The auth service or the store refused the credentials: a failed login.
     Refused(Vec<u8>),
     /// The store answered for now only (`[IN-USE]`, `[SYS/TEMP]`): not a failed login.
@@ -47,12 +47,12 @@ pub(super) async fn auth_http_login(
         tenant,
         creds,
         auth,
-        backend_user,
+        store_user,
         client,
         ..
     } = login;
     // With popgate's own resolver (`dns:`), as the stores' names are, never the system's.
-    let target = crate::upstream::dns::Target::Host {
+    let target = crate::store::dns::Target::Host {
         host: server.clone(),
         port,
     };
@@ -67,7 +67,7 @@ pub(super) async fn auth_http_login(
             ));
         }
     };
-    let user = user.unwrap_or_else(|| backend_user.to_string());
+    let user = user.unwrap_or_else(|| store_user.to_string());
     let store_auth = match (&pass, auth) {
         (Some(p), _) => StoreAuth::Password {
             user: &user,
@@ -89,7 +89,7 @@ pub(super) async fn auth_http_login(
             plain: false,
         },
     };
-    let endpoint = crate::upstream::dns::Endpoint {
+    let endpoint = crate::store::dns::Endpoint {
         addr,
         host: server.clone(),
         priority: 0,

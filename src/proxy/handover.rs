@@ -13,8 +13,8 @@ use crate::context::{Context, Registered, SessionEntry};
 use crate::metrics::TenantMetrics;
 use crate::relay::{RelayConfig, RelayStats, relay};
 use crate::session::{ClientSession, SessionEnd};
+use crate::store::group::ActiveSession;
 use crate::throttle::MailboxGuard;
-use crate::upstream::group::ActiveSession;
 
 use super::admit::Admitted;
 use super::snapshot::Shared;
@@ -35,7 +35,7 @@ pub(super) struct Handover<'c> {
 /// A relayed session's summary.
 pub(super) struct Relayed {
     pub(super) tenant: String,
-    pub(super) backend: String,
+    pub(super) store: String,
     pub(super) stats: RelayStats,
 }
 
@@ -47,7 +47,7 @@ impl Handover<'_> {
         let entry = self._registered.entry();
         Relayed {
             tenant: entry.tenant.clone(),
-            backend: entry.store.clone(),
+            store: entry.store.clone(),
             stats,
         }
     }
@@ -74,7 +74,7 @@ pub(super) async fn hand_over<'c>(
     } = admitted;
     let metrics = &ctx.metrics;
     metrics.login(&tenant, mechanism, "ok");
-    info!(backend = %store, mechanism, "logged in");
+    info!(store = %store, mechanism, "logged in");
     let kick = ctx.stop.child_token();
     let registered = ctx.sessions.register(
         id,

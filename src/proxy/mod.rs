@@ -67,7 +67,7 @@ pub fn serve<K: Send + 'static>(
                 let client = handover.client;
                 let Relayed {
                     tenant,
-                    backend,
+                    store,
                     stats,
                 } = handover.relay().await;
                 let secs = started.elapsed().as_secs_f64();
@@ -80,7 +80,7 @@ pub fn serve<K: Send + 'static>(
                 let _entered = span.enter();
                 info!(
                     tenant = %tenant,
-                    backend = %backend,
+                    store = %store,
                     bytes_in = stats.bytes_up,
                     bytes_out = stats.bytes_down,
                     commands = stats.commands,

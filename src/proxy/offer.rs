@@ -8,9 +8,9 @@ use crate::router::TenantId;
 use crate::session::driver::StartTls;
 use crate::session::state::Limits;
 use crate::session::{Authorization, Mechanism, Offer, Transport};
+use crate::store::connection::Prepared;
+use crate::store::group::ActiveSession;
 use crate::throttle::Held;
-use crate::upstream::backend::Prepared;
-use crate::upstream::group::ActiveSession;
 
 use super::accept::Accepted;
 use super::snapshot::{ListenerInfo, Shared};

@@ -8,16 +8,16 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::config::{BackendLogin, ClientIpForwarding, Config, ListenerTls, PlaintextLogin};
+use crate::config::{ClientIpForwarding, Config, ListenerTls, PlaintextLogin, StoreLogin};
 use crate::context::Context;
 use crate::router::{TenantId, TenantTable};
 use crate::secret::Secret;
 use crate::session::Mechanism;
+use crate::store::StoreTimeouts;
+use crate::store::connection::Connector;
+use crate::store::dns::{Discovery, DnsSettings};
+use crate::store::group::StoreGroup;
 use crate::tls::SniResolver;
-use crate::upstream::BackendTimeouts;
-use crate::upstream::backend::Connector;
-use crate::upstream::dns::{Discovery, DnsSettings};
-use crate::upstream::group::StoreGroup;
 
 /// What every session of one config snapshot shares.
 #[derive(Debug)]
@@ -102,7 +102,7 @@ pub struct TenantRuntime {
     /// `mailbox → secret`, when the tenant has a secrets source.
     pub secrets: Option<HashMap<String, Secret>>,
     /// How popgate logs in to the tenant's stores.
-    pub backend_login: BackendLogin,
+    pub backend_login: StoreLogin,
     /// The tenant's nginx-style auth service, when it has one.
     pub auth_http: Option<Arc<crate::auth::http::AuthHttp>>,
     /// Logged-in sessions at once; 0 for no cap.
@@ -120,7 +120,7 @@ struct TenantSetup<'a> {
     config: &'a Config,
     discovery: &'a Arc<Discovery>,
     context: &'a Context,
-    timeouts: BackendTimeouts,
+    timeouts: StoreTimeouts,
     shutdown: &'a CancellationToken,
 }
 
@@ -219,7 +219,7 @@ pub enum SharedError {
     Tls(#[from] crate::tls::TlsError),
     /// The DNS resolver.
     #[error("DNS: {0}")]
-    Dns(#[from] crate::upstream::dns::DnsError),
+    Dns(#[from] crate::store::dns::DnsError),
     /// A secrets file.
     #[error("secrets: {0}")]
     Secrets(#[from] crate::secret::files::FileError),
@@ -265,7 +265,7 @@ impl Shared {
             max_ttl: config.dns.max_ttl.get(),
             timeout: config.dns.timeout.get(),
         })?);
-        let timeouts = BackendTimeouts {
+        let timeouts = StoreTimeouts {
             connect: config.timeouts.backend_connect.get(),
             reply: config.timeouts.backend_reply.get(),
         };

@@ -38,7 +38,7 @@ pub struct Route {
     /// The parsed login name.
     pub mailbox: Mailbox,
     /// The name to log in to the store with.
-    pub backend_user: String,
+    pub store_user: String,
     /// The mailbox as popgate keys it (consistent hash, throttles, session caps, secrets): `local@domain`
     /// with the tenant's case rule applied, or the local part alone for a name without a domain.
     pub key: String,
@@ -226,11 +226,11 @@ impl TenantTable {
             mailbox.local = mailbox.local.to_lowercase();
         }
         let key = mailbox_key(&mailbox.local, &mailbox.domain, rules.case);
-        let backend_user = backend_username(&rules.username, &mailbox);
+        let store_user = store_username(&rules.username, &mailbox);
         Ok(Route {
             tenant,
             mailbox,
-            backend_user,
+            store_user,
             key,
         })
     }
@@ -247,13 +247,13 @@ impl TenantTable {
             domain: route.mailbox.domain.clone(),
             login: route.key.clone(),
         };
-        backend_username(&rules.username, &mailbox)
+        store_username(&rules.username, &mailbox)
     }
 }
 
 /// The store login name for a mailbox. A template is filled part by part: what the client typed is
 /// copied in, never searched for placeholders.
-pub fn backend_username(form: &UsernameForm, m: &Mailbox) -> String {
+pub fn store_username(form: &UsernameForm, m: &Mailbox) -> String {
     match form {
         UsernameForm::Full if m.domain.is_empty() => m.local.clone(),
         UsernameForm::Full => format!("{}@{}", m.local, m.domain),

@@ -46,11 +46,11 @@ fn all_separator_forms_reach_the_same_mailbox() {
         assert_eq!(r.tenant, acme, "{login}");
         assert_eq!(r.mailbox.local, "alice");
         assert_eq!(r.mailbox.domain, "example.com");
-        assert_eq!(r.backend_user, "alice@example.com", "{login}");
+        assert_eq!(r.store_user, "alice@example.com", "{login}");
     }
     // `@` wins over `+`, so subaddresses survive.
     let r = t.route("alice+tag@example.com", None).unwrap();
-    assert_eq!(r.backend_user, "alice+tag@example.com");
+    assert_eq!(r.store_user, "alice+tag@example.com");
     // Without `@`, a subaddress tag is ambiguous with the SDPS separator: refused, never guessed.
     assert_eq!(
         t.route("alice+tag+example.com", None),
@@ -101,7 +101,7 @@ fn a_local_part_never_carries_the_separator_it_was_split_at_or_a_hosted_domain()
 fn templates_are_filled_part_by_part_never_re_expanded() {
     let t = table("");
     let r = t.route("x{login}y{domain}@example.net", None).unwrap();
-    assert_eq!(r.backend_user, "example.net!x{login}y{domain}");
+    assert_eq!(r.store_user, "example.net!x{login}y{domain}");
     // Unknown placeholders and stray braces are refused when the config loads.
     for bad in ["{user}@x", "{local", "local}", "{}", "plain"] {
         let yaml = format!(
@@ -119,7 +119,7 @@ fn templates_are_filled_part_by_part_never_re_expanded() {
 fn the_checked_user_is_the_normalised_mailbox() {
     let t = table("");
     let acme = t.route("ALICE@Example.com", None).unwrap();
-    assert_eq!(acme.backend_user, "ALICE@example.com");
+    assert_eq!(acme.store_user, "ALICE@example.com");
     assert_eq!(t.checked_user(&acme), "alice@example.com");
     // `o` + U+0308 (decomposed) becomes the precomposed form the secret was stored under.
     let decomposed = t.route("jo\u{308}rg@example.com", None).unwrap();
@@ -137,7 +137,7 @@ fn wildcards_prefer_the_longest_suffix_and_exclude_the_apex() {
     assert_eq!(t.route("bob@mail.example.com", None).unwrap().tenant, acme);
     let r = t.route("bob@fr.eu.example.com", None).unwrap();
     assert_eq!(r.tenant, deep);
-    assert_eq!(r.backend_user, "bob");
+    assert_eq!(r.store_user, "bob");
     assert_eq!(t.route("bob@eu.example.com", None).unwrap().tenant, acme);
 }
 
@@ -146,7 +146,7 @@ fn idna_and_templates() {
     let t = table("");
     let r = t.route("käthe@BÜCHER.example", None).unwrap();
     assert_eq!(r.mailbox.domain, "xn--bcher-kva.example");
-    assert_eq!(r.backend_user, "xn--bcher-kva.example!käthe");
+    assert_eq!(r.store_user, "xn--bcher-kva.example!käthe");
 }
 
 #[test]
@@ -163,7 +163,7 @@ fn unknown_default_and_bound_tenants() {
     let t = table("routing:\n  default_tenant: catchall\n");
     let catchall = t.tenant_by_name("catchall").unwrap();
     assert_eq!(t.route("x@nowhere.org", None).unwrap().tenant, catchall);
-    assert_eq!(t.route("nodomain", None).unwrap().backend_user, "nodomain");
+    assert_eq!(t.route("nodomain", None).unwrap().store_user, "nodomain");
 
     let acme = t.tenant_by_name("acme").unwrap();
     assert_eq!(
@@ -194,16 +194,16 @@ fn case_rules_per_tenant() {
     // insensitive (default): one key whatever the case; the store sees the name as written.
     let r = t.route("John.Doe@Example.COM", None).unwrap();
     assert_eq!(r.key, "john.doe@example.com");
-    assert_eq!(r.backend_user, "John.Doe@example.com");
+    assert_eq!(r.store_user, "John.Doe@example.com");
     // lower: the store sees it lowercased too (Unicode lowercase, not only ASCII).
     let r = t.route("JÖRG@lower.test", None).unwrap();
     assert_eq!(r.key, "jörg@lower.test");
-    assert_eq!(r.backend_user, "jörg@lower.test");
+    assert_eq!(r.store_user, "jörg@lower.test");
     // sensitive: different keys for different case.
     let a = t.route("John@exact.test", None).unwrap();
     let b = t.route("john@exact.test", None).unwrap();
     assert_ne!(a.key, b.key);
-    assert_eq!(a.backend_user, "John@exact.test");
+    assert_eq!(a.store_user, "John@exact.test");
 }
 
 #[test]
@@ -218,7 +218,7 @@ fn canonically_equivalent_names_are_one_mailbox() {
         let decomposed = t.route(&format!("jo\u{308}rg@{domain}"), None).unwrap();
         assert_eq!(composed.key, decomposed.key, "{domain}");
         assert_eq!(composed.key, format!("j\u{f6}rg@{domain}"));
-        assert_eq!(decomposed.backend_user, format!("jo\u{308}rg@{domain}"));
+        assert_eq!(decomposed.store_user, format!("jo\u{308}rg@{domain}"));
     }
     // Case folding first, then NFC: Å (U+212B, ANGSTROM SIGN) and Å (U+00C5) and å + ring all meet.
     let keys: Vec<String> = [

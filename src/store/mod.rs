@@ -3,14 +3,14 @@
 //! - [`balance`]: choosing a store (round robin, least connections, consistent hash);
 //! - [`health`]: up/down from active probes and failed connects;
 //! - [`pool`]: pre-warmed, greeted connections per store;
-//! - [`backend`]: one connection (PROXY header, TLS/STLS, greeting, CAPA, XCLIENT, login);
+//! - [`connection`]: one connection (PROXY header, TLS/STLS, greeting, CAPA, XCLIENT, login);
 //! - [`group`]: a tenant's stores at runtime, tying the above together for a login.
 
-pub mod backend;
 pub mod balance;
+pub mod connection;
 pub mod dns;
 pub mod group;
 pub mod health;
 pub mod pool;
 
-pub use backend::{BackendTimeouts, LoggedIn, LoginError};
+pub use connection::{LoggedIn, LoginError, StoreTimeouts};

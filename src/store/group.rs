@@ -10,15 +10,15 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::backend::{
+use super::balance::{Balancer, Candidate, Policy};
+use super::connection::{
     self, AskCapa, ClientInfo, Connector, KnownCaps, LoggedIn, LoginError, Prepared, SaslRelay,
     StoreAuth,
 };
-use super::balance::{Balancer, Candidate, Policy};
 use super::dns::{Discovery, Endpoint, Target};
 use super::health::{self, HealthState, ProbeSettings};
 use super::pool::{Pool, PoolSettings};
-use crate::config::{BackendSpec, BackendTlsMode, HealthConfig, PoolConfig, TenantConfig};
+use crate::config::{HealthConfig, PoolConfig, StoreSpec, StoreTlsMode, TenantConfig};
 use crate::metrics::Metrics;
 
 /// One store of a group.
@@ -31,7 +31,7 @@ pub struct Store {
     /// Up or down.
     pub health: Arc<HealthState>,
     /// TLS mode on the way to this store.
-    pub tls_mode: BackendTlsMode,
+    pub tls_mode: StoreTlsMode,
     /// Its CAPA answer, so that new connections (pooled or not) need not ask each time.
     caps: Arc<KnownCaps>,
     active: AtomicUsize,
@@ -99,8 +99,8 @@ pub struct StoreGroup {
     connector: Arc<Connector>,
     health: HealthConfig,
     pool: PoolConfig,
-    weights: HashMap<(String, u16), (u32, BackendTlsMode)>,
-    default_tls: BackendTlsMode,
+    weights: HashMap<(String, u16), (u32, StoreTlsMode)>,
+    default_tls: StoreTlsMode,
     shutdown: CancellationToken,
     all_down: AtomicU64,
     metrics: Metrics,
@@ -120,7 +120,7 @@ impl StoreGroup {
         let mut weights = HashMap::new();
         for spec in &config.backends {
             match &spec.value {
-                BackendSpec::Host { addr, weight, tls } => {
+                StoreSpec::Host { addr, weight, tls } => {
                     weights.insert(
                         (addr.host.clone(), addr.port),
                         (*weight, tls.unwrap_or(config.backend_tls.mode)),
@@ -130,7 +130,7 @@ impl StoreGroup {
                         port: addr.port,
                     });
                 }
-                BackendSpec::Srv { name } => targets.push(Target::Srv { name: name.clone() }),
+                StoreSpec::Srv { name } => targets.push(Target::Srv { name: name.clone() }),
             }
         }
         let group = Arc::new(Self {
@@ -384,7 +384,8 @@ impl StoreGroup {
                 .pool_checkout(&self.tenant, &store.id, taken.is_some());
             if let Some(prepared) = taken {
                 let started = std::time::Instant::now();
-                let result = backend::login(prepared, auth, Some(client), forwarding, relay).await;
+                let result =
+                    connection::login(prepared, auth, Some(client), forwarding, relay).await;
                 self.metrics.backend_login(
                     &self.tenant,
                     &store.id,
@@ -423,7 +424,7 @@ impl StoreGroup {
             }
         };
         let started = std::time::Instant::now();
-        let result = backend::login(prepared, auth, Some(client), forwarding, relay).await;
+        let result = connection::login(prepared, auth, Some(client), forwarding, relay).await;
         self.metrics
             .backend_login(&self.tenant, &store.id, started.elapsed().as_secs_f64());
         result
@@ -472,7 +473,7 @@ impl StoreGroup {
         relay: &mut impl SaslRelay,
     ) -> Result<LoggedIn, LoginError> {
         let started = std::time::Instant::now();
-        let result = backend::login(
+        let result = connection::login(
             prepared,
             auth,
             Some(client),
@@ -497,7 +498,7 @@ impl StoreGroup {
             .connector
             .prepare(endpoint, self.default_tls, Some(client), AskCapa::Always)
             .await?;
-        backend::login(
+        connection::login(
             prepared,
             auth,
             Some(client),

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{AskCapa, Connector, KnownCaps};
+use super::connection::{AskCapa, Connector, KnownCaps};
 use super::dns::Endpoint;
-use crate::config::BackendTlsMode;
+use crate::config::StoreTlsMode;
 
 /// One store's health.
 #[derive(Debug)]
@@ -93,7 +93,7 @@ pub struct ProbeTarget {
     /// The store.
     pub endpoint: Endpoint,
     /// TLS on the way there.
-    pub mode: BackendTlsMode,
+    pub mode: StoreTlsMode,
     /// Refreshed by each probe's CAPA.
     pub caps: Arc<KnownCaps>,
 }

@@ -18,18 +18,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
 
-use crate::config::{BackendTlsMode, ClientIpForwarding};
+use crate::config::{ClientIpForwarding, StoreTlsMode};
 use crate::protocol::MAX_REPLY_LINE;
 use crate::protocol::line::{Frame, LineFramer};
 use crate::protocol::reply::{Capabilities, MultiLine, Status};
 use crate::protocol::sasl;
 use crate::secret::Secret;
+use crate::store::dns::Endpoint;
 use crate::stream::Stream;
-use crate::upstream::dns::Endpoint;
 
 /// Time limits for talking to a store before login.
 #[derive(Debug, Clone, Copy)]
-pub struct BackendTimeouts {
+pub struct StoreTimeouts {
     /// TCP connect.
     pub connect: Duration,
     /// Each reply (greeting, CAPA, login answers) and each TLS handshake.
@@ -87,7 +87,7 @@ pub struct Connector {
     /// How the client address is passed on.
     pub client_ip: ClientIpForwarding,
     /// Limits.
-    pub timeouts: BackendTimeouts,
+    pub timeouts: StoreTimeouts,
 }
 
 /// Who the client is, for XCLIENT and PROXY headers.
@@ -214,7 +214,7 @@ impl Connector {
     pub async fn prepare(
         &self,
         endpoint: &Endpoint,
-        mode: BackendTlsMode,
+        mode: StoreTlsMode,
         client: Option<&ClientInfo>,
         ask: AskCapa<'_>,
     ) -> Result<Prepared, LoginError> {
@@ -231,7 +231,7 @@ impl Connector {
                 .map_err(|e| LoginError::Unavailable(format!("PROXY header: {e}")))?;
         }
         let stream = match mode {
-            BackendTlsMode::Implicit => self.handshake(tcp, endpoint).await?,
+            StoreTlsMode::Implicit => self.handshake(tcp, endpoint).await?,
             _ => Stream::Plain(tcp),
         };
         let mut conn = Prepared {
@@ -254,7 +254,7 @@ impl Connector {
         conn.greeting = greeting;
         // STLS stores are always asked: their capabilities change with the handshake.
         let known = match ask {
-            AskCapa::Unless(k) | AskCapa::Refresh(k) if mode != BackendTlsMode::Starttls => Some(k),
+            AskCapa::Unless(k) | AskCapa::Refresh(k) if mode != StoreTlsMode::Starttls => Some(k),
             _ => None,
         };
         let remembered = match ask {
@@ -271,7 +271,7 @@ impl Connector {
                 caps
             }
         };
-        if mode == BackendTlsMode::Starttls {
+        if mode == StoreTlsMode::Starttls {
             if !conn.caps.stls {
                 return Err(LoginError::Unavailable("store does not offer STLS".into()));
             }

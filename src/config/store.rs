@@ -6,19 +6,19 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use super::{AddressError, BackendAddr, Seconds};
+use super::{AddressError, Seconds, StoreAddr};
 
 /// One configured store entry: `host:port` text, or an object with a weight and TLS mode, or an SRV name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackendSpec {
+pub enum StoreSpec {
     /// An IP literal or a name resolved with A/AAAA.
     Host {
         /// Address.
-        addr: BackendAddr,
+        addr: StoreAddr,
         /// Relative share (consistent hashing and weighted balancing). Default 1.
         weight: u32,
         /// TLS mode for this store, overriding the tenant's `backend_tls.mode`.
-        tls: Option<BackendTlsMode>,
+        tls: Option<StoreTlsMode>,
     },
     /// An SRV name (`_pop3._tcp.store.mail.svc.cluster.local`); ports, priorities and weights come from DNS.
     Srv {
@@ -29,7 +29,7 @@ pub enum BackendSpec {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BackendObject {
+struct StoreObject {
     #[serde(default)]
     address: Option<String>,
     #[serde(default)]
@@ -37,24 +37,24 @@ struct BackendObject {
     #[serde(default)]
     weight: Option<u32>,
     #[serde(default)]
-    tls: Option<BackendTlsMode>,
+    tls: Option<StoreTlsMode>,
 }
 
-impl<'de> Deserialize<'de> for BackendSpec {
+impl<'de> Deserialize<'de> for StoreSpec {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum Raw {
             Text(String),
-            Object(BackendObject),
+            Object(StoreObject),
         }
         use serde::de::Error;
         let raw = Raw::deserialize(d).map_err(|_| {
             D::Error::custom("a store is `host:port`, {address: \"host:port\", weight: N} or {srv: \"_pop3._tcp.name\"}")
         })?;
         match raw {
-            Raw::Text(text) => BackendSpec::from_str(&text).map_err(D::Error::custom),
-            Raw::Object(BackendObject {
+            Raw::Text(text) => StoreSpec::from_str(&text).map_err(D::Error::custom),
+            Raw::Object(StoreObject {
                 address: Some(a),
                 srv: None,
                 weight,
@@ -64,13 +64,13 @@ impl<'de> Deserialize<'de> for BackendSpec {
                 if weight == 0 || weight > 1000 {
                     return Err(D::Error::custom("weight must be between 1 and 1000"));
                 }
-                Ok(BackendSpec::Host {
+                Ok(StoreSpec::Host {
                     addr: a.parse().map_err(D::Error::custom)?,
                     weight,
                     tls,
                 })
             }
-            Raw::Object(BackendObject {
+            Raw::Object(StoreObject {
                 address: None,
                 srv: Some(name),
                 weight: None,
@@ -83,14 +83,14 @@ impl<'de> Deserialize<'de> for BackendSpec {
     }
 }
 
-impl FromStr for BackendSpec {
+impl FromStr for StoreSpec {
     type Err = AddressError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.starts_with('_') && !s.contains(':') {
             return srv_spec(s);
         }
-        Ok(BackendSpec::Host {
+        Ok(StoreSpec::Host {
             addr: s.parse()?,
             weight: 1,
             tls: None,
@@ -98,7 +98,7 @@ impl FromStr for BackendSpec {
     }
 }
 
-fn srv_spec(name: &str) -> Result<BackendSpec, AddressError> {
+fn srv_spec(name: &str) -> Result<StoreSpec, AddressError> {
     let name = name.trim_end_matches('.');
     // SRV owner names carry `_service._proto` labels, which IDNA's host-name rules reject.
     let labels_ok = name.split('.').all(|l| {
@@ -110,7 +110,7 @@ fn srv_spec(name: &str) -> Result<BackendSpec, AddressError> {
     if !name.starts_with('_') || !labels_ok || name.len() > 253 {
         return Err(AddressError::BadSrvName(name.to_owned()));
     }
-    Ok(BackendSpec::Srv {
+    Ok(StoreSpec::Srv {
         name: name.to_ascii_lowercase(),
     })
 }
@@ -118,7 +118,7 @@ fn srv_spec(name: &str) -> Result<BackendSpec, AddressError> {
 /// TLS on the store leg.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum BackendTlsMode {
+pub enum StoreTlsMode {
     /// Plain POP3 (the default; typical inside a trusted network).
     #[default]
     None,
@@ -131,10 +131,10 @@ pub enum BackendTlsMode {
 /// How popgate verifies and authenticates to stores over TLS.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BackendTls {
+pub struct StoreTls {
     /// `none`, `starttls` or `implicit`. Default `none`.
     #[serde(default)]
-    pub mode: BackendTlsMode,
+    pub mode: StoreTlsMode,
     /// PEM bundle of CAs that sign the stores' certificates. Required unless `insecure_skip_verify`.
     #[serde(default)]
     pub ca: Option<PathBuf>,
