@@ -9,8 +9,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use maildrop::{Maildrop, Server, Settings};
+use support::admin;
 use support::pop3::Pop3;
 use support::popgate::{http, start_from_file};
+use support::store::{Script, ScriptedStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -356,5 +358,93 @@ async fn writes_need_a_header_a_web_page_cannot_send() {
             .0,
         403
     );
+    pg.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_path_tricks_oversized_requests_and_smuggling_get_nowhere() {
+    let store = ScriptedStore::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, _) = admin::with_admin(store.addr, dir.path()).await;
+    let admin = pg.admin_addr().unwrap();
+    let token = admin::TOKEN_HEADER;
+    let tool = "X-Popgate-Admin: 1\r\n";
+
+    // Paths that only look like /reload: not found even with the token, refused without it.
+    for target in [
+        "//reload",
+        "/reload/",
+        "/%72eload",
+        "/metrics/../reload",
+        "/./reload",
+        "/RELOAD",
+        "/reload%00",
+        "/reload;x",
+        "/%2freload",
+    ] {
+        let answer = admin::exchange(admin, admin::request("POST", target, token)).await;
+        assert!(
+            matches!(admin::status_of(&answer), 400 | 404),
+            "POST {target} with the token: {answer}"
+        );
+        let answer = admin::exchange(admin, admin::request("POST", target, tool)).await;
+        assert_eq!(
+            admin::status_of(&answer),
+            401,
+            "POST {target} without the token: {answer}"
+        );
+    }
+    assert!(pg.runtime().reloads().is_empty(), "a trick path reloaded");
+
+    // A MiB of headers: 431, or closed.
+    let big = admin::request(
+        "GET",
+        "/livez",
+        &format!("X-Big: {}\r\n", "a".repeat(1 << 20)),
+    );
+    let answer = admin::exchange(admin, big).await;
+    assert!(
+        answer.is_empty() || admin::status_of(&answer) == 431,
+        "{}",
+        answer.chars().take(300).collect::<String>()
+    );
+
+    // Content-Length and Transfer-Encoding together (request smuggling): the body as Content-Length
+    // counts it ends where a chunk carrying a POST /reload begins. hyper goes by Transfer-Encoding and
+    // closes after its answer (RFC 9112 §6.3), so exactly one request is answered and nothing reloads.
+    let inner = format!(
+        "POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\n{token}{tool}Content-Length: 0\r\n\r\n"
+    );
+    let size = format!("{:x}\r\n", inner.len());
+    let smuggled = format!(
+        "GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{size}{inner}\r\n0\r\n\r\n",
+        size.len()
+    );
+    let answer = admin::exchange(admin, smuggled.into_bytes()).await;
+    assert!(
+        answer.matches("HTTP/1.1 ").count() <= 1
+            && matches!(admin::status_of(&answer), 0 | 200 | 400),
+        "CL + TE: {answer}"
+    );
+    assert!(
+        pg.runtime().reloads().is_empty(),
+        "a smuggled request reloaded"
+    );
+
+    // A 20 MiB body: answered or closed, not hung; the server serves on.
+    let mut huge = format!(
+        "POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\n{token}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        20 << 20
+    )
+    .into_bytes();
+    huge.resize(huge.len() + (20 << 20), b'x');
+    let answer = admin::exchange(admin, huge).await;
+    assert!(
+        answer.is_empty() || matches!(admin::status_of(&answer), 200 | 400 | 413),
+        "{answer}"
+    );
+    let answer = admin::exchange(admin, admin::request("GET", "/livez", "")).await;
+    assert_eq!(admin::status_of(&answer), 200, "{answer}");
     pg.shutdown();
 }

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 mod support;
 
 use support::auth_service::Service;
+use support::pop3::Pop3;
+use support::popgate::{plain_config, tenant};
 
 use popgate::auth::http::{AuthAnswer, AuthHttp, AuthHttpConfig, AuthHttpError, AuthRequest};
 use tokio::net::TcpListener;
@@ -553,4 +555,93 @@ async fn an_unusable_auth_http_setting_is_reported_as_such() {
             && !text.contains("secrets"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_http_service_decides_logins_and_names_the_store() {
+    let (_md, server) = support::mailboxes::maildrop(&["other@example.com"], 1).await;
+    let store_port = server.local_addr().port();
+    // Accepts `password` for anyone and names the store by host name with the account to use there;
+    // refuses `wait-me` with Auth-Wait, anything else outright.
+    let service = Service::start(move |head| {
+        let head = String::from_utf8_lossy(head).into_owned();
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(header("Auth-Protocol"), "pop3");
+        assert_eq!(header("Client-IP"), "127.0.0.1");
+        Some(match header("Auth-Pass").as_str() {
+            "password" => format!(
+                "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: localhost\r\nAuth-Port: {store_port}\r\n\
+                 Auth-User: other@example.com\r\nAuth-Pass: pw\r\n\r\n"
+            ),
+            "wait-me" => {
+                "HTTP/1.0 200 OK\r\nAuth-Status: Try later\r\nAuth-Wait: 1\r\n\r\n".to_string()
+            }
+            _ => "HTTP/1.0 200 OK\r\nAuth-Status: Invalid login or password\r\n\r\n".to_string(),
+        })
+    })
+    .await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let nowhere = "127.0.0.1:1".parse().unwrap();
+    let asking = |url: String, timeout: &str| {
+        format!(
+            "    health: {{enabled: false}}\n    auth_http: {{url: \"{url}\", timeout: {timeout}}}\n"
+        )
+    };
+    let yaml = plain_config(
+        "",
+        &(tenant(
+            "example",
+            "example.com",
+            nowhere,
+            &asking(format!("http://{}/auth", service.addr), "2s"),
+        ) + &tenant(
+            "down",
+            "down.test",
+            nowhere,
+            &asking(format!("http://{dead}/auth"), "1s"),
+        )),
+    );
+    let pg = support::popgate::start(&yaml, std::path::Path::new(".")).await;
+    let addr = pg.local_addr("pop3").unwrap();
+
+    // The service says OK and which store and account to use.
+    let mut c = Pop3::greeted(addr).await;
+    c.login("anyone@example.com", "password").await;
+    assert!(c.ok("STAT").await.starts_with("+OK 1 "));
+    c.ok("QUIT").await;
+    // Its refusal text reaches the client; Auth-Wait delays it.
+    let mut c = Pop3::greeted(addr).await;
+    c.ok("USER anyone@example.com").await;
+    assert_eq!(
+        c.cmd("PASS nope").await,
+        "-ERR [AUTH] Invalid login or password"
+    );
+    let t = Instant::now();
+    c.ok("USER anyone@example.com").await;
+    assert_eq!(c.cmd("PASS wait-me").await, "-ERR [AUTH] Try later");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    // A cached answer does not ask the service again.
+    let before = service.requests();
+    let mut c = Pop3::greeted(addr).await;
+    c.login("anyone@example.com", "password").await;
+    c.ok("QUIT").await;
+    assert_eq!(service.requests(), before);
+    // The service is down: -ERR [SYS/TEMP].
+    let mut c = Pop3::greeted(addr).await;
+    c.ok("USER x@down.test").await;
+    let r = c.cmd("PASS password").await;
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    pg.shutdown();
 }

@@ -1,6 +1,6 @@
 //! Fault injection: stores that die, hang, or talk nonsense; clients that vanish or crawl; DNS that
-//! stops answering; an operator's broken certificate; a connection storm against the cap. Each test
-//! asserts what popgate promises when that happens — the right `-ERR`, within the configured time,
+//! stops answering; a connection storm against the cap (a broken certificate at reload is in reload.rs).
+//! Each test asserts what popgate promises when that happens — the right `-ERR`, within the configured time,
 //! with no mail lost and nothing left behind.
 //!
 //! Stores are the in-repo maildrop (with its fault hooks), raw listeners written here for faults the
@@ -15,10 +15,9 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use maildrop::{Faults, Maildrop, Server, Settings};
+use maildrop::{Faults, Maildrop, Server};
 use support::dns::TestDns;
 use support::dovecot::{DovecotStore, StoreOptions, pop3_retr_bytes};
 use support::pop3::{Pop3, unstuff};
@@ -104,62 +103,6 @@ async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
-// === captured logs ===
-
-/// popgate's runtime log lines (reloads), captured from every test of this binary.
-fn captured_log() -> &'static Mutex<Vec<u8>> {
-    static LOG: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let buf: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
-        struct Sink(&'static Mutex<Vec<u8>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        // Only the runtime's lines (reload outcomes): per-session lines from the storm test would
-        // otherwise pile up in memory that the process measurements see.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("popgate::runtime=info"))
-            .with_ansi(false)
-            .with_writer(move || Sink(buf))
-            .try_init();
-        buf
-    })
-}
-
-fn captured_text() -> String {
-    String::from_utf8_lossy(
-        &captured_log()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner),
-    )
-    .into_owned()
-}
-
-/// The captured "config reload refused" log entries, each with its continuation lines.
-fn logged_refusals() -> Vec<String> {
-    let mut entries: Vec<String> = Vec::new();
-    for line in captured_text().lines() {
-        // An entry starts with its timestamp; the reasons follow on indented lines.
-        if line.starts_with(|c: char| c.is_ascii_digit()) {
-            entries.push(line.to_string());
-        } else if let Some(last) = entries.last_mut() {
-            last.push('\n');
-            last.push_str(line);
-        }
-    }
-    entries.retain(|e| e.contains("config reload refused"));
-    entries
-}
-
 // === stores and popgate ===
 
 fn maildrop_messages(user: &str) -> Vec<Vec<u8>> {
@@ -176,16 +119,7 @@ fn maildrop_messages(user: &str) -> Vec<Vec<u8>> {
 
 /// A maildrop holding `users` (password `pw`), each with [`maildrop_messages`].
 async fn maildrop(users: &[&str], faults: Faults) -> (Maildrop, Server) {
-    let md = Maildrop::new(Settings {
-        hostname: "store.test".into(),
-        faults,
-        ..Settings::default()
-    });
-    for user in users {
-        md.add_mailbox(user, "pw", maildrop_messages(user));
-    }
-    let server = md.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    (md, server)
+    support::mailboxes::maildrop_with(users, faults, maildrop_messages).await
 }
 
 /// One plain listener `pop3`, tenants as given (YAML lines under `tenants:`), and extra top-level YAML.
@@ -708,198 +642,6 @@ async fn dns_outage_keeps_the_last_good_stores_serving() {
 
     dns.resume();
     assert!(try_login(addr, user, "pw").await.starts_with("+OK"));
-    pg.shutdown();
-}
-
-// === an operator's broken certificate ===
-
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "external-tools"),
-    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
-)]
-async fn broken_certificate_reload_keeps_the_old_certificate_and_is_logged_and_counted() {
-    let _g = shared().await;
-    captured_log();
-    let user = "alice@example.com";
-    let (_md, server) = maildrop(&[user], Faults::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let default_der = support::pki::write_self_signed(d, "default", &["localhost"]);
-    let acme_der = support::pki::write_self_signed(d, "acme", &["pop.example.com"]);
-    let yaml = format!(
-        r#"listeners:
-  - name: pop3s
-    bind: 127.0.0.1:0
-    tls: implicit
-tls: {{certificate: default.crt, key: default.key}}
-admin: {{bind: "127.0.0.1:0", token: s3cret}}
-tenants:
-  acme:
-    domains: [example.com]
-    backends: ["{}"]
-    tls: {{certificate: acme.crt, key: acme.key, server_names: [pop.example.com]}}
-"#,
-        server.local_addr()
-    );
-    let pg = start_from_file(&yaml, d).await;
-    let pop3s = pg.local_addr("pop3s").unwrap();
-    let admin = format!("http://{}", pg.admin_addr().unwrap());
-    let served = |sni: &'static str| async move {
-        let mut c = Pop3::connect_tls(pop3s, sni).await;
-        assert!(c.line().await.starts_with("+OK"));
-        c.login(user, "pw").await;
-        c.ok("QUIT").await;
-        c.peer_cert.unwrap()
-    };
-    let reload = |admin: String| async move {
-        tokio::task::spawn_blocking(move || {
-            http("POST", &format!("{admin}/reload"), Some("s3cret"))
-        })
-        .await
-        .unwrap()
-    };
-    assert_eq!(served("localhost").await, default_der);
-    assert_eq!(served("pop.example.com").await, acme_der);
-
-    // 1. The default certificate file is replaced by garbage.
-    let good_default = std::fs::read(d.join("default.crt")).unwrap();
-    std::fs::write(
-        d.join("default.crt"),
-        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
-    let (code, body) = reload(admin.clone()).await;
-    assert_eq!(code, 422, "reload with a broken certificate: {body}");
-    assert_eq!(
-        served("localhost").await,
-        default_der,
-        "the old default certificate is gone"
-    );
-    assert_eq!(served("pop.example.com").await, acme_der);
-    std::fs::write(d.join("default.crt"), good_default).unwrap();
-
-    // 2. The tenant's key is replaced by one that does not match its certificate.
-    let other = rcgen::KeyPair::generate().unwrap();
-    std::fs::write(d.join("acme.key"), other.serialize_pem()).unwrap();
-    let (code, body) = reload(admin.clone()).await;
-    assert_eq!(code, 422, "reload with a mismatched key: {body}");
-    assert_eq!(
-        served("pop.example.com").await,
-        acme_der,
-        "the old tenant certificate is gone"
-    );
-    assert_eq!(served("localhost").await, default_der);
-
-    // Logged (once each, naming the field) and counted.
-    let admin2 = admin.clone();
-    let (_, metrics) =
-        tokio::task::spawn_blocking(move || http("GET", &format!("{admin2}/metrics"), None))
-            .await
-            .unwrap();
-    assert_eq!(
-        metric(&metrics, "popgate_config_reloads_total{result=\"error\"}"),
-        Some(2.0),
-        "{metrics}"
-    );
-    let here = d.display().to_string();
-    let refusals: Vec<String> = logged_refusals()
-        .into_iter()
-        .filter(|e| e.contains(&here))
-        .collect();
-    assert_eq!(refusals.len(), 2, "{refusals:#?}");
-    assert!(
-        refusals
-            .iter()
-            .any(|e| e.contains("tls.certificate") && !e.contains("tenants.")),
-        "no logged refusal names the broken default certificate:\n{refusals:#?}"
-    );
-    assert!(
-        refusals.iter().any(|e| e.contains("tenants.acme.tls")),
-        "no logged refusal names the tenant with the mismatched key:\n{refusals:#?}"
-    );
-
-    // A good new certificate is then taken: the old one stayed because the new one was broken.
-    let new_default = support::pki::write_self_signed(d, "default", &["localhost"]);
-    std::fs::write(
-        d.join("acme.key"),
-        std::fs::read(d.join("default.key")).unwrap(),
-    )
-    .unwrap();
-    support::pki::write_self_signed(d, "acme", &["pop.example.com"]);
-    let (code, body) = reload(admin.clone()).await;
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(served("localhost").await, new_default);
-    eprintln!("refusals logged:\n{}", refusals.join("\n"));
-    pg.shutdown();
-}
-
-/// The operator is told which file is broken. Today a corrupt certificate is reported as
-/// `cannot load private key <key path>: invalid peer certificate: BadEncoding`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reload_refusal_names_the_broken_certificate_file() {
-    let _g = shared().await;
-    captured_log();
-    let (_md, server) = maildrop(&["alice@example.com"], Faults::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    support::pki::write_self_signed(d, "default", &["localhost"]);
-    let yaml = format!(
-        "listeners:\n  - name: pop3s\n    bind: 127.0.0.1:0\n    tls: implicit\n\
-         tls: {{certificate: default.crt, key: default.key}}\n\
-         tenants:\n  acme:\n    domains: [example.com]\n    backends: [\"{}\"]\n",
-        server.local_addr()
-    );
-    let pg = start_from_file(&yaml, d).await;
-    std::fs::write(
-        d.join("default.crt"),
-        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
-    assert!(pg.reload().await.is_err());
-    let here = d.display().to_string();
-    let entry = logged_refusals()
-        .into_iter()
-        .find(|e| e.contains(&here))
-        .expect("the refusal was logged");
-    assert!(
-        entry.contains(&format!("{here}/default.crt")),
-        "the log does not name the broken certificate file:\n{entry}"
-    );
-    assert!(
-        !entry.contains("private key"),
-        "the log blames the private key for a broken certificate:\n{entry}"
-    );
-    pg.shutdown();
-}
-
-/// An operator edits the config once: popgate reloads (once, or twice for a write in two steps) and
-/// then stays put. Found by the soak, where popgate reloaded ~2 times a second for the whole run.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_config_edit_reloads_once_not_forever() {
-    let _g = shared().await;
-    let (_md, server) = maildrop(&["alice@example.com"], Faults::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = config("", &tenant("acme", "example.com", &[server.local_addr()]));
-    let pg = start_from_file(&yaml, dir.path()).await;
-    popgate::runtime::watch_config_dir(pg.runtime()).unwrap();
-    std::fs::write(dir.path().join("popgate.yaml"), format!("{yaml}# edited\n")).unwrap();
-    eventually(Duration::from_secs(10), "the edit to be reloaded", || {
-        !pg.runtime().reloads().is_empty()
-    })
-    .await;
-    // Nothing changes from here on; watch for six debounce periods of the watcher (500 ms each).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let reloads = pg.runtime().reloads().len();
-    assert!(
-        reloads <= 2,
-        "{reloads} reloads after one edit and 3 s of quiet"
-    );
     pg.shutdown();
 }
 

@@ -4,51 +4,14 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use maildrop::{Maildrop, Server, Settings};
+use support::admin::config as admin_config;
+use support::mailboxes::numbered;
 use support::pop3::Pop3;
 use support::popgate::{http, start_from_file};
-use tokio_util::sync::CancellationToken;
-
-async fn store(users: usize, messages: usize) -> (Maildrop, Server) {
-    let md = Maildrop::new(Settings {
-        hostname: "store".into(),
-        ..Settings::default()
-    });
-    for i in 0..users {
-        let msgs = (0..messages)
-            .map(|m| format!("Subject: {m}\r\n\r\nmessage {m} for u{i}\r\n").into_bytes())
-            .collect();
-        md.add_mailbox(&format!("u{i}@example.com"), "pw", msgs);
-    }
-    let server = md.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    (md, server)
-}
-
-fn config(store: SocketAddr, extra: &str) -> String {
-    format!(
-        r#"listeners:
-  - name: pop3
-    bind: 127.0.0.1:0
-    tls: none
-admin:
-  bind: 127.0.0.1:0
-  token: s3cret-token
-timeouts:
-  shutdown_grace: 3s
-tenants:
-  acme:
-    domains: [example.com]
-    backends: ["{store}"]
-    plaintext_login: allow
-    health: {{interval: 200ms}}
-{extra}"#
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
@@ -56,9 +19,9 @@ tenants:
     ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
 )]
 async fn admin_endpoints_metrics_and_promtool() {
-    let (_md, server) = store(2, 2).await;
+    let (_md, server) = numbered(2, 2).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = start_from_file(&config(server.local_addr(), ""), dir.path()).await;
+    let pg = start_from_file(&admin_config(server.local_addr(), ""), dir.path()).await;
     let admin = format!("http://{}", pg.admin_addr().unwrap());
     let pop3 = pg.local_addr("pop3").unwrap();
 
@@ -147,152 +110,10 @@ async fn admin_endpoints_metrics_and_promtool() {
     not(feature = "external-tools"),
     ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
 )]
-async fn reload_under_500_sessions_drops_none_and_routes_new_logins() {
-    const SESSIONS: usize = 500;
-    let (_a, server_a) = store(SESSIONS + 1, 1).await;
-    let (_b, server_b) = store(SESSIONS + 1, 2).await;
-    let dir = tempfile::tempdir().unwrap();
-    let pg = start_from_file(&config(server_a.local_addr(), ""), dir.path()).await;
-    let pop3 = pg.local_addr("pop3").unwrap();
-
-    let mut sessions = Vec::with_capacity(SESSIONS);
-    for i in 0..SESSIONS {
-        let mut c = Pop3::greeted(pop3).await;
-        c.login(&format!("u{i}@example.com"), "pw").await;
-        sessions.push(c);
-    }
-    // A bad config is refused and the running one stays.
-    std::fs::write(dir.path().join("popgate.yaml"), "listeners: [\n").unwrap();
-    assert!(pg.reload().await.is_err());
-    // Move the tenant to store b.
-    std::fs::write(
-        dir.path().join("popgate.yaml"),
-        config(server_b.local_addr(), ""),
-    )
-    .unwrap();
-    pg.reload().await.unwrap();
-
-    // Every session in flight still talks to store a (one message each), and ends cleanly.
-    for (i, c) in sessions.iter_mut().enumerate() {
-        let stat = c.ok("STAT").await;
-        assert!(stat.starts_with("+OK 1 "), "session {i}: {stat}");
-        c.ok("QUIT").await;
-    }
-    // New logins see the new route (store b has two messages per mailbox).
-    let mut c = Pop3::greeted(pop3).await;
-    c.login(&format!("u{SESSIONS}@example.com"), "pw").await;
-    assert!(c.ok("STAT").await.starts_with("+OK 2 "));
-    c.ok("QUIT").await;
-
-    let admin = format!("http://{}/metrics", pg.admin_addr().unwrap());
-    let (_, m) = tokio::task::spawn_blocking(move || http("GET", &admin, None))
-        .await
-        .unwrap();
-    assert!(
-        m.contains("popgate_config_reloads_total{result=\"error\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("popgate_config_reloads_total{result=\"ok\"} 1"),
-        "{m}"
-    );
-    pg.shutdown();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "external-tools"),
-    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
-)]
-async fn reload_follows_file_changes_and_post_reload() {
-    let (_a, server_a) = store(2, 1).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("popgate.yaml");
-    std::fs::write(&path, config(server_a.local_addr(), "")).unwrap();
-    let config_parsed = popgate::Config::load(&path).unwrap();
-    let pg = popgate::start_from_file(config_parsed, path.clone(), CancellationToken::new())
-        .await
-        .unwrap();
-    popgate::runtime::watch_config_dir(pg.runtime()).unwrap();
-    // A second listener appears when the file changes.
-    let with_listener = config(server_a.local_addr(), "").replace(
-        "admin:",
-        "  - name: extra\n    bind: 127.0.0.1:0\n    tls: none\nadmin:",
-    );
-    std::fs::write(&path, &with_listener).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while pg.local_addr("extra").is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the file change did not reload"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut c = Pop3::greeted(pg.local_addr("extra").unwrap()).await;
-    c.login("u1@example.com", "pw").await;
-    c.ok("QUIT").await;
-    // POST /reload with the token.
-    let url = format!("http://{}/reload", pg.admin_addr().unwrap());
-    let (code, body) =
-        tokio::task::spawn_blocking(move || http("POST", &url, Some("s3cret-token")))
-            .await
-            .unwrap();
-    assert_eq!(code, 200, "{body}");
-    pg.shutdown();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "external-tools"),
-    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
-)]
-async fn admin_token_file_rotates_on_reload() {
-    let (_md, server) = store(1, 1).await;
-    let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("admin-token");
-    std::fs::write(&token, "first-token\n").unwrap();
-    let yaml = config(server.local_addr(), "").replace(
-        "  token: s3cret-token",
-        "  token_file: admin-token\n  token_for_reads: true",
-    );
-    let pg = start_from_file(&yaml, dir.path()).await;
-    let admin = pg.admin_addr().unwrap();
-    let call = |method: &'static str, path: &'static str, token: Option<&'static str>| {
-        let url = format!("http://{admin}{path}");
-        tokio::task::spawn_blocking(move || http(method, &url, token))
-    };
-    let status = |token| async move { call("GET", "/status", token).await.unwrap().0 };
-
-    assert_eq!(status(None).await, 401);
-    assert_eq!(status(Some("wrong")).await, 401);
-    assert_eq!(status(Some("first-token")).await, 200);
-
-    // The Secret behind the file is rotated; the next reload (here POST /reload with the old token) reads it.
-    std::fs::write(&token, "second-token\n").unwrap();
-    let (code, body) = call("POST", "/reload", Some("first-token")).await.unwrap();
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(status(Some("first-token")).await, 401);
-    assert_eq!(status(Some("second-token")).await, 200);
-
-    // An emptied token file is a bad config: the reload is refused and the running token stays.
-    std::fs::write(&token, "").unwrap();
-    let (code, body) = call("POST", "/reload", Some("second-token")).await.unwrap();
-    assert_ne!(code, 200, "{body}");
-    assert!(body.contains("admin.token_file"), "{body}");
-    assert!(!body.contains("second-token"), "token echoed: {body}");
-    assert_eq!(status(Some("second-token")).await, 200);
-    pg.shutdown();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(feature = "external-tools"),
-    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
-)]
 async fn drain_refuses_new_work_lets_relays_finish_then_closes_without_quit() {
-    let (md, server) = store(3, 2).await;
+    let (md, server) = numbered(3, 2).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = start_from_file(&config(server.local_addr(), ""), dir.path()).await;
+    let pg = start_from_file(&admin_config(server.local_addr(), ""), dir.path()).await;
     let pop3 = pg.local_addr("pop3").unwrap();
     let ready = format!("http://{}/readyz", pg.admin_addr().unwrap());
 
@@ -339,9 +160,9 @@ async fn drain_refuses_new_work_lets_relays_finish_then_closes_without_quit() {
     ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
 )]
 async fn kick_closes_a_mailboxs_sessions_without_quit() {
-    let (md, server) = store(2, 2).await;
+    let (md, server) = numbered(2, 2).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = start_from_file(&config(server.local_addr(), ""), dir.path()).await;
+    let pg = start_from_file(&admin_config(server.local_addr(), ""), dir.path()).await;
     let pop3 = pg.local_addr("pop3").unwrap();
     let mut kicked = Pop3::greeted(pop3).await;
     kicked.login("u0@example.com", "pw").await;
@@ -390,9 +211,9 @@ async fn kick_closes_a_mailboxs_sessions_without_quit() {
     ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
 )]
 async fn status_page_renders_in_headless_chromium() {
-    let (_md, server) = store(1, 1).await;
+    let (_md, server) = numbered(1, 1).await;
     let dir = tempfile::tempdir().unwrap();
-    let pg = start_from_file(&config(server.local_addr(), ""), dir.path()).await;
+    let pg = start_from_file(&admin_config(server.local_addr(), ""), dir.path()).await;
     let url = format!("http://{}/", pg.admin_addr().unwrap());
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
@@ -458,7 +279,7 @@ async fn status_page_renders_in_headless_chromium() {
     ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
 )]
 async fn readiness_follows_ready_when_not_one_tenants_outage() {
-    let (_md, server) = store(1, 1).await;
+    let (_md, server) = numbered(1, 1).await;
     // A loopback port nothing listens on: its stores fail every probe.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -505,53 +326,4 @@ async fn readiness_follows_ready_when_not_one_tenants_outage() {
         assert_eq!(code, expected, "ready_when {ready_when:?}: {body}");
         pg.shutdown();
     }
-}
-
-/// A listener replaced by one of another name on the same address needs the old socket closed before the new
-/// one binds; a reload that fails after that brings the old one back. (The overlap rule itself, wildcards
-/// included, is a unit test in `listener.rs`; this test stays on loopback and keeps the port held throughout,
-/// so nothing else on the machine can take it between reloads.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listener_renamed_on_the_same_address_takes_over_its_socket() {
-    let (_md, store) = store(1, 1).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("popgate.yaml");
-    let yaml = |listeners: &str| {
-        format!(
-            "listeners:\n{listeners}tenants:\n  acme:\n    domains: [example.com]\n    backends: [\"{}\"]\n    \
-             plaintext_login: allow\n",
-            store.local_addr()
-        )
-    };
-    let listener =
-        |name: &str, bind: &str| format!("  - name: {name}\n    bind: {bind}\n    tls: none\n");
-    std::fs::write(&path, yaml(&listener("pop3", "127.0.0.1:0"))).unwrap();
-    let config = popgate::Config::load(&path).unwrap();
-    let pg = popgate::start_from_file(config, path.clone(), CancellationToken::new())
-        .await
-        .unwrap();
-    let addr = pg.local_addr("pop3").unwrap();
-
-    std::fs::write(&path, yaml(&listener("pop3-new", &addr.to_string()))).unwrap();
-    pg.reload().await.unwrap();
-    assert_eq!(pg.local_addr("pop3"), None);
-    assert_eq!(pg.local_addr("pop3-new"), Some(addr));
-    let mut c = Pop3::greeted(addr).await;
-    c.login("u0@example.com", "pw").await;
-    c.ok("QUIT").await;
-
-    // Renaming back while adding a listener on a port somebody else holds: the reload fails, and the
-    // listener that was stopped for it serves again where it was.
-    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let both = listener("pop3", &addr.to_string())
-        + &listener("extra", &held.local_addr().unwrap().to_string());
-    std::fs::write(&path, yaml(&both)).unwrap();
-    let err = pg.reload().await.unwrap_err().to_string();
-    assert!(err.contains("extra"), "{err}");
-    assert_eq!(pg.local_addr("pop3-new"), Some(addr));
-    assert_eq!(pg.local_addr("pop3"), None);
-    let mut c = Pop3::greeted(addr).await;
-    c.login("u0@example.com", "pw").await;
-    c.ok("QUIT").await;
-    pg.shutdown();
 }

@@ -4,10 +4,13 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly instead of returning errors
 
+pub mod admin;
 pub mod auth_service;
 pub mod clients;
 pub mod dns;
 pub mod dovecot;
+pub mod logs;
+pub mod mailboxes;
 pub mod pki;
 pub mod pop3;
 pub mod popgate;

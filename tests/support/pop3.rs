@@ -125,6 +125,14 @@ impl Pop3 {
         }
     }
 
+    /// USER/PASS on a fresh plain connection: the connection and the PASS reply.
+    pub async fn login_reply(addr: SocketAddr, user: &str, pass: &str) -> (Self, String) {
+        let mut c = Self::greeted(addr).await;
+        assert!(c.cmd(&format!("USER {user}")).await.starts_with("+OK"));
+        let reply = c.cmd(&format!("PASS {pass}")).await;
+        (c, reply)
+    }
+
     /// Connects plain and reads the `+OK` greeting.
     pub async fn greeted(addr: SocketAddr) -> Self {
         let mut c = Self::connect(addr).await;

@@ -104,6 +104,24 @@ pub async fn start_from_file(yaml: &str, dir: &Path) -> popgate::Running {
         .unwrap()
 }
 
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after `limit`.
+pub async fn eventually(limit: std::time::Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of one Prometheus series (`name{labels}` exactly as exported) in a scrape.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
 /// `curl -s` against an admin server; (HTTP status, body). A bearer token is sent when given; a POST also
 /// carries `X-Popgate-Admin`, as every tool must (the admin server refuses writes a web page could send).
 pub fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
