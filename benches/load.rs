@@ -768,7 +768,7 @@ fn pool_checkouts(admin: SocketAddr) -> (f64, f64) {
     let (mut hits, mut misses) = (0.0, 0.0);
     for line in text
         .lines()
-        .filter(|l| l.starts_with("popgate_pool_checkouts_total{"))
+        .filter(|l| l.starts_with("popgate_store_pool_checkouts_total{"))
     {
         let value: f64 = line
             .rsplit(' ')

@@ -176,6 +176,10 @@ async fn route<R: Control>(
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
+            // Each store once, however many tenants list it.
+            for store in runtime.context().stores.stores() {
+                store.refresh_gauges();
+            }
             for t in &runtime.snapshot().tenants {
                 t.group.refresh_gauges();
             }

@@ -126,6 +126,9 @@ pub struct Context {
     pub draining: CancellationToken,
     /// Cancelled when the grace period ends (or at once): end everything.
     pub stop: CancellationToken,
+    /// The stores and DNS names every tenant and snapshot share (their pools, probes and health survive
+    /// reloads).
+    pub stores: Arc<crate::store::registry::Registry>,
     next_session: AtomicU64,
 }
 
@@ -137,6 +140,10 @@ impl Context {
         stop: CancellationToken,
     ) -> Self {
         Self {
+            stores: Arc::new(crate::store::registry::Registry::new(
+                metrics.clone(),
+                stop.clone(),
+            )),
             metrics,
             sessions: SessionRegistry::default(),
             throttle,

@@ -26,16 +26,29 @@ pub mod names {
     pub const BYTES_TOTAL: &str = "bytes_total";
     /// Post-login commands, by verb (a fixed set plus `other`).
     pub const COMMANDS_TOTAL: &str = "commands_total";
-    /// Store health, 1 up, 0 down.
-    pub const BACKEND_UP: &str = "backend_up";
+    /// Store health, 1 up, 0 down; one series per store, whatever the number of tenants using it.
+    pub const STORE_UP: &str = "store_up";
     /// Time to connect (and TLS, greeting, CAPA) to a store.
+    pub const STORE_CONNECT: &str = "store_connect_seconds";
+    /// Time for a store to answer a login.
+    pub const STORE_LOGIN: &str = "store_login_seconds";
+    /// Pre-warmed connections waiting, per store.
+    pub const STORE_POOL_IDLE: &str = "store_pool_idle";
+    /// Pool checkouts, by store and result (hit, miss).
+    pub const STORE_POOL_CHECKOUTS: &str = "store_pool_checkouts_total";
+    /// Logins waiting on a store now (connect, greeting and login answer).
+    pub const STORE_LOGINS_IN_FLIGHT: &str = "store_logins_in_flight";
+    /// Logins a store could not take because it had `max_logins_in_flight` already.
+    pub const STORE_LOGINS_REFUSED: &str = "store_logins_refused_total";
+    /// A tenant's stores that are up now (the tenant-level view of `store_up`).
+    pub const TENANT_STORES_UP: &str = "tenant_stores_up";
+    /// A tenant's stores now (configured and resolved).
+    pub const TENANT_STORES: &str = "tenant_stores";
+    /// Per tenant and store: time to connect to a store (off with `metrics.tenant_store_histograms`).
     pub const BACKEND_CONNECT: &str = "backend_connect_seconds";
-    /// Time for the store to answer a login.
+    /// Per tenant and store: time for a store to answer a login (off with
+    /// `metrics.tenant_store_histograms`).
     pub const BACKEND_LOGIN: &str = "backend_login_seconds";
-    /// Pre-warmed connections waiting.
-    pub const POOL_IDLE: &str = "pool_idle";
-    /// Pool checkouts, by result (hit, miss).
-    pub const POOL_CHECKOUTS: &str = "pool_checkouts_total";
     /// Logins that found every store of the tenant down (tried anyway).
     pub const BACKEND_ALL_DOWN: &str = "backend_all_down_total";
     /// Client TLS handshakes, by result and version.
@@ -64,11 +77,19 @@ pub struct Metrics {
     session_duration: HistogramVec,
     bytes_total: IntCounterVec,
     commands_total: IntCounterVec,
-    backend_up: IntGaugeVec,
+    store_up: IntGaugeVec,
+    store_connect: HistogramVec,
+    store_login: HistogramVec,
+    store_pool_idle: IntGaugeVec,
+    store_pool_checkouts: IntCounterVec,
+    store_in_flight: IntGaugeVec,
+    store_refused: IntCounterVec,
+    tenant_stores_up: IntGaugeVec,
+    tenant_stores: IntGaugeVec,
     backend_connect: HistogramVec,
     backend_login: HistogramVec,
-    pool_idle: IntGaugeVec,
-    pool_checkouts: IntCounterVec,
+    /// Whether the per-tenant-per-store histograms are kept (`metrics.tenant_store_histograms`).
+    tenant_store: Arc<std::sync::atomic::AtomicBool>,
     all_down: IntCounterVec,
     tls_handshakes: IntCounterVec,
     throttled: IntCounterVec,
@@ -99,6 +120,53 @@ impl TenantMetrics {
             .unwrap_or(KNOWN_COMMANDS.len());
         if let Some(c) = self.commands.get(i) {
             c.inc();
+        }
+    }
+}
+
+/// One store's series, cached: health, pool, login timings and logins in flight. Dropping the handles
+/// removes the series (the store left every tenant's group).
+#[derive(Debug)]
+pub struct StoreMetrics {
+    /// 1 up, 0 down.
+    pub up: IntGauge,
+    /// Pre-warmed connections waiting.
+    pub idle: IntGauge,
+    hit: IntCounter,
+    miss: IntCounter,
+    /// Time to prepare a connection.
+    pub connect: Histogram,
+    /// Time for the store to answer a login.
+    pub login: Histogram,
+    /// Logins waiting on the store.
+    pub in_flight: IntGauge,
+    /// Logins refused at `max_logins_in_flight`.
+    pub refused: IntCounter,
+    label: String,
+    owner: Metrics,
+}
+
+impl StoreMetrics {
+    /// A pool checkout (hit or miss).
+    pub fn checkout(&self, hit: bool) {
+        if hit { &self.hit } else { &self.miss }.inc();
+    }
+}
+
+impl Drop for StoreMetrics {
+    fn drop(&mut self) {
+        let o = &self.owner;
+        let l = [self.label.as_str()];
+        let _ = o.store_up.remove_label_values(&l);
+        let _ = o.store_pool_idle.remove_label_values(&l);
+        let _ = o.store_connect.remove_label_values(&l);
+        let _ = o.store_login.remove_label_values(&l);
+        let _ = o.store_in_flight.remove_label_values(&l);
+        let _ = o.store_refused.remove_label_values(&l);
+        for result in ["hit", "miss"] {
+            let _ = o
+                .store_pool_checkouts
+                .remove_label_values(&[self.label.as_str(), result]);
         }
     }
 }
@@ -175,33 +243,62 @@ impl Metrics {
                 "Commands after login, by verb.",
                 &["tenant", "command"],
             )?,
-            backend_up: gauge(
-                names::BACKEND_UP,
-                "Store health: 1 up, 0 down.",
-                &["tenant", "backend"],
+            store_up: gauge(names::STORE_UP, "Store health: 1 up, 0 down.", &["store"])?,
+            store_connect: histogram(
+                names::STORE_CONNECT,
+                "Time to connect to a store (TCP, TLS, greeting, CAPA).",
+                &["store"],
+                latency.clone(),
+            )?,
+            store_login: histogram(
+                names::STORE_LOGIN,
+                "Time for a store to answer a login.",
+                &["store"],
+                latency.clone(),
+            )?,
+            store_pool_idle: gauge(
+                names::STORE_POOL_IDLE,
+                "Pre-warmed store connections waiting.",
+                &["store"],
+            )?,
+            store_pool_checkouts: counter(
+                names::STORE_POOL_CHECKOUTS,
+                "Pool checkouts, by result.",
+                &["store", "result"],
+            )?,
+            store_in_flight: gauge(
+                names::STORE_LOGINS_IN_FLIGHT,
+                "Logins waiting on the store now.",
+                &["store"],
+            )?,
+            store_refused: counter(
+                names::STORE_LOGINS_REFUSED,
+                "Logins the store could not take: it had max_logins_in_flight already.",
+                &["store"],
+            )?,
+            tenant_stores_up: gauge(
+                names::TENANT_STORES_UP,
+                "The tenant's stores that are up.",
+                &["tenant"],
+            )?,
+            tenant_stores: gauge(
+                names::TENANT_STORES,
+                "The tenant's stores (configured and resolved).",
+                &["tenant"],
             )?,
             backend_connect: histogram(
                 names::BACKEND_CONNECT,
-                "Time to connect to a store (TCP, TLS, greeting, CAPA).",
+                "Time to connect to a store (TCP, TLS, greeting, CAPA), per tenant.",
                 &["tenant", "backend"],
                 latency.clone(),
             )?,
             backend_login: histogram(
                 names::BACKEND_LOGIN,
-                "Time for a store to answer a login.",
+                "Time for a store to answer a login, per tenant.",
                 &["tenant", "backend"],
                 latency,
             )?,
-            pool_idle: gauge(
-                names::POOL_IDLE,
-                "Pre-warmed store connections waiting.",
-                &["tenant", "backend"],
-            )?,
-            pool_checkouts: counter(
-                names::POOL_CHECKOUTS,
-                "Pool checkouts, by result.",
-                &["tenant", "backend", "result"],
-            )?,
+            tenant_store: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             all_down: counter(
                 names::BACKEND_ALL_DOWN,
                 "Logins that found every store of the tenant down (tried anyway).",
@@ -313,6 +410,8 @@ impl Metrics {
             remove_matching(&families, names::BACKEND_ALL_DOWN, &self.all_down, |l| {
                 drop_series(t, l)
             });
+            let _ = self.tenant_stores.remove_label_values(&[t]);
+            let _ = self.tenant_stores_up.remove_label_values(&[t]);
             self.remove_backend_series(&families, |l| drop_series(t, l));
         }
     }
@@ -322,14 +421,6 @@ impl Metrics {
         families: &[prometheus::proto::MetricFamily],
         matches: impl Fn(&HashMap<&str, &str>) -> bool,
     ) {
-        remove_matching(families, names::BACKEND_UP, &self.backend_up, &matches);
-        remove_matching(families, names::POOL_IDLE, &self.pool_idle, &matches);
-        remove_matching(
-            families,
-            names::POOL_CHECKOUTS,
-            &self.pool_checkouts,
-            &matches,
-        );
         remove_matching(
             families,
             names::BACKEND_CONNECT,
@@ -342,6 +433,41 @@ impl Metrics {
             &self.backend_login,
             &matches,
         );
+    }
+
+    /// Keeps or drops the per-tenant-per-store histograms (`metrics.tenant_store_histograms`); turning
+    /// them off also removes the series already exported.
+    pub fn set_tenant_store_histograms(&self, on: bool) {
+        let was = self
+            .tenant_store
+            .swap(on, std::sync::atomic::Ordering::Relaxed);
+        if was && !on {
+            self.backend_connect.reset();
+            self.backend_login.reset();
+        }
+    }
+
+    fn tenant_store_on(&self) -> bool {
+        self.tenant_store.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Handles for one store's series (one per store, shared by every tenant using it); the series are
+    /// removed when the handles are dropped.
+    pub fn store(&self, label: &str) -> StoreMetrics {
+        StoreMetrics {
+            up: self.store_up.with_label_values(&[label]),
+            idle: self.store_pool_idle.with_label_values(&[label]),
+            hit: self.store_pool_checkouts.with_label_values(&[label, "hit"]),
+            miss: self
+                .store_pool_checkouts
+                .with_label_values(&[label, "miss"]),
+            connect: self.store_connect.with_label_values(&[label]),
+            login: self.store_login.with_label_values(&[label]),
+            in_flight: self.store_in_flight.with_label_values(&[label]),
+            refused: self.store_refused.with_label_values(&[label]),
+            label: label.to_string(),
+            owner: self.clone(),
+        }
     }
 
     /// A session ended.
@@ -358,14 +484,18 @@ impl Metrics {
             .inc();
     }
 
-    /// A store's health as seen now.
-    pub fn backend_up(&self, tenant: &str, backend: &str, up: bool) {
-        self.backend_up
-            .with_label_values(&[tenant, backend])
-            .set(i64::from(up));
+    /// A tenant's stores now: how many, and how many are up.
+    pub fn tenant_stores(&self, tenant: &str, total: usize, up: usize) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.tenant_stores
+            .with_label_values(&[tenant])
+            .set(n(total));
+        self.tenant_stores_up
+            .with_label_values(&[tenant])
+            .set(n(up));
     }
 
-    /// Removes a store's series when it leaves its group.
+    /// Removes a tenant's per-store histograms when the store leaves the tenant's group.
     pub fn backend_gone(&self, tenant: &str, backend: &str) {
         let families = self.registry.gather();
         self.remove_backend_series(&families, |l| {
@@ -373,33 +503,22 @@ impl Metrics {
         });
     }
 
-    /// Time to prepare a store connection.
+    /// Time to prepare a store connection, per tenant (when those histograms are on).
     pub fn backend_connect(&self, tenant: &str, backend: &str, secs: f64) {
-        self.backend_connect
-            .with_label_values(&[tenant, backend])
-            .observe(secs);
+        if self.tenant_store_on() {
+            self.backend_connect
+                .with_label_values(&[tenant, backend])
+                .observe(secs);
+        }
     }
 
-    /// Time for a store login.
+    /// Time for a store login, per tenant (when those histograms are on).
     pub fn backend_login(&self, tenant: &str, backend: &str, secs: f64) {
-        self.backend_login
-            .with_label_values(&[tenant, backend])
-            .observe(secs);
-    }
-
-    /// Pool size now.
-    pub fn pool_idle(&self, tenant: &str, backend: &str, idle: usize) {
-        self.pool_idle
-            .with_label_values(&[tenant, backend])
-            .set(i64::try_from(idle).unwrap_or(i64::MAX));
-    }
-
-    /// A pool checkout (hit or miss).
-    pub fn pool_checkout(&self, tenant: &str, backend: &str, hit: bool) {
-        let result = if hit { "hit" } else { "miss" };
-        self.pool_checkouts
-            .with_label_values(&[tenant, backend, result])
-            .inc();
+        if self.tenant_store_on() {
+            self.backend_login
+                .with_label_values(&[tenant, backend])
+                .observe(secs);
+        }
     }
 
     /// A login found every store down.
@@ -464,7 +583,9 @@ mod tests {
         t.command(b"XYZZY");
         m.login("acme", "user", "ok");
         m.session_ended("acme", "pop3", "quit");
-        m.backend_up("acme", "10.0.0.1:110", true);
+        m.backend_login("acme", "10.0.0.1:110", 0.01);
+        let store = m.store("10.0.0.1:110");
+        store.up.set(1);
         let text = String::from_utf8(m.render()).unwrap();
         assert!(
             text.contains("popgate_sessions_active{tenant=\"acme\"} 1"),
@@ -483,8 +604,15 @@ mod tests {
                 "popgate_logins_total{mechanism=\"user\",result=\"ok\",tenant=\"acme\"} 1"
             )
         );
+        assert!(
+            text.contains("popgate_store_up{store=\"10.0.0.1:110\"} 1"),
+            "{text}"
+        );
         m.retain_tenants(&["other".to_string()]);
         let text = String::from_utf8(m.render()).unwrap();
         assert!(!text.contains("tenant=\"acme\""), "{text}");
+        drop(store);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(!text.contains("10.0.0.1:110"), "{text}");
     }
 }

@@ -30,6 +30,8 @@ const ALLOWED: &[(&str, &str)] = &[
     ("config", "secret"),
     ("config", "vocab"),
     ("context", "metrics"),
+    // The store registry is process state: pools and health outlive a snapshot.
+    ("context", "store"),
     ("context", "throttle"),
     ("demo", "config"),
     ("demo", "protocol"),

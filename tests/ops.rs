@@ -59,7 +59,8 @@ async fn admin_endpoints_metrics_and_promtool() {
         "popgate_logins_total{mechanism=\"user\",result=\"rejected\",tenant=\"acme\"} 1",
         "popgate_sessions_total{listener=\"pop3\",outcome=\"quit\",tenant=\"acme\"} 1",
         "popgate_commands_total{command=\"RETR\",tenant=\"acme\"} 1",
-        "popgate_backend_up{backend=",
+        "popgate_store_up{store=",
+        "popgate_tenant_stores_up{tenant=\"acme\"} 1",
         "popgate_bytes_total{direction=\"to_client\",tenant=\"acme\"}",
         "process_resident_memory_bytes",
     ] {

@@ -53,11 +53,32 @@ pub struct Config {
     /// DNS used to find stores given by name or SRV.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// What the metrics endpoint exports beyond the fixed set.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Tenants by name. The name is the metrics label and appears in logs.
     pub tenants: BTreeMap<String, Spanned<TenantConfig>>,
     /// Where relative paths in this file are resolved from (the file's directory); not read from YAML.
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+/// Metrics settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Export `backend_connect_seconds` and `backend_login_seconds` per tenant and store (two histograms
+    /// of 14 series each per tenant × store). Turn off for thousands of tenants: the per-store series
+    /// (`store_*`) stay. Default true.
+    pub tenant_store_histograms: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            tenant_store_histograms: true,
+        }
+    }
 }
 
 /// The admin HTTP server.

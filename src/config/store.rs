@@ -116,7 +116,7 @@ fn srv_spec(name: &str) -> Result<StoreSpec, AddressError> {
 }
 
 /// TLS on the store leg.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreTlsMode {
     /// Plain POP3 (the default; typical inside a trusted network).
@@ -207,6 +207,11 @@ pub struct PoolConfig {
     pub max_idle: usize,
     /// Retire an idle connection after this long, well before the store's own pre-login timeout. Default 20s.
     pub max_age: Seconds,
+    /// Logins that may wait on one store at once (connect, greeting, login answer), across every tenant
+    /// using it; a login beyond it goes to another store where the stores share mail, or gets
+    /// `-ERR [SYS/TEMP]`. Bounds what a store that accepts but never answers can hold up. 0 (the default)
+    /// for no cap.
+    pub max_logins_in_flight: usize,
 }
 
 impl Default for PoolConfig {
@@ -215,6 +220,7 @@ impl Default for PoolConfig {
             min_idle: 2,
             max_idle: 16,
             max_age: Seconds::from_secs(20),
+            max_logins_in_flight: 0,
         }
     }
 }

@@ -118,7 +118,7 @@ pub struct TenantRuntime {
 /// What building one tenant's runtime needs from the snapshot being built.
 struct TenantSetup<'a> {
     config: &'a Config,
-    discovery: &'a Arc<Discovery>,
+    dns: &'a DnsSettings,
     context: &'a Context,
     timeouts: StoreTimeouts,
     shutdown: &'a CancellationToken,
@@ -132,33 +132,40 @@ impl TenantRuntime {
         t: &crate::config::TenantConfig,
         setup: TenantSetup<'_>,
     ) -> Result<Self, SharedError> {
-        let tls = match Config::uses_store_tls(t) {
-            false => None,
-            true => {
-                if t.backend_tls.insecure_skip_verify {
-                    warn!(tenant = %name, "backend_tls.insecure_skip_verify is set: store certificates are NOT verified");
-                }
-                Some(crate::tls::store_client_config(
-                    &t.backend_tls,
-                    setup.config,
-                )?)
-            }
-        };
-        let connector = Arc::new(Connector {
-            tls,
-            server_name: t.backend_tls.server_name.clone(),
-            client_ip: t.client_ip,
-            timeouts: setup.timeouts,
-        });
+        let profile = setup
+            .context
+            .stores
+            .profile(profile_key(t, setup.config, setup.timeouts), || {
+                let tls = match Config::uses_store_tls(t) {
+                    false => None,
+                    true => {
+                        if t.backend_tls.insecure_skip_verify {
+                            warn!(tenant = %name, "backend_tls.insecure_skip_verify is set: store certificates are NOT verified");
+                        }
+                        Some(crate::tls::store_client_config(
+                            &t.backend_tls,
+                            setup.config,
+                        )?)
+                    }
+                };
+                let connector = Connector {
+                    tls,
+                    server_name: t.backend_tls.server_name.clone(),
+                    client_ip: t.client_ip,
+                    timeouts: setup.timeouts,
+                };
+                Ok::<_, SharedError>((connector, t.health.clone(), t.pool.clone()))
+            })?;
         let group = StoreGroup::start(
             name,
             t,
-            connector,
-            setup.discovery.clone(),
+            profile,
+            setup.context.stores.clone(),
+            setup.dns,
             setup.context.metrics.clone(),
             setup.shutdown.clone(),
         )
-        .await;
+        .await?;
         let secrets = match &t.secrets {
             Some(path) => Some(
                 crate::secret::files::load_secrets(&setup.config.resolve_path(path), t.login_case)
@@ -211,6 +218,30 @@ impl TenantRuntime {
     }
 }
 
+/// What a tenant's store settings must match for its stores to be another tenant's: every setting of
+/// how stores are reached and watched, and a digest of the TLS files' contents (a rotated CA or client
+/// certificate is another profile). Paths, modes and numbers only: no secret.
+fn profile_key(
+    t: &crate::config::TenantConfig,
+    config: &Config,
+    timeouts: StoreTimeouts,
+) -> String {
+    let tls = &t.backend_tls;
+    let files = [&tls.ca, &tls.certificate, &tls.key]
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            std::fs::read(config.resolve_path(p))
+                .map(|bytes| xxhash_rust::xxh3::xxh3_64(&bytes))
+                .unwrap_or(0)
+        })
+        .fold(0u64, |acc, h| acc.rotate_left(17) ^ h);
+    format!(
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{files:016x}",
+        tls, t.client_ip, t.health, t.pool, timeouts
+    )
+}
+
 /// Why the shared state could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
@@ -259,12 +290,16 @@ impl Shared {
         shutdown: CancellationToken,
     ) -> Result<Self, SharedError> {
         let table = TenantTable::new(&config);
-        let discovery = Arc::new(Discovery::new(DnsSettings {
+        let dns = DnsSettings {
             nameservers: config.dns.nameservers.clone(),
             min_ttl: config.dns.min_ttl.get(),
             max_ttl: config.dns.max_ttl.get(),
             timeout: config.dns.timeout.get(),
-        })?);
+        };
+        let discovery = Arc::new(Discovery::new(dns.clone())?);
+        context
+            .metrics
+            .set_tenant_store_histograms(config.metrics.tenant_store_histograms);
         let timeouts = StoreTimeouts {
             connect: config.timeouts.backend_connect.get(),
             reply: config.timeouts.backend_reply.get(),
@@ -279,7 +314,7 @@ impl Shared {
             };
             let setup = TenantSetup {
                 config: &config,
-                discovery: &discovery,
+                dns: &dns,
                 context: &context,
                 timeouts,
                 shutdown: &shutdown,

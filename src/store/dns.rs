@@ -53,7 +53,7 @@ pub struct Endpoint {
 }
 
 /// How to reach DNS and how often to ask again.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsSettings {
     /// Nameservers to ask (UDP, with TCP for truncated answers), e.g. 127.0.0.1:5353 in tests;
     /// empty = the system's resolv.conf (with its search list and hosts file).

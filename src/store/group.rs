@@ -1,10 +1,12 @@
-//! A tenant's stores at runtime: the current set (from config and DNS, swapped atomically when DNS
-//! changes), each store's health, active sessions and pool of pre-warmed connections, and the login
-//! procedure over them (choice, failover policy, pool checkout, passive ejection).
+//! A tenant's stores: the current members (from config and DNS, swapped atomically when DNS changes),
+//! each a [`Store`] shared through the process's [`Registry`] with every other tenant that lists it,
+//! plus what is the tenant's own: weights, the balancing policy and whether its stores share mail. The
+//! login procedure over them: choice, failover policy, the store's cap on logins in flight, pool
+//! checkout, passive ejection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
@@ -12,32 +14,22 @@ use tracing::{info, warn};
 
 use super::balance::{Balancer, Candidate, Policy};
 use super::connection::{
-    self, AskCapa, ClientInfo, Connector, KnownCaps, LoggedIn, LoginError, Prepared, SaslRelay,
-    StoreAuth,
+    self, AskCapa, ClientInfo, LoggedIn, LoginError, Prepared, SaslRelay, StoreAuth,
 };
-use super::dns::{Discovery, Endpoint, Target};
-use super::health::{self, HealthState, ProbeSettings};
-use super::pool::{Pool, PoolSettings};
-use crate::config::{HealthConfig, PoolConfig, StoreSpec, StoreTlsMode, TenantConfig};
+use super::dns::{DnsError, DnsSettings, Endpoint, Target};
+use super::registry::{NameWatch, Profile, Registry, Store};
+use crate::config::{StoreSpec, StoreTlsMode, TenantConfig};
 use crate::metrics::Metrics;
 
-/// One store of a group.
-#[derive(Debug)]
-pub struct Store {
-    /// Where it is.
-    pub endpoint: Endpoint,
-    /// Stable identity (`host:port`): what consistent hashing uses, and the log/metric label.
-    pub id: String,
-    /// Up or down.
-    pub health: Arc<HealthState>,
-    /// TLS mode on the way to this store.
-    pub tls_mode: StoreTlsMode,
-    /// Its CAPA answer, so that new connections (pooled or not) need not ask each time.
-    caps: Arc<KnownCaps>,
-    active: AtomicUsize,
-    pool: Option<Arc<Pool<Prepared>>>,
-    /// Cancels this store's probe and refill tasks when it leaves the group.
-    tasks: CancellationToken,
+/// One of a tenant's stores: the shared store and the tenant's own weight and priority for it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// The store (shared with other tenants).
+    pub store: Arc<Store>,
+    /// This tenant's weight for it (from its config, or SRV).
+    pub weight: u32,
+    /// SRV priority (lower is preferred); 0 for static stores.
+    pub priority: u16,
 }
 
 /// A session's hold on a store, for least-connections accounting; released on drop.
@@ -65,16 +57,29 @@ impl Drop for ActiveSession {
 /// A store as shown by status pages and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreStatus {
-    /// `host:port`.
+    /// The store's label (`host:port`).
     pub id: String,
     /// Resolved address.
     pub addr: std::net::SocketAddr,
     /// Health.
     pub up: bool,
-    /// Sessions in flight.
+    /// Sessions in flight, across every tenant using the store.
     pub active: usize,
-    /// Pre-warmed connections waiting.
+    /// Pre-warmed connections waiting (shared by every tenant using the store).
     pub pool_idle: usize,
+}
+
+impl StoreStatus {
+    /// The status of one store.
+    pub fn of(store: &Store) -> Self {
+        Self {
+            id: store.label.clone(),
+            addr: store.addr,
+            up: store.health.is_up(),
+            active: store.active(),
+            pool_idle: store.pool_idle(),
+        }
+    }
 }
 
 /// Why a group could not log a client in.
@@ -93,75 +98,88 @@ pub enum GroupError {
 #[derive(Debug)]
 pub struct StoreGroup {
     tenant: String,
-    stores: ArcSwap<Vec<Arc<Store>>>,
+    members: ArcSwap<Vec<Member>>,
     balancer: Balancer,
     shared_storage: bool,
-    connector: Arc<Connector>,
-    health: HealthConfig,
-    pool: PoolConfig,
+    profile: Arc<Profile>,
+    registry: Arc<Registry>,
+    names: Vec<Arc<NameWatch>>,
     weights: HashMap<(String, u16), (u32, StoreTlsMode)>,
     default_tls: StoreTlsMode,
-    shutdown: CancellationToken,
     all_down: AtomicU64,
+    /// Whether the last login found every store down (logged once per change, not per login).
+    all_down_now: AtomicBool,
     metrics: Metrics,
 }
 
 impl StoreGroup {
-    /// Resolves the tenant's stores once, starts health probes and pools, and keeps following DNS.
+    /// The tenant's stores from the registry (names already followed answer at once; new ones are looked
+    /// up now), following DNS changes until `shutdown` (the snapshot's end).
     pub async fn start(
         tenant: &str,
         config: &TenantConfig,
-        connector: Arc<Connector>,
-        discovery: Arc<Discovery>,
+        profile: Arc<Profile>,
+        registry: Arc<Registry>,
+        dns: &DnsSettings,
         metrics: Metrics,
         shutdown: CancellationToken,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, DnsError> {
         let mut targets = Vec::new();
         let mut weights = HashMap::new();
         for spec in &config.backends {
-            match &spec.value {
+            let target = match &spec.value {
                 StoreSpec::Host { addr, weight, tls } => {
                     weights.insert(
                         (addr.host.clone(), addr.port),
                         (*weight, tls.unwrap_or(config.backend_tls.mode)),
                     );
-                    targets.push(Target::Host {
+                    Target::Host {
                         host: addr.host.clone(),
                         port: addr.port,
-                    });
+                    }
                 }
-                StoreSpec::Srv { name } => targets.push(Target::Srv { name: name.clone() }),
+                StoreSpec::Srv { name } => Target::Srv { name: name.clone() },
+            };
+            if !targets.contains(&target) {
+                targets.push(target);
             }
         }
+        let names = registry.names(dns, &targets).await?;
         let group = Arc::new(Self {
             tenant: tenant.to_string(),
-            stores: ArcSwap::from_pointee(Vec::new()),
+            members: ArcSwap::from_pointee(Vec::new()),
             balancer: Balancer::new(config.balance),
             shared_storage: crate::config::Config::shared_storage(config),
-            connector,
-            health: config.health.clone(),
-            pool: config.pool.clone(),
+            profile,
+            registry,
+            names,
             weights,
             default_tls: config.backend_tls.mode,
-            shutdown: shutdown.clone(),
             all_down: AtomicU64::new(0),
+            all_down_now: AtomicBool::new(false),
             metrics,
         });
-        let mut updates = discovery.watch(targets, shutdown.clone()).await;
-        group.apply(&updates.borrow_and_update());
-        let weak = Arc::downgrade(&group);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    changed = updates.changed() => if changed.is_err() { break },
-                }
-                let Some(group) = weak.upgrade() else { break };
-                let endpoints = updates.borrow_and_update().clone();
-                group.apply(&endpoints);
+        group.apply();
+        for name in &group.names {
+            // Static names never change: nothing to follow.
+            if matches!(&name.target, Target::Host { host, .. } if host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok())
+            {
+                continue;
             }
-        });
-        group
+            let mut updates = name.subscribe();
+            let (weak, shutdown) = (Arc::downgrade(&group), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        changed = updates.changed() => if changed.is_err() { break },
+                    }
+                    let Some(group) = weak.upgrade() else { break };
+                    group.apply();
+                }
+            });
+        }
+        Ok(group)
     }
 
     /// The tenant's name.
@@ -176,138 +194,63 @@ impl StoreGroup {
 
     /// The current stores.
     pub fn status(&self) -> Vec<StoreStatus> {
-        self.stores
+        self.members
             .load()
             .iter()
-            .map(|s| StoreStatus {
-                id: s.id.clone(),
-                addr: s.endpoint.addr,
-                up: s.health.is_up(),
-                active: s.active.load(Ordering::Relaxed),
-                pool_idle: s.pool.as_ref().map_or(0, |p| p.idle()),
-            })
+            .map(|m| StoreStatus::of(&m.store))
             .collect()
     }
 
-    /// Swaps in a new endpoint list, keeping the state of stores that stay.
-    fn apply(&self, endpoints: &[Endpoint]) {
-        let current = self.stores.load_full();
-        let mut next = Vec::with_capacity(endpoints.len());
-        for ep in endpoints {
-            if let Some(s) = current
-                .iter()
-                .find(|s| s.endpoint.addr == ep.addr && s.endpoint.host == ep.host)
-            {
-                next.push(s.clone());
-                continue;
-            }
-            let store = self.new_store(ep.clone());
-            info!(tenant = %self.tenant, store = %store.id, addr = %ep.addr, "store joined the group");
-            next.push(store);
-        }
+    /// The current members.
+    pub fn members(&self) -> Arc<Vec<Member>> {
+        self.members.load_full()
+    }
+
+    /// Rebuilds the member list from the names' current answers, keeping every store that stays.
+    fn apply(&self) {
+        let mut endpoints: Vec<Endpoint> = self
+            .names
+            .iter()
+            .flat_map(|n| n.subscribe().borrow().clone())
+            .collect();
+        endpoints.sort();
+        endpoints.dedup();
+        let current = self.members.load_full();
+        let next: Vec<Member> = endpoints
+            .iter()
+            .map(|ep| {
+                let (weight, mode) = self
+                    .weights
+                    .get(&(ep.host.clone(), ep.addr.port()))
+                    .copied()
+                    .unwrap_or((ep.weight, self.default_tls));
+                let store = current
+                    .iter()
+                    .find(|m| {
+                        m.store.addr == ep.addr
+                            && m.store.host == ep.host
+                            && m.store.tls_mode == mode
+                    })
+                    .map(|m| m.store.clone())
+                    .unwrap_or_else(|| self.registry.store(ep, mode, &self.profile));
+                Member {
+                    store,
+                    weight: weight.max(1),
+                    priority: ep.priority,
+                }
+            })
+            .collect();
         for gone in current
             .iter()
-            .filter(|s| !next.iter().any(|n| Arc::ptr_eq(n, s)))
+            .filter(|m| !next.iter().any(|n| Arc::ptr_eq(&n.store, &m.store)))
         {
-            info!(tenant = %self.tenant, store = %gone.id, "store left the group");
-            gone.tasks.cancel();
-            self.metrics.backend_gone(&self.tenant, &gone.id);
+            info!(tenant = %self.tenant, store = %gone.store.label, "store left the tenant's group");
+            self.metrics.backend_gone(&self.tenant, &gone.store.label);
         }
         if next.is_empty() && !current.is_empty() {
             warn!(tenant = %self.tenant, "the group has no stores now");
         }
-        self.stores.store(Arc::new(next));
-    }
-
-    fn new_store(&self, mut endpoint: Endpoint) -> Arc<Store> {
-        let mut tls_mode = self.default_tls;
-        if let Some((w, mode)) = self
-            .weights
-            .get(&(endpoint.host.clone(), endpoint.addr.port()))
-        {
-            endpoint.weight = *w;
-            tls_mode = *mode;
-        }
-        let id = if endpoint.host.contains(':') {
-            format!("[{}]:{}", endpoint.host, endpoint.addr.port())
-        } else {
-            format!("{}:{}", endpoint.host, endpoint.addr.port())
-        };
-        let tasks = self.shutdown.child_token();
-        let health = Arc::new(HealthState::default());
-        let caps = Arc::new(KnownCaps::default());
-        let pool = (self.pool.min_idle > 0 && self.connector.can_prewarm()).then(|| {
-            let pool = Pool::new(PoolSettings {
-                min_idle: self.pool.min_idle,
-                max_idle: self.pool.max_idle,
-                max_age: self.pool.max_age.get(),
-                // Enough in flight to keep up with a busy tenant's logins once the pool has grown to
-                // its demand (each connect waits for a greeting and CAPA), few enough that a restarted
-                // store is not hit with a burst.
-                max_concurrent_connects: 8,
-            });
-            let (connector, ep, tenant, store_id, known) = (
-                self.connector.clone(),
-                endpoint.clone(),
-                self.tenant.clone(),
-                id.clone(),
-                caps.clone(),
-            );
-            pool.spawn_refill(
-                move || {
-                    let (connector, ep, known) = (connector.clone(), ep.clone(), known.clone());
-                    async move {
-                        connector
-                            .prepare(&ep, tls_mode, None, AskCapa::Unless(&known))
-                            .await
-                    }
-                },
-                move |e: LoginError| {
-                    tracing::debug!(tenant = %tenant, store = %store_id, error = %e, "pre-warming a connection failed")
-                },
-                tasks.clone(),
-            );
-            pool
-        });
-        if self.health.enabled {
-            let settings = ProbeSettings {
-                interval: self.health.interval.get(),
-                timeout: self.health.timeout.get(),
-                rise: self.health.rise,
-                fall: self.health.fall,
-            };
-            let (tenant, store_id, metrics) =
-                (self.tenant.clone(), id.clone(), self.metrics.clone());
-            tokio::spawn(health::probe_loop(
-                health::ProbeTarget {
-                    connector: self.connector.clone(),
-                    endpoint: endpoint.clone(),
-                    mode: tls_mode,
-                    caps: caps.clone(),
-                },
-                health.clone(),
-                settings,
-                move |up, reason| {
-                    metrics.backend_up(&tenant, &store_id, up);
-                    if up {
-                        info!(tenant = %tenant, store = %store_id, "store is up");
-                    } else {
-                        warn!(tenant = %tenant, store = %store_id, reason = %reason, "store is down");
-                    }
-                },
-                tasks.clone(),
-            ));
-        }
-        Arc::new(Store {
-            endpoint,
-            id,
-            health,
-            tls_mode,
-            caps,
-            active: AtomicUsize::new(0),
-            pool,
-            tasks,
-        })
+        self.members.store(Arc::new(next));
     }
 
     /// Logs `user` in on a store chosen for `mailbox` (the normalised mailbox, for consistent hashing).
@@ -319,25 +262,26 @@ impl StoreGroup {
         client: &ClientInfo,
         relay: &mut impl SaslRelay,
     ) -> Result<(LoggedIn, ActiveSession), GroupError> {
-        let stores = self.stores.load_full();
-        if stores.is_empty() {
+        let members = self.members.load_full();
+        if members.is_empty() {
             return Err(GroupError::NoStore("the group has no stores".into()));
         }
-        let candidates: Vec<Candidate<'_>> = stores
+        let candidates: Vec<Candidate<'_>> = members
             .iter()
-            .map(|s| Candidate {
-                id: &s.id,
-                weight: s.endpoint.weight.max(1),
-                priority: s.endpoint.priority,
-                healthy: s.health.is_up(),
-                active: s.active.load(Ordering::Relaxed),
+            .map(|m| Candidate {
+                id: &m.store.id,
+                weight: m.weight,
+                priority: m.priority,
+                healthy: m.store.health.is_up(),
+                active: m.store.active(),
             })
             .collect();
-        let choice = self.balancer.choose(&candidates, mailbox);
-        if choice.all_down {
-            self.all_down.fetch_add(1, Ordering::Relaxed);
-            self.metrics.all_down(&self.tenant);
-            warn!(tenant = %self.tenant, "every store is marked down; trying them anyway");
+        let mut choice = self.balancer.choose(&candidates, mailbox);
+        self.note_all_down(choice.all_down);
+        if self.shared_storage && !choice.all_down {
+            // Every store holds the mail: a store known to be down is tried last, whatever the policy
+            // (consistent hashing ranks by mailbox alone, to keep users where their mail is).
+            choice.order.sort_by_key(|&i| !candidates[i].healthy);
         }
         let attempts = if self.shared_storage {
             choice.order.len().min(3)
@@ -346,11 +290,21 @@ impl StoreGroup {
         };
         let mut last = None;
         for &i in choice.order.iter().take(attempts) {
-            let Some(store) = stores.get(i) else { continue };
+            let Some(member) = members.get(i) else {
+                continue;
+            };
+            let store = &member.store;
             if !self.shared_storage && !choice.all_down && !store.health.is_up() {
                 // This user's mail lives on a store that is down; another store would show an empty mailbox.
-                return Err(GroupError::NoStore(format!("{} is down", store.id)));
+                return Err(GroupError::NoStore(format!("{} is down", store.label)));
             }
+            let Some(_waiting) = store.begin_login() else {
+                last = Some(LoginError::Unavailable(format!(
+                    "{} has max_logins_in_flight logins waiting",
+                    store.label
+                )));
+                continue;
+            };
             let session = ActiveSession::new(store.clone());
             match self.login_on(store, auth, client, relay).await {
                 Ok(logged_in) => return Ok((logged_in, session)),
@@ -358,7 +312,7 @@ impl StoreGroup {
                     last = Some(LoginError::Temporary(line));
                 }
                 Err(e @ (LoginError::Unavailable(_) | LoginError::Dropped(_))) => {
-                    warn!(tenant = %self.tenant, store = %store.id, error = %e, "store unavailable");
+                    warn!(tenant = %self.tenant, store = %store.label, error = %e, "store unavailable");
                     last = Some(e);
                 }
                 Err(e) => return Err(e.into()),
@@ -370,6 +324,20 @@ impl StoreGroup {
         ))
     }
 
+    /// Counts a login that found every store down, logging when that starts and when it ends (one
+    /// line per change, not per login).
+    fn note_all_down(&self, all_down: bool) {
+        if all_down {
+            self.all_down.fetch_add(1, Ordering::Relaxed);
+            self.metrics.all_down(&self.tenant);
+            if !self.all_down_now.swap(true, Ordering::Relaxed) {
+                warn!(tenant = %self.tenant, "every store is marked down; trying them anyway until one is up");
+            }
+        } else if self.all_down_now.swap(false, Ordering::Relaxed) {
+            info!(tenant = %self.tenant, "a store is up again");
+        }
+    }
+
     async fn login_on(
         &self,
         store: &Store,
@@ -377,20 +345,12 @@ impl StoreGroup {
         client: &ClientInfo,
         relay: &mut impl SaslRelay,
     ) -> Result<LoggedIn, LoginError> {
-        let forwarding = self.connector.client_ip;
+        let connector = &self.profile.connector;
         if let Some(pool) = &store.pool {
             let taken = pool.take().await;
-            self.metrics
-                .pool_checkout(&self.tenant, &store.id, taken.is_some());
+            store.metrics.checkout(taken.is_some());
             if let Some(prepared) = taken {
-                let started = std::time::Instant::now();
-                let result =
-                    connection::login(prepared, auth, Some(client), forwarding, relay).await;
-                self.metrics.backend_login(
-                    &self.tenant,
-                    &store.id,
-                    started.elapsed().as_secs_f64(),
-                );
+                let result = self.timed_login(store, prepared, auth, client, relay).await;
                 match result {
                     // A pooled connection can go stale between the check and the use (the store closed
                     // it): a fresh one decides. A store that did not answer in time gets no second wait.
@@ -400,33 +360,56 @@ impl StoreGroup {
             }
         }
         let started = std::time::Instant::now();
-        let prepared = self
-            .connector
+        let prepared = connector
             .prepare(
-                &store.endpoint,
+                &SocketEndpoint::of(store),
                 store.tls_mode,
                 Some(client),
                 AskCapa::Unless(&store.caps),
             )
             .await;
+        let secs = started.elapsed().as_secs_f64();
+        store.metrics.connect.observe(secs);
         self.metrics
-            .backend_connect(&self.tenant, &store.id, started.elapsed().as_secs_f64());
+            .backend_connect(&self.tenant, &store.label, secs);
         let prepared = match prepared {
             Ok(p) => {
-                store.health.record_connect(true, self.health.fall);
+                store.record(true, &"connected");
                 p
             }
             Err(e) => {
-                if store.health.record_connect(false, self.health.fall) == Some(false) {
-                    warn!(tenant = %self.tenant, store = %store.id, reason = %e, "store is down (failed connects)");
-                }
+                store.record(false, &e);
                 return Err(e);
             }
         };
+        self.timed_login(store, prepared, auth, client, relay).await
+    }
+
+    /// The login on a prepared connection, timed; a store that does not answer in time counts towards
+    /// its passive ejection.
+    async fn timed_login(
+        &self,
+        store: &Store,
+        prepared: Prepared,
+        auth: &StoreAuth<'_>,
+        client: &ClientInfo,
+        relay: &mut impl SaslRelay,
+    ) -> Result<LoggedIn, LoginError> {
         let started = std::time::Instant::now();
-        let result = connection::login(prepared, auth, Some(client), forwarding, relay).await;
-        self.metrics
-            .backend_login(&self.tenant, &store.id, started.elapsed().as_secs_f64());
+        let result = connection::login(
+            prepared,
+            auth,
+            Some(client),
+            self.profile.connector.client_ip,
+            relay,
+        )
+        .await;
+        let secs = started.elapsed().as_secs_f64();
+        store.metrics.login.observe(secs);
+        self.metrics.backend_login(&self.tenant, &store.label, secs);
+        if let Err(e @ LoginError::Unavailable(_)) = &result {
+            store.record(false, e);
+        }
         result
     }
 
@@ -436,10 +419,11 @@ impl StoreGroup {
         &self,
         client: &ClientInfo,
     ) -> Option<(Prepared, ActiveSession)> {
-        let stores = self.stores.load_full();
-        let [store] = stores.as_slice() else {
+        let members = self.members.load_full();
+        let [member] = members.as_slice() else {
             return None;
         };
+        let store = &member.store;
         if !store.health.is_up() {
             return None;
         }
@@ -447,13 +431,14 @@ impl StoreGroup {
         if let Some(pool) = &store.pool
             && let Some(p) = pool.take().await
         {
-            self.metrics.pool_checkout(&self.tenant, &store.id, true);
+            store.metrics.checkout(true);
             return Some((p, session));
         }
         let p = self
+            .profile
             .connector
             .prepare(
-                &store.endpoint,
+                &SocketEndpoint::of(store),
                 store.tls_mode,
                 Some(client),
                 AskCapa::Unless(&store.caps),
@@ -472,18 +457,7 @@ impl StoreGroup {
         client: &ClientInfo,
         relay: &mut impl SaslRelay,
     ) -> Result<LoggedIn, LoginError> {
-        let started = std::time::Instant::now();
-        let result = connection::login(
-            prepared,
-            auth,
-            Some(client),
-            self.connector.client_ip,
-            relay,
-        )
-        .await;
-        self.metrics
-            .backend_login(&self.tenant, &store.id, started.elapsed().as_secs_f64());
-        result
+        self.timed_login(store, prepared, auth, client, relay).await
     }
 
     /// Logs in on a store named by someone else (an auth_http answer), with the tenant's connector.
@@ -494,28 +468,32 @@ impl StoreGroup {
         client: &ClientInfo,
         relay: &mut impl SaslRelay,
     ) -> Result<LoggedIn, LoginError> {
-        let prepared = self
-            .connector
+        let connector = &self.profile.connector;
+        let prepared = connector
             .prepare(endpoint, self.default_tls, Some(client), AskCapa::Always)
             .await?;
-        connection::login(
-            prepared,
-            auth,
-            Some(client),
-            self.connector.client_ip,
-            relay,
-        )
-        .await
+        connection::login(prepared, auth, Some(client), connector.client_ip, relay).await
     }
 
-    /// Sets the gauges that are read rather than counted (health, pool size), before a scrape.
+    /// Sets the tenant's gauges that are read rather than counted (its stores, and how many are up),
+    /// before a scrape. The stores' own gauges are the registry's.
     pub fn refresh_gauges(&self) {
-        for s in self.stores.load().iter() {
-            self.metrics
-                .backend_up(&self.tenant, &s.id, s.health.is_up());
-            if let Some(pool) = &s.pool {
-                self.metrics.pool_idle(&self.tenant, &s.id, pool.idle());
-            }
+        let members = self.members.load();
+        let up = members.iter().filter(|m| m.store.health.is_up()).count();
+        self.metrics.tenant_stores(&self.tenant, members.len(), up);
+    }
+}
+
+/// The endpoint a store is reached at (what the connector takes).
+struct SocketEndpoint;
+
+impl SocketEndpoint {
+    fn of(store: &Store) -> Endpoint {
+        Endpoint {
+            addr: store.addr,
+            host: store.host.clone(),
+            priority: 0,
+            weight: 1,
         }
     }
 }
@@ -523,14 +501,6 @@ impl StoreGroup {
 fn is_sys_temp(line: &[u8]) -> bool {
     matches!(crate::protocol::reply::Status::parse(line.strip_suffix(b"\r\n").unwrap_or(line)),
         Ok(crate::protocol::reply::Status::Err { code: Some(c) }) if c == "SYS/TEMP")
-}
-
-impl Drop for StoreGroup {
-    fn drop(&mut self) {
-        for s in self.stores.load().iter() {
-            s.tasks.cancel();
-        }
-    }
 }
 
 /// The policy a group uses, for logs.

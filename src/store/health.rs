@@ -112,7 +112,15 @@ pub async fn probe_loop(
         mode,
         caps,
     } = target;
+    // Probes start every `interval` (not `interval` after the last one ended), so a store that stops
+    // answering is down after about `fall × interval` when `timeout` is below `interval`.
+    let mut ticks = tokio::time::interval(settings.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
         // Each probe asks for CAPA and refreshes what new connections to this store take as its answer.
         let result = tokio::time::timeout(
             settings.timeout,
@@ -129,10 +137,6 @@ pub async fn probe_loop(
         }
         if let Some(up) = state.record_probe(ok, settings.rise, settings.fall) {
             on_change(up, &reason);
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(settings.interval) => {}
         }
     }
 }

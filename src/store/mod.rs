@@ -4,7 +4,9 @@
 //! - [`health`]: up/down from active probes and failed connects;
 //! - [`pool`]: pre-warmed, greeted connections per store;
 //! - [`connection`]: one connection (PROXY header, TLS/STLS, greeting, CAPA, XCLIENT, login);
-//! - [`group`]: a tenant's stores at runtime, tying the above together for a login.
+//! - [`registry`]: the process's stores, shared by every tenant and snapshot (one pool, one probe loop,
+//!   one health state per store), and the DNS names they come from;
+//! - [`group`]: a tenant's choice among its stores, tying the above together for a login.
 
 pub mod balance;
 pub mod connection;
@@ -12,5 +14,6 @@ pub mod dns;
 pub mod group;
 pub mod health;
 pub mod pool;
+pub mod registry;
 
 pub use connection::{LoggedIn, LoginError, StoreTimeouts};

@@ -49,6 +49,14 @@ pub struct ScriptedStore {
     pub seen: Arc<Mutex<Vec<Vec<String>>>>,
     accepted: Arc<AtomicUsize>,
     open: Arc<AtomicUsize>,
+    /// The accept loop: dropping the store closes its listener (connections already open stay).
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ScriptedStore {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
 }
 
 impl ScriptedStore {
@@ -60,7 +68,7 @@ impl ScriptedStore {
         let open = Arc::new(AtomicUsize::new(0));
         let script = Arc::new(script);
         let (record, acc, live) = (seen.clone(), accepted.clone(), open.clone());
-        tokio::spawn(async move {
+        let acceptor = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 acc.fetch_add(1, Ordering::SeqCst);
                 live.fetch_add(1, Ordering::SeqCst);
@@ -76,6 +84,7 @@ impl ScriptedStore {
             seen,
             accepted,
             open,
+            acceptor,
         }
     }
 
@@ -164,5 +173,50 @@ async fn serve(mut tcp: tokio::net::TcpStream, script: &Script, record: &Mutex<V
                 return;
             }
         }
+    }
+}
+
+/// A store that accepts and never says a word (a hung or SIGSTOPped store), holding each connection
+/// until the peer closes it; counts connections.
+pub struct SilentStore {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+}
+
+impl SilentStore {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (acc, live) = (accepted.clone(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                acc.fetch_add(1, Ordering::SeqCst);
+                live.fetch_add(1, Ordering::SeqCst);
+                let live = live.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                    live.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            open,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 }

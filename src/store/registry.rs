@@ -1,0 +1,464 @@
+//! The process's stores, shared by every tenant and every config snapshot.
+//!
+//! A store is one endpoint (address and host name) reached with one set of connection settings (a
+//! [`Profile`]: TLS mode and verification, client certificate, client-IP mode, health and pool settings,
+//! timeouts). Every tenant that lists it shares one [`Store`]: one health state and probe loop, one pool
+//! of pre-warmed connections, one remembered CAPA, one set of store metrics. What differs per login
+//! (XCLIENT, the login name) is sent after checkout, so one pool serves every tenant. The cost of stores
+//! follows the number of stores and the login rate, not the number of tenants.
+//!
+//! The registry holds its entries weakly: a store lives while some tenant's group (of any snapshot)
+//! holds it, so a reload that keeps a store keeps its pool, health and counters, and a store no tenant
+//! lists any more is closed when the last snapshot using it goes. DNS names are followed the same way:
+//! one [`NameWatch`] per name however many tenants list it, carried over a reload with its last good
+//! answer, so a reload never waits on a lookup it has already made.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::connection::{AskCapa, Connector, KnownCaps, LoginError, Prepared};
+use super::dns::{Discovery, DnsError, DnsSettings, Endpoint, Target};
+use super::health::{self, HealthState, ProbeSettings};
+use super::pool::{Pool, PoolSettings};
+use crate::config::{HealthConfig, PoolConfig, StoreTlsMode};
+use crate::metrics::{Metrics, StoreMetrics};
+
+/// How stores are reached and watched: shared by every store (of every tenant) with the same settings.
+#[derive(Debug)]
+pub struct Profile {
+    /// What identifies these settings (no secret: paths, modes, numbers and file digests).
+    key: String,
+    /// Connects, does TLS and reads greetings.
+    pub connector: Arc<Connector>,
+    /// Probes and passive ejection.
+    pub health: HealthConfig,
+    /// Pre-warming.
+    pub pool: PoolConfig,
+}
+
+impl Profile {
+    /// The key two tenants' settings must share for their stores to be one.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// One store, shared by every tenant that lists it with the same [`Profile`].
+#[derive(Debug)]
+pub struct Store {
+    /// Where it is (the address and the name it came from).
+    pub addr: SocketAddr,
+    /// The DNS name or IP literal it came from: the TLS server name.
+    pub host: String,
+    /// Stable identity (`host:port`): what consistent hashing uses.
+    pub id: String,
+    /// The metric label and the name in logs and on the status page: `id`, with a suffix when another
+    /// profile reaches the same endpoint.
+    pub label: String,
+    /// Up or down.
+    pub health: Arc<HealthState>,
+    /// TLS mode on the way to this store.
+    pub tls_mode: StoreTlsMode,
+    /// How it is reached.
+    pub profile: Arc<Profile>,
+    /// Its CAPA answer, so that new connections need not ask each time.
+    pub(super) caps: Arc<KnownCaps>,
+    /// Sessions logged in (least connections, across tenants).
+    pub(super) active: AtomicUsize,
+    /// Logins waiting on the store now (connect, greeting, login answer).
+    in_flight: AtomicUsize,
+    pub(super) pool: Option<Arc<Pool<Prepared>>>,
+    pub(super) metrics: StoreMetrics,
+    /// Cancels the probe and refill tasks when the last group lets go of the store.
+    tasks: CancellationToken,
+}
+
+/// A login's hold on a store's in-flight count; released on drop.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a Store);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.in_flight.dec();
+    }
+}
+
+impl Store {
+    /// Counts a login as waiting on this store, unless `max_logins_in_flight` (when set) is reached.
+    pub fn begin_login(&self) -> Option<InFlight<'_>> {
+        let cap = self.profile.pool.max_logins_in_flight;
+        let taken = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (cap == 0 || n < cap).then_some(n + 1)
+            });
+        if taken.is_err() {
+            self.metrics.refused.inc();
+            return None;
+        }
+        self.metrics.in_flight.inc();
+        Some(InFlight(self))
+    }
+
+    /// Logins waiting on the store now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Sessions logged in now, across tenants.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Idle pre-warmed connections now.
+    pub fn pool_idle(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.idle())
+    }
+
+    /// Records a login's connect, greeting or login answer: failures in a row (`fall`) take the store
+    /// down until probes bring it back. Logs the flip.
+    pub fn record(&self, ok: bool, why: &dyn std::fmt::Display) {
+        if self.health.record_connect(ok, self.profile.health.fall) == Some(false) {
+            self.metrics.up.set(0);
+            warn!(store = %self.label, reason = %why, "store is down (logins failed or timed out)");
+        }
+    }
+
+    /// Sets the gauges read rather than counted (pool size, health), before a scrape.
+    pub fn refresh_gauges(&self) {
+        self.metrics.up.set(i64::from(self.health.is_up()));
+        self.metrics
+            .idle
+            .set(i64::try_from(self.pool_idle()).unwrap_or(i64::MAX));
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.tasks.cancel();
+        debug!(store = %self.label, "store closed: no tenant lists it any more");
+    }
+}
+
+/// One DNS name (or IP literal) followed by TTL, shared by every group that lists it; its last good
+/// answer outlives DNS outages and reloads.
+#[derive(Debug)]
+pub struct NameWatch {
+    /// The target.
+    pub target: Target,
+    answers: watch::Receiver<Vec<Endpoint>>,
+    stop: CancellationToken,
+}
+
+impl NameWatch {
+    /// A receiver of the name's current answer (the last good one while DNS fails).
+    pub fn subscribe(&self) -> watch::Receiver<Vec<Endpoint>> {
+        self.answers.clone()
+    }
+}
+
+impl Drop for NameWatch {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct StoreKey {
+    addr: SocketAddr,
+    host: String,
+    mode: StoreTlsMode,
+    profile: String,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    stores: HashMap<StoreKey, Weak<Store>>,
+    profiles: HashMap<String, Weak<Profile>>,
+    /// The resolver for the current `dns:` settings and the names it follows.
+    discovery: Option<(DnsSettings, Arc<Discovery>)>,
+    names: HashMap<Target, Weak<NameWatch>>,
+}
+
+/// The process's stores, profiles and followed names.
+#[derive(Debug)]
+pub struct Registry {
+    metrics: Metrics,
+    /// The process's stop: every store task ends with it at the latest.
+    stop: CancellationToken,
+    inner: Mutex<Inner>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(metrics: Metrics, stop: CancellationToken) -> Self {
+        Self {
+            metrics,
+            stop,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The profile for `key`, made by `make` when no live one has that key.
+    pub fn profile<E>(
+        &self,
+        key: String,
+        make: impl FnOnce() -> Result<(Connector, HealthConfig, PoolConfig), E>,
+    ) -> Result<Arc<Profile>, E> {
+        if let Some(p) = self.lock().profiles.get(&key).and_then(Weak::upgrade) {
+            return Ok(p);
+        }
+        let (connector, health, pool) = make()?;
+        let profile = Arc::new(Profile {
+            key: key.clone(),
+            connector: Arc::new(connector),
+            health,
+            pool,
+        });
+        let mut inner = self.lock();
+        inner.profiles.retain(|_, p| p.strong_count() > 0);
+        // Another builder may have won the race: theirs is as good, keep one.
+        if let Some(p) = inner.profiles.get(&key).and_then(Weak::upgrade) {
+            return Ok(p);
+        }
+        inner.profiles.insert(key, Arc::downgrade(&profile));
+        Ok(profile)
+    }
+
+    /// Watches for `targets` with a resolver for `settings`: names already followed are shared (their
+    /// last answer at once, no lookup); new ones are looked up now, concurrently.
+    pub async fn names(
+        &self,
+        settings: &DnsSettings,
+        targets: &[Target],
+    ) -> Result<Vec<Arc<NameWatch>>, DnsError> {
+        let discovery = {
+            let mut inner = self.lock();
+            match &inner.discovery {
+                Some((s, d)) if s == settings => d.clone(),
+                _ => {
+                    // New resolver settings: names are followed afresh with them (groups of older
+                    // snapshots keep their watches until they go).
+                    let d = Arc::new(Discovery::new(settings.clone())?);
+                    inner.discovery = Some((settings.clone(), d.clone()));
+                    inner.names.clear();
+                    d
+                }
+            }
+        };
+        let mut out: Vec<Option<Arc<NameWatch>>> = {
+            let inner = self.lock();
+            targets
+                .iter()
+                .map(|t| inner.names.get(t).and_then(Weak::upgrade))
+                .collect()
+        };
+        let missing: Vec<usize> = (0..targets.len()).filter(|&i| out[i].is_none()).collect();
+        let mut made = tokio::task::JoinSet::new();
+        for i in missing {
+            let (discovery, target, stop) = (
+                discovery.clone(),
+                targets[i].clone(),
+                self.stop.child_token(),
+            );
+            made.spawn(async move {
+                let answers = discovery.watch(vec![target.clone()], stop.clone()).await;
+                (
+                    i,
+                    NameWatch {
+                        target,
+                        answers,
+                        stop,
+                    },
+                )
+            });
+        }
+        while let Some(joined) = made.join_next().await {
+            let Ok((i, watch)) = joined else { continue };
+            let watch = Arc::new(watch);
+            let mut inner = self.lock();
+            let kept = match inner.names.get(&watch.target).and_then(Weak::upgrade) {
+                Some(existing) => existing,
+                None => {
+                    inner
+                        .names
+                        .insert(watch.target.clone(), Arc::downgrade(&watch));
+                    watch
+                }
+            };
+            out[i] = Some(kept);
+        }
+        inner_retain_names(&mut self.lock());
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// The store at `endpoint` reached with `profile` (in TLS `mode`): the live one, or a new one with its
+    /// probe loop and pool started.
+    pub fn store(
+        &self,
+        endpoint: &Endpoint,
+        mode: StoreTlsMode,
+        profile: &Arc<Profile>,
+    ) -> Arc<Store> {
+        let key = StoreKey {
+            addr: endpoint.addr,
+            host: endpoint.host.clone(),
+            mode,
+            profile: profile.key.clone(),
+        };
+        let mut inner = self.lock();
+        if let Some(s) = inner.stores.get(&key).and_then(Weak::upgrade) {
+            return s;
+        }
+        inner.stores.retain(|_, s| s.strong_count() > 0);
+        let id = if endpoint.host.contains(':') {
+            format!("[{}]:{}", endpoint.host, endpoint.addr.port())
+        } else {
+            format!("{}:{}", endpoint.host, endpoint.addr.port())
+        };
+        // Two profiles reaching one endpoint are two stores: their series must not collide.
+        let twins = inner
+            .stores
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|s| s.id == id)
+            .count();
+        let label = if twins == 0 {
+            id.clone()
+        } else {
+            format!("{id}#{}", twins + 1)
+        };
+        let store = Arc::new(self.start_store(endpoint, id, label, mode, profile.clone()));
+        inner.stores.insert(key, Arc::downgrade(&store));
+        info!(store = %store.label, addr = %store.addr, "store added");
+        store
+    }
+
+    /// Every live store, for status pages and scrapes.
+    pub fn stores(&self) -> Vec<Arc<Store>> {
+        let mut v: Vec<Arc<Store>> = self
+            .lock()
+            .stores
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        v.sort_by(|a, b| a.label.cmp(&b.label));
+        v
+    }
+
+    /// Names followed now.
+    pub fn followed_names(&self) -> usize {
+        self.lock()
+            .names
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count()
+    }
+
+    fn start_store(
+        &self,
+        endpoint: &Endpoint,
+        id: String,
+        label: String,
+        mode: StoreTlsMode,
+        profile: Arc<Profile>,
+    ) -> Store {
+        let tasks = self.stop.child_token();
+        let health = Arc::new(HealthState::default());
+        let caps = Arc::new(KnownCaps::default());
+        let metrics = self.metrics.store(&label);
+        metrics.up.set(1);
+        let cfg = &profile.pool;
+        let pool = (cfg.min_idle > 0 && profile.connector.can_prewarm()).then(|| {
+            let pool = Pool::new(PoolSettings {
+                min_idle: cfg.min_idle,
+                max_idle: cfg.max_idle,
+                max_age: cfg.max_age.get(),
+                // Enough in flight to keep up with a busy store's logins once the pool has grown to its
+                // demand (each connect waits for a greeting and CAPA), few enough that a restarted store
+                // is not hit with a burst.
+                max_concurrent_connects: 8,
+            });
+            let (connector, ep, known, store_label) = (
+                profile.connector.clone(),
+                endpoint.clone(),
+                caps.clone(),
+                label.clone(),
+            );
+            pool.spawn_refill(
+                move || {
+                    let (connector, ep, known) = (connector.clone(), ep.clone(), known.clone());
+                    async move {
+                        connector
+                            .prepare(&ep, mode, None, AskCapa::Unless(&known))
+                            .await
+                    }
+                },
+                move |e: LoginError| {
+                    debug!(store = %store_label, error = %e, "pre-warming a connection failed");
+                },
+                tasks.clone(),
+            );
+            pool
+        });
+        if profile.health.enabled {
+            let h = &profile.health;
+            let settings = ProbeSettings {
+                interval: h.interval.get(),
+                timeout: h.timeout.get(),
+                rise: h.rise,
+                fall: h.fall,
+            };
+            let (up_gauge, store_label) = (metrics.up.clone(), label.clone());
+            tokio::spawn(health::probe_loop(
+                health::ProbeTarget {
+                    connector: profile.connector.clone(),
+                    endpoint: endpoint.clone(),
+                    mode,
+                    caps: caps.clone(),
+                },
+                health.clone(),
+                settings,
+                move |up, reason| {
+                    up_gauge.set(i64::from(up));
+                    if up {
+                        info!(store = %store_label, "store is up");
+                    } else {
+                        warn!(store = %store_label, reason = %reason, "store is down");
+                    }
+                },
+                tasks.clone(),
+            ));
+        }
+        Store {
+            addr: endpoint.addr,
+            host: endpoint.host.clone(),
+            id,
+            label,
+            health,
+            tls_mode: mode,
+            profile,
+            caps,
+            active: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            pool,
+            metrics,
+            tasks,
+        }
+    }
+}
+
+fn inner_retain_names(inner: &mut Inner) {
+    inner.names.retain(|_, w| w.strong_count() > 0);
+}
