@@ -340,3 +340,43 @@ async fn a_reload_during_a_dns_outage_keeps_every_resolved_store() {
     dns.resume();
     pg.shutdown();
 }
+
+/// `limits.max_idle_store_connections` caps pre-warmed connections across all stores: three stores
+/// wanting 3 each hold 4 in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_of_all_stores_stay_within_the_global_cap() {
+    let stores = [
+        ScriptedStore::start(Script::default()).await,
+        ScriptedStore::start(Script::default()).await,
+        ScriptedStore::start(Script::default()).await,
+    ];
+    let tenants: String = stores
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            tenant_on(
+                &format!("t{i}"),
+                &format!("t{i}.example"),
+                &[s.addr],
+                "    health: {enabled: false}\n    pool: {min_idle: 3, max_idle: 3}\n",
+            )
+        })
+        .collect();
+    let pg = start(
+        &plain_config("limits:\n  max_idle_store_connections: 4\n", &tenants),
+        std::path::Path::new("."),
+    )
+    .await;
+    let registry = &pg.runtime().context.stores;
+    eventually(
+        Duration::from_secs(10),
+        "the pools to fill up to the cap",
+        || registry.idle_connections() == 4,
+    )
+    .await;
+    let idle: usize = registry.stores().iter().map(|s| s.pool_idle()).sum();
+    let open: usize = stores.iter().map(ScriptedStore::open).sum();
+    assert_eq!(idle, 4);
+    assert!(open <= 4, "{open} connections open to the stores");
+    pg.shutdown();
+}

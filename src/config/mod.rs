@@ -237,6 +237,9 @@ pub struct Limits {
     pub max_bad_commands: u32,
     /// Failed logins on one connection before it is closed. Default 3.
     pub max_failed_logins: u32,
+    /// Pre-warmed idle store connections across every store's pool (0: no cap beyond each pool's
+    /// `max_idle`). Default 1000.
+    pub max_idle_store_connections: usize,
 }
 
 /// One tenant: the domains it owns and the stores that hold their mail.
@@ -1195,6 +1198,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_bad_commands: 10,
             max_failed_logins: 3,
+            max_idle_store_connections: 1000,
         }
     }
 }

@@ -300,6 +300,9 @@ impl Shared {
         context
             .metrics
             .set_tenant_store_histograms(config.metrics.tenant_store_histograms);
+        context
+            .stores
+            .set_idle_cap(config.limits.max_idle_store_connections);
         let timeouts = StoreTimeouts {
             connect: config.timeouts.backend_connect.get(),
             reply: config.timeouts.backend_reply.get(),

@@ -39,6 +39,59 @@ pub struct PoolSettings {
     pub max_concurrent_connects: usize,
 }
 
+/// A cap on idle connections (and refill connects in progress) across every pool that shares it: the
+/// process's `limits.max_idle_store_connections`. Each idle connection and each refill connect holds one
+/// slot; a pool that finds none free waits until another pool frees one.
+#[derive(Debug, Default)]
+pub struct IdleBudget {
+    /// 0: no cap.
+    cap: AtomicUsize,
+    used: AtomicUsize,
+    freed: Notify,
+}
+
+impl IdleBudget {
+    /// A budget of `cap` slots (0: no cap).
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cap: AtomicUsize::new(cap),
+            ..Self::default()
+        })
+    }
+
+    /// Changes the cap (a reload); slots already held stay held until released.
+    pub fn set_cap(&self, cap: usize) {
+        self.cap.store(cap, Ordering::Relaxed);
+        self.freed.notify_waiters();
+    }
+
+    /// Slots held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self) -> bool {
+        let cap = self.cap.load(Ordering::Relaxed);
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (cap == 0 || n < cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(n))
+            });
+        self.freed.notify_waiters();
+    }
+}
+
 /// Counters for metrics and status pages, all since the pool was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -70,6 +123,8 @@ pub struct Pool<T> {
     /// pool follows the login rate without a setting per deployment.
     demand: AtomicUsize,
     counters: Counters,
+    /// The cap shared with other pools, when there is one.
+    budget: Option<Arc<IdleBudget>>,
 }
 
 /// The pool's side of one idle connection; the connection itself is with its watcher.
@@ -115,6 +170,11 @@ struct Backoff {
 impl<T: AsyncRead + Unpin + Send + 'static> Pool<T> {
     /// An empty pool.
     pub fn new(settings: PoolSettings) -> Arc<Self> {
+        Self::with_budget(settings, None)
+    }
+
+    /// An empty pool whose idle connections also count against `budget`, shared with other pools.
+    pub fn with_budget(settings: PoolSettings, budget: Option<Arc<IdleBudget>>) -> Arc<Self> {
         Arc::new(Self {
             settings,
             idle: Mutex::new(Vec::new()),
@@ -122,19 +182,42 @@ impl<T: AsyncRead + Unpin + Send + 'static> Pool<T> {
             changed: Notify::new(),
             demand: AtomicUsize::new(settings.min_idle.min(settings.max_idle)),
             counters: Counters::default(),
+            budget,
         })
+    }
+
+    /// Takes a budget slot for a connection about to be made or added (always granted without a budget).
+    fn reserve(&self) -> bool {
+        self.budget.as_ref().is_none_or(|b| b.try_take())
+    }
+
+    /// Returns `n` budget slots.
+    fn release(&self, n: usize) {
+        if let Some(b) = &self.budget {
+            b.give(n);
+        }
     }
 
     /// Adds an idle connection made at `created`. A connection already at `max_age`, or offered while the
     /// pool holds `max_idle`, is closed. While idle, a spawned watcher owns it (so this needs a tokio
     /// runtime) and closes it, without writing anything, when it becomes readable, closes, or expires.
     pub fn put(self: &Arc<Self>, conn: T, created: Instant) {
+        if !self.reserve() {
+            self.counters.rejected_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.put_reserved(conn, created);
+    }
+
+    /// [`Self::put`] for a connection that already holds a budget slot (the refill's).
+    fn put_reserved(self: &Arc<Self>, conn: T, created: Instant) {
         // An age that overflows Instant means the connection never expires.
         let deadline = created.checked_add(self.settings.max_age);
         if deadline.is_some_and(|d| d <= Instant::now()) {
             self.counters
                 .discarded_expired
                 .fetch_add(1, Ordering::Relaxed);
+            self.release(1);
             return;
         }
         let (hand_back, wanted) = oneshot::channel();
@@ -144,6 +227,7 @@ impl<T: AsyncRead + Unpin + Send + 'static> Pool<T> {
             if idle.len() >= self.settings.max_idle {
                 drop(idle);
                 self.counters.rejected_full.fetch_add(1, Ordering::Relaxed);
+                self.release(1);
                 return;
             }
             idle.push(Idle { id, hand_back });
@@ -167,6 +251,8 @@ impl<T: AsyncRead + Unpin + Send + 'static> Pool<T> {
                 self.adjust_demand(true);
                 return None;
             };
+            // The entry has left the idle set: its slot goes back whatever becomes of the connection.
+            self.release(1);
             self.changed.notify_waiters();
             let (reply, conn) = oneshot::channel();
             // A failed send or a dropped reply means the watcher discarded the connection first.
@@ -256,7 +342,13 @@ impl<T: AsyncRead + Unpin + Send + 'static> Pool<T> {
 
     /// A watcher closed its connection: drop its entry (unless `take` already popped it) and count why.
     fn discarded(&self, id: u64, why: &Watched<T>) {
-        self.lock_idle().retain(|e| e.id != id);
+        let removed = {
+            let mut idle = self.lock_idle();
+            let before = idle.len();
+            idle.retain(|e| e.id != id);
+            before - idle.len()
+        };
+        self.release(removed);
         let counter = match why {
             Watched::Readable => &self.counters.discarded_readable,
             Watched::Closed => &self.counters.discarded_closed,
@@ -268,6 +360,19 @@ impl<T: AsyncRead + Unpin + Send + 'static> Pool<T> {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_waiters();
+    }
+}
+
+impl<T> Drop for Pool<T> {
+    fn drop(&mut self) {
+        let idle = self
+            .idle
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        if let Some(b) = &self.budget {
+            b.give(idle);
+        }
     }
 }
 
@@ -347,8 +452,17 @@ async fn refill<T, F, Fut, E>(
         changed.as_mut().enable();
         // Never above max_idle (`demand` is kept within it): every connection beyond it is closed on put.
         let target = pool.target();
+        // Created before reserving, so a slot freed in between still wakes us (notify_waiters reaches
+        // every Notified created before it); awaited only when the shared budget stopped the refill.
+        let freed = pool.budget.as_ref().map(|b| b.freed.notified());
+        tokio::pin!(freed);
+        let mut starved = false;
         if retry_at.is_none() {
             while connecting.len() < limit && pool.idle() + connecting.len() < target {
+                if !pool.reserve() {
+                    starved = true;
+                    break;
+                }
                 // The store's clock starts when it accepts, so age counts from before the connect.
                 let started = Instant::now();
                 let attempt = connect();
@@ -358,6 +472,7 @@ async fn refill<T, F, Fut, E>(
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
+                pool.release(connecting.len());
                 connecting.abort_all();
                 return;
             }
@@ -365,15 +480,26 @@ async fn refill<T, F, Fut, E>(
                 Ok((started, Ok(conn))) => {
                     backoff.reset();
                     retry_at = None;
-                    pool.put(conn, started);
+                    pool.put_reserved(conn, started);
                 }
                 Ok((_, Err(e))) => {
+                    pool.release(1);
                     on_error(e);
                     retry_at = Some(Instant::now() + backoff.next_wait());
                 }
                 // A connector that panicked is a failure too, with nothing to report but the backoff.
-                Err(_) => retry_at = Some(Instant::now() + backoff.next_wait()),
+                Err(_) => {
+                    pool.release(1);
+                    retry_at = Some(Instant::now() + backoff.next_wait());
+                }
             },
+            // Another pool gave back a slot of the shared budget: maybe this one can refill now.
+            () = async {
+                match freed.as_mut().as_pin_mut() {
+                    Some(f) if starved => f.await,
+                    _ => std::future::pending().await,
+                }
+            } => {}
             () = sleep_until_some(retry_at) => retry_at = None,
             () = &mut changed => {}
         }
@@ -605,6 +731,47 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(pool.idle(), 2);
         assert_eq!(connector.attempts.load(Ordering::SeqCst), 5);
+    }
+
+    /// Pools sharing a budget hold no more idle connections together than it allows; a slot one pool
+    /// gives back (a take, or the pool going away) lets another fill.
+    #[tokio::test]
+    async fn pools_sharing_a_budget_stay_within_it() {
+        let budget = IdleBudget::new(3);
+        let a = Pool::with_budget(settings(2, 4), Some(budget.clone()));
+        let b = Pool::with_budget(settings(2, 4), Some(budget.clone()));
+        let connector = Connector::default();
+        let (ca, cb) = (connector.clone(), connector.clone());
+        let shutdown = CancellationToken::new();
+        let _ta = a.spawn_refill(move || ca.connect(), |_| {}, shutdown.clone());
+        let _tb = b.spawn_refill(move || cb.connect(), |_| {}, shutdown.clone());
+        eventually(|| a.idle() + b.idle() == 3).await;
+        assert_eq!(budget.used(), 3);
+        // A take frees a slot; the pool short of its target may take it, never beyond 3 in all.
+        let taken = a.take().await.unwrap();
+        eventually(|| a.idle() + b.idle() == 3).await;
+        assert_eq!(budget.used(), 3);
+        drop(taken);
+        // Pool a goes (b keeps what it holds): a's slots come back and a new pool can fill.
+        shutdown.cancel();
+        let c = Pool::with_budget(settings(1, 4), Some(budget.clone()));
+        drop(a);
+        let cc = connector.clone();
+        let _t = c.spawn_refill(move || cc.connect(), |_| {}, CancellationToken::new());
+        eventually(|| c.idle() == 1).await;
+        assert!(budget.used() <= 3, "{}", budget.used());
+    }
+
+    /// Polls `cond` (every few ms, until PATIENCE): for conditions spanning several pools, whose changes
+    /// no single pool's notification covers.
+    async fn eventually(cond: impl Fn() -> bool) {
+        timeout(PATIENCE, async {
+            while !cond() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("condition not reached");
     }
 
     #[tokio::test]

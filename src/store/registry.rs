@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use super::connection::{AskCapa, Connector, KnownCaps, LoginError, Prepared};
 use super::dns::{Discovery, DnsError, DnsSettings, Endpoint, Target};
 use super::health::{self, HealthState, ProbeSettings};
-use super::pool::{Pool, PoolSettings};
+use super::pool::{IdleBudget, Pool, PoolSettings};
 use crate::config::{HealthConfig, PoolConfig, StoreTlsMode};
 use crate::metrics::{Metrics, StoreMetrics};
 
@@ -193,6 +193,8 @@ pub struct Registry {
     metrics: Metrics,
     /// The process's stop: every store task ends with it at the latest.
     stop: CancellationToken,
+    /// Idle connections across every store's pool (`limits.max_idle_store_connections`).
+    idle_budget: Arc<IdleBudget>,
     inner: Mutex<Inner>,
 }
 
@@ -202,8 +204,19 @@ impl Registry {
         Self {
             metrics,
             stop,
+            idle_budget: IdleBudget::new(0),
             inner: Mutex::default(),
         }
+    }
+
+    /// Sets the cap on idle connections across every pool (0: none), from `limits`.
+    pub fn set_idle_cap(&self, cap: usize) {
+        self.idle_budget.set_cap(cap);
+    }
+
+    /// Idle connections and refill connects in progress, across every pool.
+    pub fn idle_connections(&self) -> usize {
+        self.idle_budget.used()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -381,15 +394,18 @@ impl Registry {
         metrics.up.set(1);
         let cfg = &profile.pool;
         let pool = (cfg.min_idle > 0 && profile.connector.can_prewarm()).then(|| {
-            let pool = Pool::new(PoolSettings {
-                min_idle: cfg.min_idle,
-                max_idle: cfg.max_idle,
-                max_age: cfg.max_age.get(),
-                // Enough in flight to keep up with a busy store's logins once the pool has grown to its
-                // demand (each connect waits for a greeting and CAPA), few enough that a restarted store
-                // is not hit with a burst.
-                max_concurrent_connects: 8,
-            });
+            let pool = Pool::with_budget(
+                PoolSettings {
+                    min_idle: cfg.min_idle,
+                    max_idle: cfg.max_idle,
+                    max_age: cfg.max_age.get(),
+                    // Enough in flight to keep up with a busy store's logins once the pool has grown to its
+                    // demand (each connect waits for a greeting and CAPA), few enough that a restarted store
+                    // is not hit with a burst.
+                    max_concurrent_connects: 8,
+                },
+                Some(self.idle_budget.clone()),
+            );
             let (connector, ep, known, store_label) = (
                 profile.connector.clone(),
                 endpoint.clone(),
