@@ -371,6 +371,10 @@ impl Metrics {
             }
             gone
         };
+        if gone.is_empty() {
+            // The common reload: gathering every family costs a scrape, for nothing to remove.
+            return;
+        }
         let families = self.registry.gather();
         let drop_series = |t: &str, labels: &HashMap<&str, &str>| labels.get("tenant") == Some(&t);
         for t in gone.iter().map(String::as_str) {

@@ -140,6 +140,7 @@ fn run_logs_sessions_but_never_secrets() {
         .arg(&config)
         .env("POPGATE_LOG", "debug")
         .env_remove("NO_COLOR")
+        .env_remove("MALLOC_ARENA_MAX")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -165,6 +166,17 @@ fn run_logs_sessions_but_never_secrets() {
         }
     };
 
+    // The process serving (the same PID: popgate re-executed itself) runs with glibc's arenas capped.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap();
+        assert!(
+            environ
+                .split(|&b| b == 0)
+                .any(|v| v == b"MALLOC_ARENA_MAX=2"),
+            "popgate runs without MALLOC_ARENA_MAX=2"
+        );
+    }
     rt.block_on(async {
         let mut c = Pop3::greeted(addr).await;
         c.ok("USER alice@example.com").await;
