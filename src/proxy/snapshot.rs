@@ -323,6 +323,11 @@ impl Shared {
                 shutdown: &shutdown,
             };
             tenants.push(TenantRuntime::build(name, &t.value, setup).await?);
+            if tenants.len() % 64 == 0 {
+                // Thousands of tenants take a while to build: let this worker's other tasks (sessions)
+                // run in between rather than wait for the whole snapshot.
+                tokio::task::yield_now().await;
+            }
         }
         let needs_tls = config
             .listeners

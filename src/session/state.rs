@@ -224,6 +224,11 @@ impl Authorization {
             Err(CommandError::Arguments) => return self.bad("-ERR Wrong number of arguments"),
             Err(CommandError::Malformed) => return self.bad("-ERR Unknown command"),
         };
+        self.on_command(cmd)
+    }
+
+    /// One parsed command in the AUTHORIZATION state, no login exchange under way.
+    fn on_command(&mut self, cmd: Command) -> Vec<Action> {
         match cmd {
             Command::Capa => vec![Action::Send(self.capa())],
             Command::Quit => {
@@ -271,33 +276,11 @@ impl Authorization {
             }
             Command::Apop { name, digest } => {
                 self.phase = Phase::Idle;
-                let valid = digest.len() == 32 && digest.bytes().all(|b| b.is_ascii_hexdigit());
-                match (&self.offer.challenge, self.usable(Mechanism::Apop)) {
-                    (Some(challenge), true) if valid => {
-                        let challenge = challenge.clone();
-                        self.login(Credentials {
-                            mechanism: Mechanism::Apop,
-                            login: name,
-                            authzid: None,
-                            password: Secret::new(digest.to_ascii_lowercase().into_bytes()),
-                            challenge: Some(challenge),
-                        })
-                    }
-                    (Some(_), true) => self.bad("-ERR [AUTH] Malformed APOP digest"),
-                    _ => self.bad("-ERR [AUTH] APOP is not available here; use USER/PASS or AUTH"),
-                }
+                self.apop(name, &digest)
             }
             Command::Auth {
                 mechanism: None, ..
-            } => {
-                let mut reply = b"+OK Supported mechanisms follow\r\n".to_vec();
-                for name in self.sasl_list() {
-                    reply.extend_from_slice(name.as_bytes());
-                    reply.extend_from_slice(b"\r\n");
-                }
-                reply.extend_from_slice(b".\r\n");
-                vec![Action::Send(reply)]
-            }
+            } => vec![Action::Send(self.auth_list())],
             Command::Auth {
                 mechanism: Some(mech),
                 initial,
@@ -315,6 +298,36 @@ impl Authorization {
                 "-ERR Not logged in; only CAPA, STLS, UTF8, USER, PASS, APOP, AUTH and QUIT here",
             ),
         }
+    }
+
+    /// APOP: a login when the greeting carried a challenge and APOP is offered, else a refusal.
+    fn apop(&mut self, name: String, digest: &str) -> Vec<Action> {
+        let valid = digest.len() == 32 && digest.bytes().all(|b| b.is_ascii_hexdigit());
+        match (&self.offer.challenge, self.usable(Mechanism::Apop)) {
+            (Some(challenge), true) if valid => {
+                let challenge = challenge.clone();
+                self.login(Credentials {
+                    mechanism: Mechanism::Apop,
+                    login: name,
+                    authzid: None,
+                    password: Secret::new(digest.to_ascii_lowercase().into_bytes()),
+                    challenge: Some(challenge),
+                })
+            }
+            (Some(_), true) => self.bad("-ERR [AUTH] Malformed APOP digest"),
+            _ => self.bad("-ERR [AUTH] APOP is not available here; use USER/PASS or AUTH"),
+        }
+    }
+
+    /// AUTH without a mechanism: the list of SASL mechanisms offered here.
+    fn auth_list(&self) -> Vec<u8> {
+        let mut reply = b"+OK Supported mechanisms follow\r\n".to_vec();
+        for name in self.sasl_list() {
+            reply.extend_from_slice(name.as_bytes());
+            reply.extend_from_slice(b"\r\n");
+        }
+        reply.extend_from_slice(b".\r\n");
+        reply
     }
 
     /// The current line was longer than [`Self::line_limit`].

@@ -471,6 +471,25 @@ pub async fn login(
             b"-ERR [AUTH] Authentication failed.\r\n".to_vec(),
         ));
     }
+    let mut preamble = send_preamble(&mut conn, client, forwarding).await?;
+    let (status, line) = send_credentials(&mut conn, &mut preamble, auth, relay).await?;
+    match status {
+        Status::Ok => Ok(LoggedIn {
+            stream: conn.stream,
+            reply: with_crlf(line),
+            leftover: conn.buf,
+        }),
+        Status::Err { .. } => Err(refusal(line)),
+        Status::Continue => Err(LoginError::Unavailable("unexpected continuation".into())),
+    }
+}
+
+/// XCLIENT and UTF8, before the login; what was sent, for the credentials step to settle.
+async fn send_preamble(
+    conn: &mut Prepared,
+    client: Option<&ClientInfo>,
+    forwarding: ClientIpForwarding,
+) -> Result<Preamble, LoginError> {
     // XCLIENT and UTF8 come before the login. A store that offers PIPELINING (RFC 2449) gets them (and
     // USER) in one write, saving a round trip each; their replies are read in order (`Preamble::settle`).
     // The command that carries the credentials (PASS, AUTH, APOP) goes only once every earlier reply is in:
@@ -492,15 +511,26 @@ pub async fn login(
         );
         conn.queue(cmd.as_bytes());
         preamble.xclient = true;
-        preamble.settle_unless_pipelining(&mut conn).await?;
+        preamble.settle_unless_pipelining(conn).await?;
     }
     if client.is_some_and(|c| c.utf8) && conn.caps.utf8 {
         // The client will see messages in UTF-8 mode; a store that refuses still serves them raw.
         conn.queue(b"UTF8\r\n");
         preamble.utf8 = true;
-        preamble.settle_unless_pipelining(&mut conn).await?;
+        preamble.settle_unless_pipelining(conn).await?;
     }
-    let (status, line) = match auth {
+    Ok(preamble)
+}
+
+/// The command that carries the credentials (and, for SASL, the round trips the store asks for); the
+/// store's final status and line.
+async fn send_credentials(
+    conn: &mut Prepared,
+    preamble: &mut Preamble,
+    auth: &StoreAuth<'_>,
+    relay: &mut impl SaslRelay,
+) -> Result<(Status, Vec<u8>), LoginError> {
+    Ok(match auth {
         StoreAuth::Password {
             user,
             password,
@@ -509,32 +539,32 @@ pub async fn login(
         } => {
             if *plain && conn.caps.sasl.iter().any(|m| m == "PLAIN") {
                 let b64 = sasl::encode_plain(*authzid, user, password);
-                preamble.settle(&mut conn).await?;
+                preamble.settle(conn).await?;
                 conn.queue(format!("AUTH PLAIN {b64}\r\n").as_bytes());
                 conn.status().await?
             } else {
-                user_pass(&mut conn, &mut preamble, user, password).await?
+                user_pass(conn, preamble, user, password).await?
             }
         }
         StoreAuth::ApopPassthrough { user, digest } => {
-            preamble.settle(&mut conn).await?;
+            preamble.settle(conn).await?;
             conn.queue(format!("APOP {user} {digest}\r\n").as_bytes());
             conn.status().await?
         }
         StoreAuth::Secret { user, secret } => match conn.timestamp.clone() {
             Some(ts) => {
                 let digest = sasl::apop_digest(&ts, secret.expose());
-                preamble.settle(&mut conn).await?;
+                preamble.settle(conn).await?;
                 conn.queue(format!("APOP {user} {digest}\r\n").as_bytes());
                 conn.status().await?
             }
-            None => user_pass(&mut conn, &mut preamble, user, secret).await?,
+            None => user_pass(conn, preamble, user, secret).await?,
         },
         StoreAuth::Sasl { mechanism, initial } => {
             let mut cmd = format!("AUTH {mechanism} ").into_bytes();
             cmd.extend_from_slice(initial);
             cmd.extend_from_slice(b"\r\n");
-            preamble.settle(&mut conn).await?;
+            preamble.settle(conn).await?;
             conn.queue(&cmd);
             // Relay challenges and answers until the store decides; bounded so a chatty peer cannot loop.
             let mut rounds = 0;
@@ -558,16 +588,7 @@ pub async fn login(
                 conn.send(&answer).await?;
             }
         }
-    };
-    match status {
-        Status::Ok => Ok(LoggedIn {
-            stream: conn.stream,
-            reply: with_crlf(line),
-            leftover: conn.buf,
-        }),
-        Status::Err { .. } => Err(refusal(line)),
-        Status::Continue => Err(LoginError::Unavailable("unexpected continuation".into())),
-    }
+    })
 }
 
 /// Replies owed for commands queued before the login (XCLIENT, UTF8).
