@@ -91,7 +91,6 @@ pub struct Runtime {
     /// Shared with every session.
     pub context: Arc<Context>,
     current: ArcSwap<Shared>,
-    snapshot_tasks: Mutex<CancellationToken>,
     listeners: Mutex<HashMap<String, ListenerHandle>>,
     permits: Arc<Semaphore>,
     /// `limits.max_connections` in force: what `permits` holds when no connection is open.
@@ -120,8 +119,7 @@ impl Runtime {
             stop.clone(),
         ));
         let config = Arc::new(config);
-        let tasks = stop.child_token();
-        let shared = Arc::new(Shared::new(config.clone(), context.clone(), tasks.clone()).await?);
+        let shared = Arc::new(Shared::new(config.clone(), context.clone(), None).await?);
         let wanted: Vec<(String, SocketAddr)> = config
             .listeners
             .iter()
@@ -131,7 +129,6 @@ impl Runtime {
         let rt = Arc::new(Self {
             context,
             current: ArcSwap::new(shared),
-            snapshot_tasks: Mutex::new(tasks),
             listeners: Mutex::default(),
             permits: Arc::new(Semaphore::new(config.limits.max_connections)),
             permits_total: Mutex::new(config.limits.max_connections),
@@ -347,22 +344,19 @@ impl Runtime {
             })
             .map(|(n, _)| n.clone())
             .collect();
-        let tasks = self.context.stop.child_token();
         let config = Arc::new(config);
-        let shared = match Shared::new(config.clone(), self.context.clone(), tasks.clone()).await {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                tasks.cancel();
-                return Err(e.into());
-            }
-        };
+        let previous = self.snapshot();
+        // A snapshot that is not swapped in (a failed reload) is dropped with what it built; what it
+        // shares with the running one (stores, names, unchanged tenants) stays.
+        let shared =
+            Arc::new(Shared::new(config.clone(), self.context.clone(), Some(&previous)).await?);
+        drop(previous);
         // A listener leaving an address a new one needs (moved to another IP on the same port, or renamed)
         // is stopped first, so the new bind can work; if a bind fails anyway, the stopped ones come back.
         let freed = self.stop_conflicting(&removed, &added).await;
         let bound = match crate::listener::bind_all(&added).await {
             Ok(bound) => bound,
             Err(e) => {
-                tasks.cancel();
                 self.restore(freed).await;
                 return Err(e.into());
             }
@@ -380,14 +374,6 @@ impl Runtime {
                 &config.throttle,
             ));
         self.resize_permits(config.limits.max_connections);
-        let old = std::mem::replace(
-            &mut *self
-                .snapshot_tasks
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-            tasks,
-        );
-        old.cancel();
         self.context.metrics.retain_tenants(&tenant_names);
         for name in &removed {
             if let Some(h) = self

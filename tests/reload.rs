@@ -468,3 +468,52 @@ async fn one_config_edit_reloads_once_not_forever() {
     );
     pg.shutdown();
 }
+
+/// A reload rebuilds only the tenants it changed: an unchanged tenant keeps its runtime (its store
+/// group, secrets, auth_http cache) even when an edit above it moves its lines, while a changed setting or
+/// a changed secrets file rebuilds that tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rebuilds_only_the_tenants_it_changed() {
+    let (_md, store) = numbered(1, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secrets.yaml"), "u0@example.com: pw\n").unwrap();
+    let acme = tenant(
+        "acme",
+        "example.com",
+        store.local_addr(),
+        "    secrets: secrets.yaml\n",
+    );
+    let other = |extra: &str| tenant("other", "other.example", store.local_addr(), extra);
+    let pg = start_from_file(&plain_config("", &(acme.clone() + &other(""))), dir.path()).await;
+    let runtime = |pg: &popgate::Running, name: &str| {
+        let snapshot = pg.runtime().snapshot();
+        let id = snapshot.table.tenant_by_name(name).unwrap();
+        snapshot.tenant_arc(id).unwrap()
+    };
+    let (acme_before, other_before) = (runtime(&pg, "acme"), runtime(&pg, "other"));
+
+    // A new tenant above both (every line moves) and a changed setting of `other`.
+    let first = tenant("first", "first.example", store.local_addr(), "");
+    std::fs::write(
+        dir.path().join("popgate.yaml"),
+        plain_config("", &(first + &acme + &other("    max_sessions: 5\n"))),
+    )
+    .unwrap();
+    pg.reload().await.unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(&acme_before, &runtime(&pg, "acme")),
+        "an unchanged tenant was rebuilt"
+    );
+    let other_after = runtime(&pg, "other");
+    assert!(!std::sync::Arc::ptr_eq(&other_before, &other_after));
+    assert_eq!(other_after.max_sessions, 5);
+
+    // The secrets file changes: acme is rebuilt and logs in with the new password.
+    std::fs::write(dir.path().join("secrets.yaml"), "u0@example.com: new\n").unwrap();
+    pg.reload().await.unwrap();
+    let acme_after = runtime(&pg, "acme");
+    assert!(!std::sync::Arc::ptr_eq(&acme_before, &acme_after));
+    let secrets = acme_after.secrets.as_ref().unwrap();
+    assert!(secrets["u0@example.com"].matches(b"new"));
+    pg.shutdown();
+}

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::config::{ClientIpForwarding, Config, ListenerTls, PlaintextLogin, StoreLogin};
@@ -26,8 +25,9 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// Domain → tenant.
     pub table: TenantTable,
-    /// Per tenant, indexed like `table.tenants()`.
-    pub tenants: Vec<TenantRuntime>,
+    /// Per tenant, indexed like `table.tenants()`; a tenant whose settings a reload did not change is the
+    /// same runtime in both snapshots.
+    pub tenants: Vec<Arc<TenantRuntime>>,
     /// TLS for the client leg, when any listener uses it.
     pub tls: Option<(Arc<rustls::ServerConfig>, Arc<SniResolver>)>,
     /// Listener facts by name.
@@ -113,6 +113,9 @@ pub struct TenantRuntime {
     pub passthrough: Option<Arc<crate::throttle::HeldCap>>,
     /// What a connection bound to this tenant alone can offer.
     reach: Reach,
+    /// Everything the runtime was built from (settings without their line numbers, the files' digests):
+    /// a reload with the same key keeps this runtime.
+    reuse_key: String,
 }
 
 /// What building one tenant's runtime needs from the snapshot being built.
@@ -121,7 +124,6 @@ struct TenantSetup<'a> {
     dns: &'a DnsSettings,
     context: &'a Context,
     timeouts: StoreTimeouts,
-    shutdown: &'a CancellationToken,
 }
 
 impl TenantRuntime {
@@ -131,6 +133,7 @@ impl TenantRuntime {
         name: &str,
         t: &crate::config::TenantConfig,
         setup: TenantSetup<'_>,
+        reuse_key: String,
     ) -> Result<Self, SharedError> {
         let profile = setup
             .context
@@ -163,7 +166,7 @@ impl TenantRuntime {
             setup.context.stores.clone(),
             setup.dns,
             setup.context.metrics.clone(),
-            setup.shutdown.clone(),
+            setup.context.stop.clone(),
         )
         .await?;
         let secrets = match &t.secrets {
@@ -185,8 +188,9 @@ impl TenantRuntime {
             }
             m
         });
-        Ok(TenantRuntime {
+        let mut runtime = TenantRuntime {
             reach: Reach::default(),
+            reuse_key,
             max_sessions: t.max_sessions,
             min_login_interval: t.min_login_interval.map(|s| s.get()),
             passthrough: t
@@ -214,7 +218,64 @@ impl TenantRuntime {
                 )),
                 None => None,
             },
-        })
+        };
+        runtime.reach = Reach::of(std::iter::once(&runtime));
+        Ok(runtime)
+    }
+}
+
+/// What a tenant's runtime is built from: its settings as text without their line numbers (an edit
+/// elsewhere in the file moves them), the store profile (which digests the TLS files), the DNS
+/// settings, where relative paths resolve from, and a digest of its secrets file's contents.
+fn reuse_key(
+    t: &crate::config::TenantConfig,
+    config: &Config,
+    dns: &DnsSettings,
+    timeouts: StoreTimeouts,
+) -> String {
+    let secrets = t.secrets.as_ref().map_or(0, |p| {
+        std::fs::read(config.resolve_path(p)).map_or(1, |b| xxhash_rust::xxh3::xxh3_64(&b))
+    });
+    format!(
+        "{}|{}|{dns:?}|{:?}|{secrets:016x}",
+        without_locations(&format!("{t:?}")),
+        profile_key(t, config, timeouts),
+        config.base_dir
+    )
+}
+
+/// `Debug` text with every `referenced: Location {…}` and `defined: Location {…}` (the spans
+/// serde_saphyr records for a value) cut out.
+fn without_locations(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    loop {
+        let next = ["referenced: Location {", "defined: Location {"]
+            .iter()
+            .filter_map(|m| rest.find(m).map(|i| (i, m.len())))
+            .min();
+        let Some((at, len)) = next else {
+            out.push_str(rest);
+            return out;
+        };
+        out.push_str(&rest[..at]);
+        // Skip to the brace that closes this Location.
+        let mut depth = 1usize;
+        let mut end = rest.len();
+        for (i, c) in rest[at + len..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = at + len + i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = &rest[end..];
     }
 }
 
@@ -284,10 +345,13 @@ pub struct ListenerInfo {
 impl Shared {
     /// Builds the shared state for a validated config: certificates, DNS, and every tenant's store group
     /// (resolved once, probes and pools started). Background tasks stop with `shutdown`.
+    /// A reload passes the running snapshot as `previous`: each tenant whose settings (and files) did not
+    /// change keeps its runtime, with its store group, secrets and auth_http cache, so a reload of 10,000
+    /// tenants that changes one builds one.
     pub async fn new(
         config: Arc<Config>,
         context: Arc<Context>,
-        shutdown: CancellationToken,
+        previous: Option<&Shared>,
     ) -> Result<Self, SharedError> {
         let table = TenantTable::new(&config);
         let dns = DnsSettings {
@@ -320,9 +384,15 @@ impl Shared {
                 dns: &dns,
                 context: &context,
                 timeouts,
-                shutdown: &shutdown,
             };
-            tenants.push(TenantRuntime::build(name, &t.value, setup).await?);
+            let key = reuse_key(&t.value, &config, &dns, timeouts);
+            let kept = previous
+                .and_then(|p| p.table.tenant_by_name(name).and_then(|id| p.tenant_arc(id)))
+                .filter(|old| old.reuse_key == key);
+            tenants.push(match kept {
+                Some(old) => old,
+                None => Arc::new(TenantRuntime::build(name, &t.value, setup, key).await?),
+            });
             if tenants.len() % 64 == 0 {
                 // Thousands of tenants take a while to build: let this worker's other tasks (sessions)
                 // run in between rather than wait for the whole snapshot.
@@ -359,10 +429,7 @@ impl Shared {
                 (l.name.clone(), Arc::new(info))
             })
             .collect();
-        for t in &mut tenants {
-            t.reach = Reach::of(std::iter::once(&*t));
-        }
-        let unbound = Reach::of(tenants.iter());
+        let unbound = Reach::of(tenants.iter().map(|t| &**t));
         let proxy_headers_out = config.tenants.values().any(|t| {
             matches!(
                 t.value.client_ip,
@@ -384,7 +451,12 @@ impl Shared {
     /// What a connection bound to `tenant` (or to none) can offer.
     /// A tenant's runtime state.
     pub fn tenant(&self, id: TenantId) -> Option<&TenantRuntime> {
-        self.tenants.get(id.index())
+        self.tenants.get(id.index()).map(|t| &**t)
+    }
+
+    /// A tenant's runtime state, shared.
+    pub fn tenant_arc(&self, id: TenantId) -> Option<Arc<TenantRuntime>> {
+        self.tenants.get(id.index()).cloned()
     }
 
     pub(super) fn reach(&self, tenant: Option<TenantId>) -> &Reach {

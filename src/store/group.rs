@@ -110,11 +110,19 @@ pub struct StoreGroup {
     /// Whether the last login found every store down (logged once per change, not per login).
     all_down_now: AtomicBool,
     metrics: Metrics,
+    /// Ends the DNS-following tasks when the group goes (it may outlive the snapshot that built it).
+    follow: CancellationToken,
+}
+
+impl Drop for StoreGroup {
+    fn drop(&mut self) {
+        self.follow.cancel();
+    }
 }
 
 impl StoreGroup {
     /// The tenant's stores from the registry (names already followed answer at once; new ones are looked
-    /// up now), following DNS changes until `shutdown` (the snapshot's end).
+    /// up now), following DNS changes while the group lives (and until `stop`, the process's end).
     pub async fn start(
         tenant: &str,
         config: &TenantConfig,
@@ -122,7 +130,7 @@ impl StoreGroup {
         registry: Arc<Registry>,
         dns: &DnsSettings,
         metrics: Metrics,
-        shutdown: CancellationToken,
+        stop: CancellationToken,
     ) -> Result<Arc<Self>, DnsError> {
         let mut targets = Vec::new();
         let mut weights = HashMap::new();
@@ -158,6 +166,7 @@ impl StoreGroup {
             all_down: AtomicU64::new(0),
             all_down_now: AtomicBool::new(false),
             metrics,
+            follow: stop.child_token(),
         });
         group.apply();
         for name in &group.names {
@@ -167,7 +176,7 @@ impl StoreGroup {
                 continue;
             }
             let mut updates = name.subscribe();
-            let (weak, shutdown) = (Arc::downgrade(&group), shutdown.clone());
+            let (weak, shutdown) = (Arc::downgrade(&group), group.follow.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
