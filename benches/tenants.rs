@@ -17,7 +17,9 @@
 //!    one `pool.max_age`, so each pre-warmed connection's retirement and replacement is counted once beside
 //!    the probes (a 10 s window starting 5 s after start would see the probes only);
 //! 4. popgate's VmRSS after start and settling;
-//! 5. `POST /reload` (config unchanged) timed from request to response: the first, and the median of 20;
+//! 5. `POST /reload` timed from request to response: the first, and the median of 20; the config is
+//!    unchanged (every tenant kept), or with TENANTS_RELOAD_CHANGE=all every tenant's `max_sessions`
+//!    changes at each reload (every tenant rebuilt; the stores stay shared);
 //! 6. VmRSS after 1 reload and after 20;
 //! 7. logins/s: a fixed number of logins (or a time bound), 20 concurrent clients, each a fresh connection
 //!    USER/PASS/QUIT as the client's user of a random tenant; the ratio to the 1-tenant row of the same
@@ -28,7 +30,7 @@
 //! Run by `scripts/tenants`, which builds popgate in release and writes the output to target/bench/.
 //! Environment: POPGATE_BIN (default target/release/popgate), TENANTS_LIST ("1,100,1000,10000"),
 //! TENANTS_LOGINS (10000), TENANTS_LOGIN_SECONDS (20), TENANTS_CONCURRENCY (20), TENANTS_SETTLE (5 s),
-//! TENANTS_WINDOW (20 s), TENANTS_RELOADS (20). Exits 1 when popgate failed to start, a reload failed, a
+//! TENANTS_WINDOW (20 s), TENANTS_RELOADS (20), TENANTS_RELOAD_CHANGE (unset, or `all`). Exits 1 when popgate failed to start, a reload failed, a
 //! login failed or popgate panicked.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark stops loudly where it stands
@@ -80,6 +82,7 @@ fn main() {
         settle: Duration::from_secs_f64(env_or("TENANTS_SETTLE", 5.0)),
         window: Duration::from_secs_f64(env_or("TENANTS_WINDOW", 20.0)),
         reloads: env_or::<usize>("TENANTS_RELOADS", 20).max(1),
+        change_all: std::env::var("TENANTS_RELOAD_CHANGE").is_ok_and(|v| v == "all"),
     };
     let popgate_bin = std::env::var_os("POPGATE_BIN")
         .map(PathBuf::from)
@@ -163,6 +166,9 @@ struct Params {
     settle: Duration,
     window: Duration,
     reloads: usize,
+    /// Each reload changes every tenant (its `max_sessions`), so every tenant is rebuilt; otherwise the
+    /// file is reloaded unchanged and every tenant is kept.
+    change_all: bool,
 }
 
 /// One tenant count's figures.
@@ -208,7 +214,7 @@ fn measure(
     let config = conf_dir.join("popgate.yaml");
     let log = dir.join(format!("popgate-{tenants}.log"));
     let (pop3, admin) = (free_port(), free_port());
-    let yaml = config_yaml(tenants, pop3, admin, forwarders);
+    let yaml = config_yaml(tenants, pop3, admin, forwarders, 0);
     fs::write(&config, &yaml).unwrap();
     println!("  config {} KiB; log {}", yaml.len() / 1024, log.display());
 
@@ -308,6 +314,13 @@ fn measure(
     let mut rss_reload_1 = 0;
     let mut rss_trail = Vec::with_capacity(params.reloads);
     for i in 0..params.reloads {
+        if params.change_all {
+            fs::write(
+                &config,
+                config_yaml(tenants, pop3, admin, forwarders, i + 1),
+            )
+            .unwrap();
+        }
         let t = Instant::now();
         match http(admin, "POST", "/reload") {
             Ok(r) if r.status == 200 && r.body.contains("\"ok\":true") => {}
@@ -445,6 +458,7 @@ fn config_yaml(
     pop3: SocketAddr,
     admin: SocketAddr,
     stores: &[&Forwarder],
+    generation: usize,
 ) -> String {
     let mut y = String::with_capacity(200 + tenants * 160);
     writeln!(
@@ -465,7 +479,9 @@ fn config_yaml(
     for i in 1..=tenants {
         writeln!(
             y,
-            "  t{i}: {{domains: [t{i}.example], backends: [{backends}], plaintext_login: allow, health: {{interval: 1s}}}}"
+            "  t{i}: {{domains: [t{i}.example], backends: [{backends}], plaintext_login: allow, health: {{interval: 1s}}, \
+             max_sessions: {}}}",
+            100_000 + generation
         )
         .unwrap();
     }
