@@ -504,6 +504,8 @@ async fn a_reload_rebuilds_only_the_tenants_it_changed() {
         std::sync::Arc::ptr_eq(&acme_before, &runtime(&pg, "acme")),
         "an unchanged tenant was rebuilt"
     );
+    let said = pg.runtime().reloads().last().unwrap().message.clone();
+    assert!(said.contains("3 tenants (2 rebuilt)"), "{said}");
     let other_after = runtime(&pg, "other");
     assert!(!std::sync::Arc::ptr_eq(&other_before, &other_after));
     assert_eq!(other_after.max_sessions, 5);

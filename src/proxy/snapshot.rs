@@ -28,6 +28,8 @@ pub struct Shared {
     /// Per tenant, indexed like `table.tenants()`; a tenant whose settings a reload did not change is the
     /// same runtime in both snapshots.
     pub tenants: Vec<Arc<TenantRuntime>>,
+    /// How many tenant runtimes this snapshot built (the others it took from the previous one).
+    pub built: usize,
     /// TLS for the client leg, when any listener uses it.
     pub tls: Option<(Arc<rustls::ServerConfig>, Arc<SniResolver>)>,
     /// Listener facts by name.
@@ -113,9 +115,9 @@ pub struct TenantRuntime {
     pub passthrough: Option<Arc<crate::throttle::HeldCap>>,
     /// What a connection bound to this tenant alone can offer.
     reach: Reach,
-    /// Everything the runtime was built from (settings without their line numbers, the files' digests):
-    /// a reload with the same key keeps this runtime.
-    reuse_key: String,
+    /// A 128-bit digest of everything the runtime was built from (settings without their line numbers,
+    /// the files' digests): a reload with the same key keeps this runtime.
+    reuse_key: u128,
 }
 
 /// What building one tenant's runtime needs from the snapshot being built.
@@ -133,7 +135,7 @@ impl TenantRuntime {
         name: &str,
         t: &crate::config::TenantConfig,
         setup: TenantSetup<'_>,
-        reuse_key: String,
+        reuse_key: u128,
     ) -> Result<Self, SharedError> {
         let profile = setup
             .context
@@ -232,16 +234,17 @@ fn reuse_key(
     config: &Config,
     dns: &DnsSettings,
     timeouts: StoreTimeouts,
-) -> String {
+) -> u128 {
     let secrets = t.secrets.as_ref().map_or(0, |p| {
         std::fs::read(config.resolve_path(p)).map_or(1, |b| xxhash_rust::xxh3::xxh3_64(&b))
     });
-    format!(
+    let text = format!(
         "{}|{}|{dns:?}|{:?}|{secrets:016x}",
         without_locations(&format!("{t:?}")),
         profile_key(t, config, timeouts),
         config.base_dir
-    )
+    );
+    xxhash_rust::xxh3::xxh3_128(text.as_bytes())
 }
 
 /// `Debug` text with every `referenced: Location {…}` and `defined: Location {…}` (the spans
@@ -374,6 +377,7 @@ impl Shared {
         // In the table's order, each looked up by its name: an id means the same tenant in the table and
         // here by construction.
         let mut tenants = Vec::with_capacity(table.tenants().len());
+        let mut rebuilt = 0;
         for id in table.ids() {
             let name = &table.tenant(id).name;
             let Some(t) = config.tenants.get(name) else {
@@ -391,7 +395,10 @@ impl Shared {
                 .filter(|old| old.reuse_key == key);
             tenants.push(match kept {
                 Some(old) => old,
-                None => Arc::new(TenantRuntime::build(name, &t.value, setup, key).await?),
+                None => {
+                    rebuilt += 1;
+                    Arc::new(TenantRuntime::build(name, &t.value, setup, key).await?)
+                }
             });
             if tenants.len() % 64 == 0 {
                 // Thousands of tenants take a while to build: let this worker's other tasks (sessions)
@@ -440,6 +447,7 @@ impl Shared {
             config,
             table,
             tenants,
+            built: rebuilt,
             tls,
             listeners,
             unbound,
