@@ -104,13 +104,15 @@ async fn serve_until_signalled(
 }
 
 /// glibc's malloc gives each thread that meets contention an arena of its own (up to 8 per core) and keeps
-/// what is freed there for reuse in that arena. A reload builds a whole new snapshot (about 3.3 KiB per
-/// tenant) on whichever worker runs it, so with thousands of tenants every reload that lands on another
-/// arena kept one more snapshot's worth of memory: measured with scripts/tenants at 10,000 tenants, RSS
-/// went 84 → 176 MiB over 20 reloads with the default, 84 → 87 MiB with two arenas, at the same login
-/// rate. So popgate runs with `MALLOC_ARENA_MAX=2` unless the operator set it: glibc reads it only when
-/// the process starts, so the binary re-executes itself once with it (same PID, same arguments). A failed
-/// exec leaves the defaults.
+/// what is freed there for reuse in that arena. A reload parses the whole config (with 10,000 tenants,
+/// tens of MiB of short-lived parser and snapshot memory) on whichever worker runs it, so each reload
+/// that lands on another arena leaves that arena holding one more reload's worth. Measured with
+/// scripts/tenants at 10,000 tenants, RSS over 20 reloads: 84 → 176 MiB with glibc's default, 78 →
+/// 87–116 MiB with two arenas (depending on which arena each reload lands on), 84 → 88 MiB with one, at
+/// the same login rate on this 2-core machine (small allocations come from per-thread caches either way).
+/// So popgate runs with `MALLOC_ARENA_MAX=1` unless the operator set it: glibc reads it only when the
+/// process starts, so the binary re-executes itself once with it (same PID, same arguments). A failed
+/// exec leaves the defaults. Operators on many cores who prefer throughput can set it higher.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn cap_malloc_arenas() {
     use std::os::unix::process::CommandExt;
@@ -126,10 +128,10 @@ fn cap_malloc_arenas() {
     let err = std::process::Command::new(&exe)
         .arg0(arg0)
         .args(args)
-        .env(VAR, "2")
+        .env(VAR, "1")
         .exec();
     eprintln!(
-        "popgate: cannot re-execute with {VAR}=2 ({err}); going on with glibc's default arenas"
+        "popgate: cannot re-execute with {VAR}=1 ({err}); going on with glibc's default arenas"
     );
 }
 

@@ -344,7 +344,7 @@ fn default_passthrough_pending_per_ip() -> usize {
 }
 
 /// A tenant certificate and the names it is served for.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantTls {
     /// PEM certificate chain.
@@ -418,7 +418,7 @@ impl Default for ThrottleSettings {
 }
 
 /// An nginx `auth_http`-compatible service.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthHttpSettings {
     /// `http://host:port/path` (plain HTTP: keep it on loopback or an internal network).
@@ -628,6 +628,60 @@ pub struct Problem {
 }
 
 // === impl Config ===
+
+impl TenantConfig {
+    /// Whether two tenants' settings are the same, whatever lines they were written on (a reload keeps
+    /// the runtime of a tenant whose settings it did not change). Every field is named, so a new field
+    /// cannot be left out of the comparison.
+    pub fn same_settings(&self, other: &Self) -> bool {
+        let Self {
+            domains,
+            backends,
+            balance,
+            shared_storage,
+            backend_tls,
+            client_ip,
+            health,
+            pool,
+            backend_username,
+            plaintext_login,
+            tls,
+            mechanisms,
+            secrets,
+            auth_http,
+            backend_login,
+            login_case,
+            max_sessions,
+            min_login_interval,
+            apop_passthrough,
+        } = self;
+        domains
+            .iter()
+            .map(|d| &d.value)
+            .eq(other.domains.iter().map(|d| &d.value))
+            && backends
+                .iter()
+                .map(|b| &b.value)
+                .eq(other.backends.iter().map(|b| &b.value))
+            && *balance == other.balance
+            && *shared_storage == other.shared_storage
+            && *backend_tls == other.backend_tls
+            && *client_ip == other.client_ip
+            && *health == other.health
+            && *pool == other.pool
+            && *backend_username == other.backend_username
+            && *plaintext_login == other.plaintext_login
+            && *tls == other.tls
+            && *mechanisms == other.mechanisms
+            && *secrets == other.secrets
+            && *auth_http == other.auth_http
+            && *backend_login == other.backend_login
+            && *login_case == other.login_case
+            && *max_sessions == other.max_sessions
+            && *min_login_interval == other.min_login_interval
+            && *apop_passthrough == other.apop_passthrough
+    }
+}
 
 impl Config {
     /// Reads and validates a config file; relative paths inside it resolve from its directory.

@@ -129,7 +129,7 @@ pub enum StoreTlsMode {
 }
 
 /// How popgate verifies and authenticates to stores over TLS.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreTls {
     /// `none`, `starttls` or `implicit`. Default `none`.
@@ -170,7 +170,7 @@ pub enum ClientIpForwarding {
 
 /// Active and passive health checking. A probe does what a login needs before credentials: connect, TLS or
 /// STLS as configured, a `+OK` greeting and CAPA.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// Probe stores at all. Default true.
@@ -198,7 +198,7 @@ impl Default for HealthConfig {
 }
 
 /// Pre-warmed store connections (connected, TLS done, greeted, CAPA read), per store.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Idle connections to keep ready. 0 turns pre-warming off. Default 2.
@@ -226,7 +226,7 @@ impl Default for PoolConfig {
 }
 
 /// DNS for store discovery.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Nameservers (`ip:port`); empty means the system's resolv.conf. Default empty.

@@ -115,9 +115,9 @@ pub struct TenantRuntime {
     pub passthrough: Option<Arc<crate::throttle::HeldCap>>,
     /// What a connection bound to this tenant alone can offer.
     reach: Reach,
-    /// A 128-bit digest of everything the runtime was built from (settings without their line numbers,
-    /// the files' digests): a reload with the same key keeps this runtime.
-    reuse_key: u128,
+    /// A digest of the files the runtime read (store TLS files, secrets): a reload keeps this runtime when
+    /// the tenant's settings are the same and so is this.
+    files: u64,
 }
 
 /// What building one tenant's runtime needs from the snapshot being built.
@@ -135,7 +135,7 @@ impl TenantRuntime {
         name: &str,
         t: &crate::config::TenantConfig,
         setup: TenantSetup<'_>,
-        reuse_key: u128,
+        files: u64,
     ) -> Result<Self, SharedError> {
         let profile = setup
             .context
@@ -192,7 +192,7 @@ impl TenantRuntime {
         });
         let mut runtime = TenantRuntime {
             reach: Reach::default(),
-            reuse_key,
+            files,
             max_sessions: t.max_sessions,
             min_login_interval: t.min_login_interval.map(|s| s.get()),
             passthrough: t
@@ -226,60 +226,18 @@ impl TenantRuntime {
     }
 }
 
-/// What a tenant's runtime is built from: its settings as text without their line numbers (an edit
-/// elsewhere in the file moves them), the store profile (which digests the TLS files), the DNS
-/// settings, where relative paths resolve from, and a digest of its secrets file's contents.
-fn reuse_key(
-    t: &crate::config::TenantConfig,
-    config: &Config,
-    dns: &DnsSettings,
-    timeouts: StoreTimeouts,
-) -> u128 {
-    let secrets = t.secrets.as_ref().map_or(0, |p| {
-        std::fs::read(config.resolve_path(p)).map_or(1, |b| xxhash_rust::xxh3::xxh3_64(&b))
-    });
-    let text = format!(
-        "{}|{}|{dns:?}|{:?}|{secrets:016x}",
-        without_locations(&format!("{t:?}")),
-        profile_key(t, config, timeouts),
-        config.base_dir
-    );
-    xxhash_rust::xxh3::xxh3_128(text.as_bytes())
-}
-
-/// `Debug` text with every `referenced: Location {…}` and `defined: Location {…}` (the spans
-/// serde_saphyr records for a value) cut out.
-fn without_locations(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    loop {
-        let next = ["referenced: Location {", "defined: Location {"]
-            .iter()
-            .filter_map(|m| rest.find(m).map(|i| (i, m.len())))
-            .min();
-        let Some((at, len)) = next else {
-            out.push_str(rest);
-            return out;
-        };
-        out.push_str(&rest[..at]);
-        // Skip to the brace that closes this Location.
-        let mut depth = 1usize;
-        let mut end = rest.len();
-        for (i, c) in rest[at + len..].char_indices() {
-            match c {
-                '{' => depth += 1,
-                '}' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        end = at + len + i + 1;
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-        rest = &rest[end..];
-    }
+/// A digest of the contents of the files a tenant's runtime reads (store CA, client certificate and key,
+/// secrets): a rotated file rebuilds the tenant at the next reload. 0 when it names none.
+fn files_digest(t: &crate::config::TenantConfig, config: &Config) -> u64 {
+    let tls = &t.backend_tls;
+    [&tls.ca, &tls.certificate, &tls.key, &t.secrets]
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            std::fs::read(config.resolve_path(p))
+                .map_or(1, |bytes| xxhash_rust::xxh3::xxh3_64(&bytes))
+        })
+        .fold(0u64, |acc, h| acc.rotate_left(17) ^ h)
 }
 
 /// What a tenant's store settings must match for its stores to be another tenant's: every setting of
@@ -378,6 +336,14 @@ impl Shared {
         // here by construction.
         let mut tenants = Vec::with_capacity(table.tenants().len());
         let mut rebuilt = 0;
+        // What every tenant runtime is also built from: when it changed, every tenant is rebuilt.
+        let reusable = previous.filter(|p| {
+            let c = &p.config;
+            c.base_dir == config.base_dir
+                && c.dns == config.dns
+                && c.timeouts.backend_connect == config.timeouts.backend_connect
+                && c.timeouts.backend_reply == config.timeouts.backend_reply
+        });
         for id in table.ids() {
             let name = &table.tenant(id).name;
             let Some(t) = config.tenants.get(name) else {
@@ -389,15 +355,17 @@ impl Shared {
                 context: &context,
                 timeouts,
             };
-            let key = reuse_key(&t.value, &config, &dns, timeouts);
-            let kept = previous
-                .and_then(|p| p.table.tenant_by_name(name).and_then(|id| p.tenant_arc(id)))
-                .filter(|old| old.reuse_key == key);
+            let files = files_digest(&t.value, &config);
+            let kept = reusable.and_then(|p| {
+                let old = p.tenant_arc(p.table.tenant_by_name(name)?)?;
+                let before = &p.config.tenants.get(name)?.value;
+                (old.files == files && before.same_settings(&t.value)).then_some(old)
+            });
             tenants.push(match kept {
                 Some(old) => old,
                 None => {
                     rebuilt += 1;
-                    Arc::new(TenantRuntime::build(name, &t.value, setup, key).await?)
+                    Arc::new(TenantRuntime::build(name, &t.value, setup, files).await?)
                 }
             });
             if tenants.len() % 64 == 0 {
