@@ -501,10 +501,10 @@ impl Metrics {
 
     /// Removes a tenant's per-store histograms when the store leaves the tenant's group.
     pub fn backend_gone(&self, tenant: &str, backend: &str) {
-        let families = self.registry.gather();
-        self.remove_backend_series(&families, |l| {
-            l.get("tenant") == Some(&tenant) && l.get("backend") == Some(&backend)
-        });
+        // By label values, not by gathering every family: a DNS change can move a store out of
+        // thousands of tenants' groups at once.
+        let _ = self.backend_connect.remove_label_values(&[tenant, backend]);
+        let _ = self.backend_login.remove_label_values(&[tenant, backend]);
     }
 
     /// Time to prepare a store connection, per tenant (when those histograms are on).
@@ -618,5 +618,21 @@ mod tests {
         drop(store);
         let text = String::from_utf8(m.render()).unwrap();
         assert!(!text.contains("10.0.0.1:110"), "{text}");
+    }
+
+    #[test]
+    fn a_store_leaving_a_tenant_takes_its_per_tenant_series_along() {
+        let m = Metrics::new().unwrap();
+        m.backend_login("acme", "10.0.0.1:110", 0.01);
+        m.backend_connect("acme", "10.0.0.1:110", 0.01);
+        m.backend_login("acme", "10.0.0.2:110", 0.01);
+        m.backend_gone("acme", "10.0.0.1:110");
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(!text.contains("10.0.0.1:110"), "{text}");
+        assert!(text.contains("10.0.0.2:110"), "{text}");
+        m.set_tenant_store_histograms(false);
+        m.backend_login("acme", "10.0.0.3:110", 0.01);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(!text.contains("backend_login_seconds_bucket"), "{text}");
     }
 }
