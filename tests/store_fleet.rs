@@ -381,3 +381,28 @@ async fn idle_connections_of_all_stores_stay_within_the_global_cap() {
     assert!(open <= 4, "{open} connections open to the stores");
     pg.shutdown();
 }
+
+/// Two tenants reaching one store with different settings are two stores (pools, health, series kept
+/// apart), labelled `host:port` and `host:port#2`; tenants with the same settings share one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_settings_keep_two_tenants_apart_on_one_store() {
+    let store = ScriptedStore::start(Script::default()).await;
+    let tenants = tenant_on("a", "a.example", &[store.addr], "    pool: {min_idle: 1}\n")
+        + &tenant_on("b", "b.example", &[store.addr], "    pool: {min_idle: 1}\n")
+        + &tenant_on("c", "c.example", &[store.addr], "    pool: {min_idle: 2}\n");
+    let pg = start(&plain_config("", &tenants), std::path::Path::new(".")).await;
+    let mut labels: Vec<String> = pg
+        .runtime()
+        .context
+        .stores
+        .stores()
+        .iter()
+        .map(|s| s.label.clone())
+        .collect();
+    labels.sort();
+    assert_eq!(
+        labels,
+        [store.addr.to_string(), format!("{}#2", store.addr)]
+    );
+    pg.shutdown();
+}

@@ -340,18 +340,19 @@ impl Registry {
         } else {
             format!("{}:{}", endpoint.host, endpoint.addr.port())
         };
-        // Two profiles reaching one endpoint are two stores: their series must not collide.
-        let twins = inner
+        // Two profiles reaching one endpoint are two stores: their series must not collide, so a twin
+        // takes the first label no live twin has (`id`, `id#2`, `id#3`, …).
+        let taken: Vec<String> = inner
             .stores
             .values()
             .filter_map(Weak::upgrade)
             .filter(|s| s.id == id)
-            .count();
-        let label = if twins == 0 {
-            id.clone()
-        } else {
-            format!("{id}#{}", twins + 1)
-        };
+            .map(|s| s.label.clone())
+            .collect();
+        let label = std::iter::once(id.clone())
+            .chain((2..).map(|n| format!("{id}#{n}")))
+            .find(|l| !taken.contains(l))
+            .unwrap_or_else(|| id.clone());
         let store = Arc::new(self.start_store(endpoint, id, label, mode, profile.clone()));
         inner.stores.insert(key, Arc::downgrade(&store));
         info!(store = %store.label, addr = %store.addr, "store added");
