@@ -22,6 +22,34 @@ fn tenant_on(name: &str, domain: &str, stores: &[SocketAddr], extra: &str) -> St
     )
 }
 
+/// A silent store and a maildrop of `users` users (`user{i}@example.com`), both in tenant acme with
+/// `extra` keys, behind a popgate with `backend_reply` as given. The maildrop is returned to keep it up.
+async fn silent_and_good(
+    users: usize,
+    extra: &str,
+    backend_reply: &str,
+) -> (SilentStore, impl Sized, Vec<String>, popgate::Running) {
+    let silent = SilentStore::start().await;
+    let names: Vec<String> = (0..users).map(|i| format!("user{i}@example.com")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (md, good) = maildrop(&refs, 1).await;
+    let acme = tenant_on(
+        "acme",
+        "example.com",
+        &[silent.addr, good.local_addr()],
+        extra,
+    );
+    let pg = start(
+        &plain_config(
+            &format!("timeouts:\n  backend_reply: {backend_reply}\n"),
+            &acme,
+        ),
+        std::path::Path::new("."),
+    )
+    .await;
+    (silent, (md, good), names, pg)
+}
+
 /// Whether `store` is up as every tenant listing it sees it (None when no tenant lists it).
 fn up_everywhere(pg: &popgate::Running, store: SocketAddr) -> Option<bool> {
     let seen: Vec<bool> = pg
@@ -192,20 +220,11 @@ async fn a_reload_keeps_a_down_store_down_and_its_pool() {
 /// the silent store, no login waits on it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_store_is_ejected_by_timeouts_and_skipped_by_consistent_hash() {
-    let silent = SilentStore::start().await;
-    let users: Vec<String> = (0..30).map(|i| format!("user{i}@example.com")).collect();
-    let names: Vec<&str> = users.iter().map(String::as_str).collect();
-    let (_md, good) = maildrop(&names, 1).await;
-    let acme = tenant_on(
-        "acme",
-        "example.com",
-        &[silent.addr, good.local_addr()],
+    let (silent, _good, users, pg) = silent_and_good(
+        30,
         "    balance: consistent_hash\n    shared_storage: true\n    health: {enabled: false, fall: 2}\n    \
          pool: {min_idle: 0}\n",
-    );
-    let pg = start(
-        &plain_config("timeouts:\n  backend_reply: 1s\n", &acme),
-        std::path::Path::new("."),
+        "1s",
     )
     .await;
     let addr = pg.local_addr("pop3").unwrap();
@@ -229,20 +248,11 @@ async fn a_silent_store_is_ejected_by_timeouts_and_skipped_by_consistent_hash() 
 /// so the logins here start one at a time: the good store never has more than two either.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_takes_no_more_logins_than_its_in_flight_cap() {
-    let silent = SilentStore::start().await;
-    let users: Vec<String> = (0..12).map(|i| format!("user{i}@example.com")).collect();
-    let names: Vec<&str> = users.iter().map(String::as_str).collect();
-    let (_md, good) = maildrop(&names, 1).await;
-    let acme = tenant_on(
-        "acme",
-        "example.com",
-        &[silent.addr, good.local_addr()],
+    let (silent, _good, users, pg) = silent_and_good(
+        12,
         "    shared_storage: true\n    health: {enabled: false, fall: 1000}\n    \
          pool: {min_idle: 0, max_logins_in_flight: 2}\n",
-    );
-    let pg = start(
-        &plain_config("timeouts:\n  backend_reply: 6s\n", &acme),
-        std::path::Path::new("."),
+        "6s",
     )
     .await;
     let addr = pg.local_addr("pop3").unwrap();

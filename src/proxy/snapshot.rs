@@ -230,7 +230,16 @@ impl TenantRuntime {
 /// secrets): a rotated file rebuilds the tenant at the next reload. 0 when it names none.
 fn files_digest(t: &crate::config::TenantConfig, config: &Config) -> u64 {
     let tls = &t.backend_tls;
-    [&tls.ca, &tls.certificate, &tls.key, &t.secrets]
+    digest_files(config, [&tls.ca, &tls.certificate, &tls.key, &t.secrets])
+}
+
+/// One digest of the contents of the files named (a file that cannot be read counts as 1, so its
+/// coming back is a change).
+fn digest_files<'a>(
+    config: &Config,
+    paths: impl IntoIterator<Item = &'a Option<std::path::PathBuf>>,
+) -> u64 {
+    paths
         .into_iter()
         .flatten()
         .map(|p| {
@@ -249,15 +258,7 @@ fn profile_key(
     timeouts: StoreTimeouts,
 ) -> String {
     let tls = &t.backend_tls;
-    let files = [&tls.ca, &tls.certificate, &tls.key]
-        .into_iter()
-        .flatten()
-        .map(|p| {
-            std::fs::read(config.resolve_path(p))
-                .map(|bytes| xxhash_rust::xxh3::xxh3_64(&bytes))
-                .unwrap_or(0)
-        })
-        .fold(0u64, |acc, h| acc.rotate_left(17) ^ h);
+    let files = digest_files(config, [&tls.ca, &tls.certificate, &tls.key]);
     format!(
         "{:?}|{:?}|{:?}|{:?}|{:?}|{files:016x}",
         tls, t.client_ip, t.health, t.pool, timeouts
@@ -321,7 +322,8 @@ impl Shared {
             max_ttl: config.dns.max_ttl.get(),
             timeout: config.dns.timeout.get(),
         };
-        let discovery = Arc::new(Discovery::new(dns.clone())?);
+        // The process's resolver (the store registry's), also for auth_http's Auth-Server names.
+        let discovery = context.stores.discovery(&dns)?;
         context
             .metrics
             .set_tenant_store_histograms(config.metrics.tenant_store_histograms);

@@ -74,7 +74,7 @@ impl StoreStatus {
     pub fn of(store: &Store) -> Self {
         Self {
             id: store.label.clone(),
-            addr: store.addr,
+            addr: store.endpoint.addr,
             up: store.health.is_up(),
             active: store.active(),
             pool_idle: store.pool_idle(),
@@ -210,11 +210,6 @@ impl StoreGroup {
             .collect()
     }
 
-    /// The current members.
-    pub fn members(&self) -> Arc<Vec<Member>> {
-        self.members.load_full()
-    }
-
     /// Rebuilds the member list from the names' current answers, keeping every store that stays.
     fn apply(&self) {
         let mut endpoints: Vec<Endpoint> = self
@@ -236,8 +231,8 @@ impl StoreGroup {
                 let store = current
                     .iter()
                     .find(|m| {
-                        m.store.addr == ep.addr
-                            && m.store.host == ep.host
+                        m.store.endpoint.addr == ep.addr
+                            && m.store.endpoint.host == ep.host
                             && m.store.tls_mode == mode
                     })
                     .map(|m| m.store.clone())
@@ -371,7 +366,7 @@ impl StoreGroup {
         let started = std::time::Instant::now();
         let prepared = connector
             .prepare(
-                &SocketEndpoint::of(store),
+                &store.endpoint,
                 store.tls_mode,
                 Some(client),
                 AskCapa::Unless(&store.caps),
@@ -383,11 +378,11 @@ impl StoreGroup {
             .backend_connect(&self.tenant, &store.label, secs);
         let prepared = match prepared {
             Ok(p) => {
-                store.record(true, &"connected");
+                store.connected();
                 p
             }
             Err(e) => {
-                store.record(false, &e);
+                store.failed(&e);
                 return Err(e);
             }
         };
@@ -417,7 +412,7 @@ impl StoreGroup {
         store.metrics.login.observe(secs);
         self.metrics.backend_login(&self.tenant, &store.label, secs);
         if let Err(e @ LoginError::Unavailable(_)) = &result {
-            store.record(false, e);
+            store.failed(e);
         }
         result
     }
@@ -447,7 +442,7 @@ impl StoreGroup {
             .profile
             .connector
             .prepare(
-                &SocketEndpoint::of(store),
+                &store.endpoint,
                 store.tls_mode,
                 Some(client),
                 AskCapa::Unless(&store.caps),
@@ -490,20 +485,6 @@ impl StoreGroup {
         let members = self.members.load();
         let up = members.iter().filter(|m| m.store.health.is_up()).count();
         self.metrics.tenant_stores(&self.tenant, members.len(), up);
-    }
-}
-
-/// The endpoint a store is reached at (what the connector takes).
-struct SocketEndpoint;
-
-impl SocketEndpoint {
-    fn of(store: &Store) -> Endpoint {
-        Endpoint {
-            addr: store.addr,
-            host: store.host.clone(),
-            priority: 0,
-            weight: 1,
-        }
     }
 }
 

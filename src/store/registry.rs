@@ -52,10 +52,9 @@ impl Profile {
 /// One store, shared by every tenant that lists it with the same [`Profile`].
 #[derive(Debug)]
 pub struct Store {
-    /// Where it is (the address and the name it came from).
-    pub addr: SocketAddr,
-    /// The DNS name or IP literal it came from: the TLS server name.
-    pub host: String,
+    /// Where it is: the address, and the DNS name or IP literal it came from (the TLS server name).
+    /// Weight and priority are each tenant's own ([`super::group::Member`]).
+    pub endpoint: Endpoint,
     /// Stable identity (`host:port`): what consistent hashing uses.
     pub id: String,
     /// The metric label and the name in logs and on the status page: `id`, with a suffix when another
@@ -107,11 +106,6 @@ impl Store {
         Some(InFlight(self))
     }
 
-    /// Logins waiting on the store now.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
     /// Sessions logged in now, across tenants.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
@@ -122,10 +116,15 @@ impl Store {
         self.pool.as_ref().map_or(0, |p| p.idle())
     }
 
-    /// Records a login's connect, greeting or login answer: failures in a row (`fall`) take the store
+    /// A login's connection was made (connect, TLS, greeting): the failure streak starts over.
+    pub fn connected(&self) {
+        self.health.record_connect(true, self.profile.health.fall);
+    }
+
+    /// A login's connect, greeting or login answer failed or timed out: `fall` in a row take the store
     /// down until probes bring it back. Logs the flip.
-    pub fn record(&self, ok: bool, why: &dyn std::fmt::Display) {
-        if self.health.record_connect(ok, self.profile.health.fall) == Some(false) {
+    pub fn failed(&self, why: &dyn std::fmt::Display) {
+        if self.health.record_connect(false, self.profile.health.fall) == Some(false) {
             self.metrics.up.set(0);
             warn!(store = %self.label, reason = %why, "store is down (logins failed or timed out)");
         }
@@ -249,6 +248,22 @@ impl Registry {
         Ok(profile)
     }
 
+    /// The process's resolver for `settings`: the one in use, or a new one when the `dns:` settings
+    /// changed (names are then followed afresh with it; groups of older snapshots keep their watches
+    /// until they go). Store names and auth_http's `Auth-Server` names are resolved with it.
+    pub fn discovery(&self, settings: &DnsSettings) -> Result<Arc<Discovery>, DnsError> {
+        let mut inner = self.lock();
+        if let Some((s, d)) = &inner.discovery
+            && s == settings
+        {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(Discovery::new(settings.clone())?);
+        inner.discovery = Some((settings.clone(), d.clone()));
+        inner.names.clear();
+        Ok(d)
+    }
+
     /// Watches for `targets` with a resolver for `settings`: names already followed are shared (their
     /// last answer at once, no lookup); new ones are looked up now, concurrently.
     pub async fn names(
@@ -256,20 +271,7 @@ impl Registry {
         settings: &DnsSettings,
         targets: &[Target],
     ) -> Result<Vec<Arc<NameWatch>>, DnsError> {
-        let discovery = {
-            let mut inner = self.lock();
-            match &inner.discovery {
-                Some((s, d)) if s == settings => d.clone(),
-                _ => {
-                    // New resolver settings: names are followed afresh with them (groups of older
-                    // snapshots keep their watches until they go).
-                    let d = Arc::new(Discovery::new(settings.clone())?);
-                    inner.discovery = Some((settings.clone(), d.clone()));
-                    inner.names.clear();
-                    d
-                }
-            }
-        };
+        let discovery = self.discovery(settings)?;
         let mut out: Vec<Option<Arc<NameWatch>>> = {
             let inner = self.lock();
             targets
@@ -312,7 +314,7 @@ impl Registry {
             };
             out[i] = Some(kept);
         }
-        inner_retain_names(&mut self.lock());
+        self.lock().names.retain(|_, w| w.strong_count() > 0);
         Ok(out.into_iter().flatten().collect())
     }
 
@@ -355,7 +357,7 @@ impl Registry {
             .unwrap_or_else(|| id.clone());
         let store = Arc::new(self.start_store(endpoint, id, label, mode, profile.clone()));
         inner.stores.insert(key, Arc::downgrade(&store));
-        info!(store = %store.label, addr = %store.addr, "store added");
+        info!(store = %store.label, addr = %store.endpoint.addr, "store added");
         store
     }
 
@@ -369,15 +371,6 @@ impl Registry {
             .collect();
         v.sort_by(|a, b| a.label.cmp(&b.label));
         v
-    }
-
-    /// Names followed now.
-    pub fn followed_names(&self) -> usize {
-        self.lock()
-            .names
-            .values()
-            .filter(|w| w.strong_count() > 0)
-            .count()
     }
 
     fn start_store(
@@ -459,8 +452,11 @@ impl Registry {
             ));
         }
         Store {
-            addr: endpoint.addr,
-            host: endpoint.host.clone(),
+            endpoint: Endpoint {
+                priority: 0,
+                weight: 1,
+                ..endpoint.clone()
+            },
             id,
             label,
             health,
@@ -474,8 +470,4 @@ impl Registry {
             tasks,
         }
     }
-}
-
-fn inner_retain_names(inner: &mut Inner) {
-    inner.names.retain(|_, w| w.strong_count() > 0);
 }
