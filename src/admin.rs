@@ -62,6 +62,8 @@ pub trait Control: Send + Sync + 'static {
     fn addrs(&self) -> Vec<(String, SocketAddr)>;
     /// Recent reloads, oldest first.
     fn reloads(&self) -> Vec<ReloadRecord>;
+    /// Empties every tenant's auth_http answer cache; returns the answers dropped.
+    fn flush_auth_cache(&self) -> usize;
     /// Why a reload was refused.
     type ReloadError: std::fmt::Display + Send;
     /// Re-reads the config file and swaps it in when valid.
@@ -232,15 +234,25 @@ async fn route<R: Control>(
                     // could have typed the name finds the sessions; a name that no longer routes (its
                     // tenant was removed by a reload) is compared as given.
                     let key = runtime.snapshot().table.route(&m, None).map(|r| r.key);
-                    let kicked = match &key {
-                        Ok(key) => runtime.context().sessions.kick(key, true),
-                        Err(_) => runtime.context().sessions.kick(&m, false),
+                    let (name, fold) = match &key {
+                        Ok(key) => (key.as_str(), false),
+                        Err(_) => (m.as_str(), true),
                     };
-                    info!(sessions = kicked, "kicked a mailbox's sessions");
-                    json_reply(StatusCode::OK, json!({"kicked": kicked}))
+                    let here = Here(&**runtime);
+                    let fleet = &runtime.context().fleet;
+                    let body = fleet_reply(fleet.kick(&here, name, fold).await, "kicked");
+                    info!(sessions = %body["kicked"], "kicked a mailbox's sessions");
+                    json_reply(StatusCode::OK, body)
                 }
                 _ => text(StatusCode::BAD_REQUEST, "need ?mailbox=local@domain\n"),
             }
+        }
+        (&Method::POST, "/auth-cache/flush") => {
+            let here = Here(&**runtime);
+            let fleet = &runtime.context().fleet;
+            let body = fleet_reply(fleet.flush_auth_cache(&here).await, "flushed");
+            info!(answers = %body["flushed"], "flushed the auth_http answer caches");
+            json_reply(StatusCode::OK, body)
         }
         (&Method::GET, "/") => {
             let mut r = Response::new(Full::new(Bytes::from(html(&**runtime))));
@@ -248,6 +260,42 @@ async fn route<R: Control>(
             r
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// This replica, as the fleet's commands reach it.
+struct Here<'a, R>(&'a R);
+
+impl<R: Control> crate::cluster::FleetCommands for Here<'_, R> {
+    fn kick(&self, matches: &dyn Fn(&str) -> bool) -> usize {
+        self.0.context().sessions.kick_where(matches)
+    }
+
+    fn flush_auth_cache(&self) -> usize {
+        self.0.flush_auth_cache()
+    }
+}
+
+/// A fleet command's answer: `{<what>: total, replicas_answered, replicas_expected}`, or when the shared
+/// state could not be asked, this replica's count and `"complete": false` (off: `{<what>: count}`, this
+/// replica being the fleet).
+fn fleet_reply(
+    result: Result<crate::cluster::FleetResult, (crate::cluster::Unavailable, usize)>,
+    what: &str,
+) -> serde_json::Value {
+    match result {
+        Ok(r) => json!({
+            what: r.total,
+            "replicas_answered": r.replicas_answered,
+            "replicas_expected": r.replicas_expected,
+            "complete": r.replicas_answered >= r.replicas_expected,
+        }),
+        // Without `cluster:` the answer is what it always was.
+        Err((crate::cluster::Unavailable::Off, n)) => json!({ what: n }),
+        Err((crate::cluster::Unavailable::Degraded, n)) => json!({
+            what: n, "replicas_answered": 1, "complete": false,
+            "error": "shared state unavailable: only this replica was reached",
+        }),
     }
 }
 
@@ -427,6 +475,7 @@ pub fn status<R: Control>(runtime: &R) -> serde_json::Value {
         "listeners": listeners,
         "tenants": tenants,
         "reloads": reloads,
+        "cluster": runtime.context().fleet.status(),
     })
 }
 

@@ -74,15 +74,20 @@ impl SessionRegistry {
     /// Ends every session of `mailbox` (a mailbox key, compared exactly when `exact`, else ignoring ASCII
     /// case); returns how many.
     pub fn kick(&self, mailbox: &str, exact: bool) -> usize {
+        self.kick_where(&|m| {
+            if exact {
+                m == mailbox
+            } else {
+                m.eq_ignore_ascii_case(mailbox)
+            }
+        })
+    }
+
+    /// Ends every session whose mailbox `matches`; returns how many.
+    pub fn kick_where(&self, matches: &dyn Fn(&str) -> bool) -> usize {
         let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         let mut n = 0;
-        for entry in map.values().filter(|e| {
-            if exact {
-                e.mailbox == mailbox
-            } else {
-                e.mailbox.eq_ignore_ascii_case(mailbox)
-            }
-        }) {
+        for entry in map.values().filter(|e| matches(&e.mailbox)) {
             entry.kick.cancel();
             n += 1;
         }
@@ -129,6 +134,8 @@ pub struct Context {
     /// The stores and DNS names every tenant and snapshot share (their pools, probes and health survive
     /// reloads).
     pub stores: Arc<crate::store::registry::Registry>,
+    /// The state shared with the other replicas (off unless `cluster:` is configured).
+    pub fleet: crate::cluster::Fleet,
     next_session: AtomicU64,
 }
 
@@ -145,6 +152,7 @@ impl Context {
                 stop.clone(),
             )),
             metrics,
+            fleet: crate::cluster::Fleet::off(),
             sessions: SessionRegistry::default(),
             throttle,
             draining: stop.child_token(),

@@ -11,6 +11,7 @@
 //! - [`protocol`]: POP3 and SASL wire formats, no I/O.
 //! - [`vocab`]: shared vocabulary (tenant ids, mechanisms, policies, name normalisation); imports nothing.
 //! - [`runtime`]: the running process: config snapshots and reload, listeners, drain.
+//! - [`cluster`]: state shared across replicas in Redis/Valkey (limits, leases, fleet commands).
 //! - [`context`]: what every session shares: metrics, throttles, the session registry, stop signals.
 //! - [`admin`]: the admin HTTP server (metrics, health, status, reload, kick).
 //! - [`certs`]: certificate files and the crypto provider (a leaf).
@@ -24,6 +25,7 @@
 pub mod admin;
 pub mod auth;
 pub mod certs;
+pub mod cluster;
 pub mod config;
 pub mod context;
 pub mod demo;

@@ -57,6 +57,35 @@ pub mod names {
     pub const THROTTLED: &str = "throttled_total";
     /// Config reloads, by result.
     pub const CONFIG_RELOADS: &str = "config_reloads_total";
+    /// Round trips to the shared state (Redis/Valkey), by operation.
+    pub const CLUSTER_ROUND_TRIP: &str = "cluster_round_trip_seconds";
+    /// Shared-state operations that failed or timed out, by operation.
+    pub const CLUSTER_ERRORS: &str = "cluster_errors_total";
+    /// 1 while the shared state is unavailable and limits are per replica (or closed, per policy).
+    pub const CLUSTER_DEGRADED: &str = "cluster_degraded";
+    /// Session leases this replica holds in the shared state.
+    pub const CLUSTER_LEASES: &str = "cluster_leases";
+    /// Replicas that renewed their heartbeat within a lease TTL, as this replica last saw.
+    pub const CLUSTER_REPLICAS: &str = "cluster_replicas";
+    /// Fleet commands (kick, auth-cache flush) this replica carried out for another, by command.
+    pub const CLUSTER_COMMANDS: &str = "cluster_commands_total";
+}
+
+/// The shared state's series, registered only when `cluster:` is configured.
+#[derive(Debug, Clone)]
+pub struct ClusterMetrics {
+    /// Round-trip time, by operation.
+    pub round_trip: HistogramVec,
+    /// Failures and timeouts, by operation.
+    pub errors: IntCounterVec,
+    /// 1 while degraded.
+    pub degraded: IntGauge,
+    /// Leases held by this replica.
+    pub leases: IntGauge,
+    /// Replicas seen.
+    pub replicas: IntGauge,
+    /// Fleet commands carried out for other replicas.
+    pub commands: IntCounterVec,
 }
 
 /// The label value for sessions whose tenant is not (yet) known.
@@ -95,6 +124,7 @@ pub struct Metrics {
     throttled: IntCounterVec,
     config_reloads: IntCounterVec,
     tenants: Arc<Mutex<HashMap<String, Arc<TenantMetrics>>>>,
+    cluster: Arc<Mutex<Option<ClusterMetrics>>>,
 }
 
 /// Cached handles for one tenant (the hot path: every session and every relayed chunk).
@@ -320,6 +350,7 @@ impl Metrics {
                 &["result"],
             )?,
             tenants: Arc::default(),
+            cluster: Arc::default(),
             registry,
         };
         // Both reload results exist from the start, so alerts on `increase()` see the first failure.
@@ -329,6 +360,66 @@ impl Metrics {
         m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        Ok(m)
+    }
+
+    /// The shared state's series, registered on the first call (a process that never configures
+    /// `cluster:` exports none of them).
+    ///
+    /// # Errors
+    /// Registration failed (a programming error).
+    pub fn cluster(&self) -> Result<ClusterMetrics, MetricsError> {
+        let mut slot = self.cluster.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(m) = slot.as_ref() {
+            return Ok(m.clone());
+        }
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace("popgate");
+        let m = ClusterMetrics {
+            round_trip: HistogramVec::new(
+                HistogramOpts::new(
+                    names::CLUSTER_ROUND_TRIP,
+                    "Round trips to the shared state, by operation.",
+                )
+                .namespace("popgate")
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                ]),
+                &["op"],
+            )?,
+            errors: IntCounterVec::new(
+                opts(
+                    names::CLUSTER_ERRORS,
+                    "Shared-state operations that failed or timed out.",
+                ),
+                &["op"],
+            )?,
+            degraded: IntGauge::with_opts(opts(
+                names::CLUSTER_DEGRADED,
+                "1 while the shared state is unavailable.",
+            ))?,
+            leases: IntGauge::with_opts(opts(
+                names::CLUSTER_LEASES,
+                "Session leases this replica holds in the shared state.",
+            ))?,
+            replicas: IntGauge::with_opts(opts(
+                names::CLUSTER_REPLICAS,
+                "Replicas with a live heartbeat, as last seen.",
+            ))?,
+            commands: IntCounterVec::new(
+                opts(
+                    names::CLUSTER_COMMANDS,
+                    "Fleet commands carried out for another replica.",
+                ),
+                &["command"],
+            )?,
+        };
+        self.registry.register(Box::new(m.round_trip.clone()))?;
+        self.registry.register(Box::new(m.errors.clone()))?;
+        self.registry.register(Box::new(m.degraded.clone()))?;
+        self.registry.register(Box::new(m.leases.clone()))?;
+        self.registry.register(Box::new(m.replicas.clone()))?;
+        self.registry.register(Box::new(m.commands.clone()))?;
+        *slot = Some(m.clone());
         Ok(m)
     }
 

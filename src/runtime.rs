@@ -33,6 +33,9 @@ pub enum StartError {
     /// Metrics could not be registered.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// The shared state's files or settings.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// The admin HTTP server could not bind.
     #[error("admin server cannot bind {addr}: {source}")]
     Admin {
@@ -41,6 +44,22 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+}
+
+/// What this replica does for the fleet's commands (held weakly: the shared state's tasks must not keep a
+/// stopped runtime alive).
+struct FleetCommandsOf(std::sync::Weak<Runtime>);
+
+impl crate::cluster::FleetCommands for FleetCommandsOf {
+    fn kick(&self, matches: &dyn Fn(&str) -> bool) -> usize {
+        self.0
+            .upgrade()
+            .map_or(0, |rt| rt.context.sessions.kick_where(matches))
+    }
+
+    fn flush_auth_cache(&self) -> usize {
+        self.0.upgrade().map_or(0, |rt| rt.flush_auth_cache())
+    }
 }
 
 /// Why a reload was refused; the running config stays.
@@ -58,6 +77,9 @@ pub enum ReloadError {
     /// A new listener cannot bind.
     #[error(transparent)]
     Bind(#[from] crate::listener::BindError),
+    /// The shared state's files or settings.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Why the config directory cannot be watched.
@@ -138,6 +160,7 @@ impl Runtime {
             reload_lock: tokio::sync::Mutex::new(()),
             admin_addr: Mutex::default(),
         });
+        rt.configure_fleet(&config).await?;
         for ((name, bind), tcp) in wanted.into_iter().zip(bound) {
             rt.spawn_listener(name, bind, tcp);
         }
@@ -163,6 +186,38 @@ impl Runtime {
             *rt.admin_addr.lock().unwrap_or_else(PoisonError::into_inner) = Some(addr);
         }
         Ok(rt)
+    }
+
+    /// Puts `cluster:` in force: connects to the shared state (anew when its settings changed), or
+    /// turns it off.
+    async fn configure_fleet(
+        self: &Arc<Self>,
+        config: &Config,
+    ) -> Result<(), crate::cluster::ClusterError> {
+        let commands = Arc::new(FleetCommandsOf(Arc::downgrade(self)));
+        self.context
+            .fleet
+            .configure(
+                config.cluster.as_ref(),
+                &config.base_dir,
+                &self.context.metrics,
+                commands,
+                &self.context.stop,
+            )
+            .await
+    }
+
+    /// Empties every tenant's auth_http answer cache; returns the answers dropped.
+    pub fn flush_auth_cache(&self) -> usize {
+        let shared = self.snapshot();
+        let mut dropped = 0;
+        for tenant in shared.tenants.iter() {
+            if let Some(service) = &tenant.auth_http {
+                dropped += service.cache_len();
+                service.clear_cache();
+            }
+        }
+        dropped
     }
 
     fn spawn_listener(
@@ -354,6 +409,7 @@ impl Runtime {
             Arc::new(Shared::new(config.clone(), self.context.clone(), Some(&previous)).await?);
         drop(previous);
         let built = shared.built;
+        self.configure_fleet(&config).await?;
         // A listener leaving an address a new one needs (moved to another IP on the same port, or renamed)
         // is stopped first, so the new bind can work; if a bind fails anyway, the stopped ones come back.
         let freed = self.stop_conflicting(&removed, &added).await;
@@ -613,6 +669,10 @@ impl crate::admin::Control for Runtime {
 
     fn addrs(&self) -> Vec<(String, SocketAddr)> {
         Runtime::addrs(self)
+    }
+
+    fn flush_auth_cache(&self) -> usize {
+        Runtime::flush_auth_cache(self)
     }
 
     fn reloads(&self) -> Vec<ReloadRecord> {

@@ -498,6 +498,49 @@ impl Throttle {
         })
     }
 
+    /// The client address as the limits count it: IPv4, or the IPv6 prefix (what the shared state keys).
+    pub fn counted_ip(&self, ip: IpAddr) -> IpAddr {
+        self.ip_key(ip)
+    }
+
+    /// The delay before the `-ERR` of a login with `failures` failures counted (the shared state's count
+    /// gets the same growing delay as a local one).
+    pub fn delay_for_failures(&self, failures: u32) -> Duration {
+        self.delay_for(failures)
+    }
+
+    /// Records a lockout the shared state reported (another replica counted the failures), so this
+    /// replica refuses the address or the mailbox on its own until it ends, without asking again.
+    pub fn note_lockout(&self, ip: Option<IpAddr>, mailbox: Option<&str>, left: Duration) {
+        self.note_lockout_at(ip, mailbox, left, Instant::now());
+    }
+
+    /// [`Throttle::note_lockout`] at a given time.
+    pub fn note_lockout_at(
+        &self,
+        ip: Option<IpAddr>,
+        mailbox: Option<&str>,
+        left: Duration,
+        now: Instant,
+    ) {
+        let config = self.inner.config.load();
+        let until = now + left.min(MAX_SPAN);
+        if let Some(ip) = ip {
+            let key = self.ip_key(ip);
+            lock_until(&mut lock(&self.inner.ip_failures), key, until, now, &config);
+        }
+        if let Some(mailbox) = mailbox {
+            let key = self.mailbox_key(mailbox);
+            lock_until(
+                &mut lock(&self.inner.mailbox_failures),
+                key,
+                until,
+                now,
+                &config,
+            );
+        }
+    }
+
     /// Drops every idle key (see the module doc). Run it periodically, e.g. every minute.
     pub fn purge(&self) {
         self.purge_at(Instant::now());
@@ -691,6 +734,23 @@ impl fmt::Debug for Throttle {
             .field("tracked_keys", &self.tracked_keys())
             .finish()
     }
+}
+
+/// Puts `key` under a lockout until `until` (kept if one already runs longer).
+fn lock_until<K: Hash + Eq + Copy>(
+    failures: &mut HashMap<K, Failures>,
+    key: K,
+    until: Instant,
+    now: Instant,
+    config: &ThrottleConfig,
+) {
+    if !failures.contains_key(&key) {
+        make_room(failures, config.max_tracked_keys, |f| f.rank(now));
+    }
+    let f = failures.entry(key).or_insert_with(|| Failures::new(now));
+    f.count = f.count.max(config.lockout_after);
+    f.last = now;
+    f.locked_until = Some(f.locked_until.map_or(until, |u| u.max(until)));
 }
 
 // === impl HeldCap ===

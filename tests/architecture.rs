@@ -13,6 +13,7 @@ use std::path::Path;
 /// `admin`, `listener` or `runtime` but the process setup (`runtime`).
 const ALLOWED: &[(&str, &str)] = &[
     // The admin server reads the process through its own `Control` trait, never `runtime`.
+    ("admin", "cluster"),
     ("admin", "config"),
     ("admin", "context"),
     ("admin", "proxy"),
@@ -25,10 +26,18 @@ const ALLOWED: &[(&str, &str)] = &[
     ("auth", "secret"),
     ("auth", "session"),
     ("auth", "store"),
+    // The shared state across replicas: a stage with I/O that reads its settings and the leaves, and
+    // exports its own series.
+    ("cluster", "certs"),
+    ("cluster", "config"),
+    ("cluster", "metrics"),
+    ("cluster", "secret"),
     // Config is data: it validates with the leaves, never with a stage.
     ("config", "certs"),
     ("config", "secret"),
     ("config", "vocab"),
+    // The fleet handle is process state, like the store registry.
+    ("context", "cluster"),
     ("context", "metrics"),
     // The store registry is process state: pools and health outlive a snapshot.
     ("context", "store"),
@@ -41,6 +50,7 @@ const ALLOWED: &[(&str, &str)] = &[
     ("protocol", "secret"),
     // The composition: the one module that sees every stage.
     ("proxy", "auth"),
+    ("proxy", "cluster"),
     ("proxy", "config"),
     ("proxy", "context"),
     ("proxy", "metrics"),
@@ -59,6 +69,7 @@ const ALLOWED: &[(&str, &str)] = &[
     ("router", "vocab"),
     // The process setup: starts listeners and the admin server, swaps snapshots.
     ("runtime", "admin"),
+    ("runtime", "cluster"),
     ("runtime", "config"),
     ("runtime", "context"),
     ("runtime", "listener"),

@@ -5,6 +5,7 @@
 //! Every struct refuses unknown fields and the YAML parser refuses duplicate keys, so a typo is an error
 //! with a line number rather than a silently ignored setting.
 
+mod cluster;
 mod duration;
 mod store;
 
@@ -17,6 +18,7 @@ use std::str::FromStr;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+pub use cluster::{ClusterConfig, ClusterMode, ClusterTls, FailPolicy, WhenUnavailable};
 pub use duration::Seconds;
 pub use store::{
     ClientIpForwarding, DnsConfig, HealthConfig, PoolConfig, ProxyProtocolIn, StoreSpec, StoreTls,
@@ -56,6 +58,9 @@ pub struct Config {
     /// What the metrics endpoint exports beyond the fixed set.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Shared state across replicas (Redis/Valkey). Absent: each replica keeps its limits to itself.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     /// Tenants by name. The name is the metrics label and appears in logs.
     pub tenants: BTreeMap<String, Spanned<TenantConfig>>,
     /// Where relative paths in this file are resolved from (the file's directory); not read from YAML.
@@ -747,6 +752,32 @@ impl Config {
             })
         };
 
+        if let Some(cluster) = &self.cluster {
+            for (field, message) in cluster.problems() {
+                push(field, None, message);
+            }
+            match crate::secret::files::read_token_file(
+                &self.resolve_path(&cluster.key_secret_file),
+            ) {
+                Ok(key) if key.expose().len() < 16 => push(
+                    "cluster.key_secret_file".into(),
+                    None,
+                    "the key must be at least 16 bytes".into(),
+                ),
+                Ok(_) => {}
+                Err(e) => push("cluster.key_secret_file".into(), None, e.to_string()),
+            }
+            if let Some(path) = &cluster.password_file
+                && let Err(e) = crate::secret::files::read_token_file(&self.resolve_path(path))
+            {
+                push("cluster.password_file".into(), None, e.to_string());
+            }
+            if let Some(ca) = cluster.tls.as_ref().and_then(|t| t.ca.as_ref())
+                && let Err(e) = crate::certs::load_roots(&self.resolve_path(ca))
+            {
+                push("cluster.tls.ca".into(), None, e.to_string());
+            }
+        }
         if self.listeners.is_empty() {
             push(
                 "listeners".into(),

@@ -284,3 +284,43 @@ fn a_parse_error_quotes_no_line_of_the_file() {
     assert!(err.contains("line"), "{err}");
     assert!(!err.contains("hunter2"), "file text in the error: {err}");
 }
+
+#[test]
+fn a_cluster_block_is_checked_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, "too-short\n").unwrap();
+    let yaml = format!(
+        "cluster:\n  mode: sentinel\n  servers: [\"redis\", \"127.0.0.1:6379\"]\n  key_secret_file: {}\n  \
+         timeout: 0s\n  key_prefix: \"a{{b}}\"\n  password_file: /nonexistent/redis.password\n{GOOD}",
+        short.display()
+    );
+    let err = Config::from_yaml_str(&yaml, dir.path())
+        .unwrap_err()
+        .to_string();
+    for field in [
+        "cluster.servers",
+        "cluster.sentinel_service",
+        "cluster.timeout",
+        "cluster.key_prefix",
+        "cluster.key_secret_file",
+        "cluster.password_file",
+    ] {
+        assert!(err.contains(field), "{field} not reported in: {err}");
+    }
+    // A good block: defaults as documented, and off when absent.
+    let key = dir.path().join("good.key");
+    std::fs::write(&key, "0123456789abcdef0123\n").unwrap();
+    let yaml = format!(
+        "cluster:\n  servers: [\"127.0.0.1:6379\"]\n  key_secret_file: {}\n{GOOD}",
+        key.display()
+    );
+    let c = Config::from_yaml_str(&yaml, dir.path()).unwrap();
+    let cluster = c.cluster.unwrap();
+    assert_eq!(cluster.mode, ClusterMode::Standalone);
+    assert_eq!(cluster.timeout.get(), Duration::from_millis(100));
+    assert_eq!(cluster.lease_ttl.get(), Duration::from_secs(30));
+    assert_eq!(cluster.key_prefix, "popgate:");
+    assert_eq!(cluster.when_unavailable.lockouts, FailPolicy::Open);
+    assert!(parse(GOOD).unwrap().cluster.is_none());
+}

@@ -20,6 +20,7 @@ use crate::store::group::{ActiveSession, GroupError};
 use crate::throttle::{Failure, MailboxGuard, TenantGuard, Verdict};
 
 use super::auth_http_login::{AuthHttpLogin, AuthHttpOutcome, auth_http_login};
+use super::fleet;
 use super::offer::Passthrough;
 use super::snapshot::{ListenerInfo, Shared, TenantRuntime};
 use crate::auth::decision::{LoginRules, OwnedAuth, store_auth};
@@ -30,6 +31,7 @@ const IN_USE: &[u8] = b"-ERR [IN-USE] Too many sessions for this mailbox\r\n";
 const TENANT_FULL: &[u8] =
     b"-ERR [SYS/TEMP] Too many sessions for this domain, try again later\r\n";
 const STORE_UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] Mail store unavailable, try again later\r\n";
+const CHECKS_UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] Login checks unavailable, try again later\r\n";
 
 /// How one login attempt ended.
 pub(super) enum Admission {
@@ -59,6 +61,8 @@ pub(super) struct Admitted {
     pub(super) mailbox: String,
     pub(super) mailbox_slot: MailboxGuard,
     pub(super) tenant_slot: TenantGuard,
+    /// The fleet's session leases (tenant, mailbox) when `cluster:` is on.
+    pub(super) leases: Vec<crate::cluster::Lease>,
     /// The client's mechanism, as a metric label.
     pub(super) mechanism: &'static str,
 }
@@ -215,7 +219,7 @@ impl Attempt<'_> {
         passthrough: &mut Option<Passthrough>,
     ) -> Result<Admitted, Refusal> {
         let mailbox = route.key.as_str();
-        let tenant_slot = self.tenant_gates(tenant_name, tenant, mailbox).await?;
+        let (tenant_slot, tenant_lease) = self.tenant_gates(tenant_name, tenant, mailbox).await?;
         let via_passthrough = passthrough
             .as_ref()
             .is_some_and(|p| p.tenant == route.tenant);
@@ -255,7 +259,7 @@ impl Attempt<'_> {
             Ok(done) => done,
             Err(e) => return Err(self.store_refused(tenant_name, mailbox, e, asked).await),
         };
-        let mailbox_slot = self.after_login(tenant_name, tenant, mailbox)?;
+        let (mailbox_slot, mailbox_lease) = self.after_login(tenant_name, tenant, mailbox).await?;
         // `logged_in` is dropped on a refusal above: the store session closes without QUIT, so nothing it
         // did may be committed.
         Ok(Admitted {
@@ -266,18 +270,19 @@ impl Attempt<'_> {
             mailbox: mailbox.to_string(),
             mailbox_slot,
             tenant_slot,
+            leases: tenant_lease.into_iter().chain(mailbox_lease).collect(),
             mechanism: self.mechanism,
         })
     }
 
     /// The tenant's own gates, before any store is asked: the mechanism, the mailbox's lockout, the
-    /// tenant's session cap.
+    /// tenant's session cap (here, then fleet-wide).
     async fn tenant_gates(
         &self,
         tenant_name: &str,
         tenant: &TenantRuntime,
         mailbox: &str,
-    ) -> Result<TenantGuard, Refusal> {
+    ) -> Result<(TenantGuard, Option<crate::cluster::Lease>), Refusal> {
         let (ctx, metrics) = (self.ctx, &self.ctx.metrics);
         if !tenant.mechanisms.contains(&self.creds.mechanism) {
             metrics.login(tenant_name, self.mechanism, "rejected");
@@ -290,13 +295,45 @@ impl Attempt<'_> {
             metrics.login(tenant_name, self.mechanism, "throttled");
             return Err(Refusal::reject(LOCKED_OUT));
         }
-        ctx.throttle
+        let slot = ctx
+            .throttle
             .tenant_session(tenant_name, tenant.max_sessions)
             .map_err(|reason| {
                 metrics.throttled(tenant_name, reason);
                 metrics.login(tenant_name, self.mechanism, "throttled");
                 Refusal::unavailable(TENANT_FULL)
-            })
+            })?;
+        let peer = self.client.peer.ip();
+        match fleet::before_store(ctx, peer, mailbox, tenant_name, tenant.max_sessions).await {
+            Ok(lease) => Ok((slot, lease)),
+            Err(refused) => Err(self.fleet_refused(tenant_name, refused)),
+        }
+    }
+
+    /// The answer to a fleet-wide refusal (counted in the metrics as the local one would be).
+    fn fleet_refused(&self, tenant_name: &str, refused: fleet::Refused) -> Refusal {
+        let metrics = &self.ctx.metrics;
+        let (reason, refusal) = match refused {
+            fleet::Refused::Locked => ("lockout", Refusal::reject(LOCKED_OUT)),
+            fleet::Refused::Full("tenant_sessions") => {
+                ("tenant_sessions", Refusal::unavailable(TENANT_FULL))
+            }
+            fleet::Refused::Full(reason) => (reason, Refusal::unavailable(IN_USE)),
+            fleet::Refused::LoginDelay(left) => {
+                info!(
+                    wait_s = left.as_secs(),
+                    "login refused: minimum interval between logins (fleet-wide)"
+                );
+                ("login_delay", Refusal::unavailable(login_delay_reply(left)))
+            }
+            fleet::Refused::Unavailable | fleet::Refused::Rate => (
+                "cluster_unavailable",
+                Refusal::unavailable(CHECKS_UNAVAILABLE),
+            ),
+        };
+        metrics.throttled(tenant_name, reason);
+        metrics.login(tenant_name, self.mechanism, "throttled");
+        refusal
     }
 
     /// Logs in at a store: the one shown in the greeting (APOP passthrough), the one auth_http names, or
@@ -387,12 +424,12 @@ impl Attempt<'_> {
 
     /// The gates that need the store's word that the credentials are right: the mailbox's session cap
     /// (failure counts are cleared all the same) and the minimum interval between its logins.
-    fn after_login(
+    async fn after_login(
         &self,
         tenant_name: &str,
         tenant: &TenantRuntime,
         mailbox: &str,
-    ) -> Result<MailboxGuard, Refusal> {
+    ) -> Result<(MailboxGuard, Option<crate::cluster::Lease>), Refusal> {
         let (ctx, metrics) = (self.ctx, &self.ctx.metrics);
         let slot = ctx
             .throttle
@@ -411,12 +448,13 @@ impl Attempt<'_> {
                 wait_s = left.as_secs(),
                 "login refused: minimum interval between logins"
             );
-            return Err(Refusal::unavailable(format!(
-                "-ERR [LOGIN-DELAY] Logged in too recently; try again in {} seconds\r\n",
-                left.as_secs().max(1)
-            )));
+            return Err(Refusal::unavailable(login_delay_reply(left)));
         }
-        Ok(slot)
+        let peer = self.client.peer.ip();
+        match fleet::after_store(ctx, peer, mailbox, tenant.min_login_interval).await {
+            Ok(lease) => Ok((slot, lease)),
+            Err(refused) => Err(self.fleet_refused(tenant_name, refused)),
+        }
     }
 
     /// Records a failed login with the edge defences; waits the growing delay before the `-ERR` goes out
@@ -428,7 +466,15 @@ impl Attempt<'_> {
             mailbox,
             secret: Some(self.creds.password.expose()),
         };
-        match ctx.throttle.failed(self.client.peer.ip(), failure) {
+        let here = ctx.throttle.failed(self.client.peer.ip(), failure);
+        let fleet_wide = fleet::count_failure(
+            ctx,
+            self.client.peer.ip(),
+            mailbox,
+            self.creds.password.expose(),
+        )
+        .await;
+        match fleet::stricter(here, fleet_wide) {
             Verdict::Allow => reply,
             Verdict::Delay(d) => {
                 ctx.metrics.throttled(tenant, "failed_login_delay");
@@ -444,6 +490,14 @@ impl Attempt<'_> {
             }
         }
     }
+}
+
+/// `-ERR [LOGIN-DELAY]` with the whole seconds left (at least one).
+fn login_delay_reply(left: std::time::Duration) -> String {
+    format!(
+        "-ERR [LOGIN-DELAY] Logged in too recently; try again in {} seconds\r\n",
+        left.as_secs().max(1)
+    )
 }
 
 /// Waits about as long as the stores take to refuse a login, before a refusal popgate decided without

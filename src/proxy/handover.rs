@@ -30,6 +30,7 @@ pub(super) struct Handover<'c> {
     _registered: Registered<'c>,
     _mailbox_slot: MailboxGuard,
     _tenant_slot: crate::throttle::TenantGuard,
+    _leases: Vec<crate::cluster::Lease>,
 }
 
 /// A relayed session's summary.
@@ -70,6 +71,7 @@ pub(super) async fn hand_over<'c>(
         mailbox,
         mailbox_slot,
         tenant_slot,
+        leases,
         mechanism,
     } = admitted;
     let metrics = &ctx.metrics;
@@ -112,5 +114,6 @@ pub(super) async fn hand_over<'c>(
         _registered: registered,
         _mailbox_slot: mailbox_slot,
         _tenant_slot: tenant_slot,
+        _leases: leases,
     }))
 }

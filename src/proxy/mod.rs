@@ -12,6 +12,7 @@
 mod accept;
 mod admit;
 mod auth_http_login;
+mod fleet;
 mod handover;
 mod offer;
 mod snapshot;
@@ -57,7 +58,7 @@ pub fn serve<K: Send + 'static>(
         let span = info_span!("session", id, client = %peer, listener = %listener.name, tenant = tracing::field::Empty);
         // Boxed, and dropped at the end of this statement: the login phase's state (session driver, offer,
         // credentials) is freed before relaying, so an idle logged-in session keeps only what the relay needs.
-        let summary = Box::pin(run(&ctx, &shared, &listener, tcp, peer, id))
+        let (summary, _address_lease) = Box::pin(run(&ctx, &shared, &listener, tcp, peer, id))
             .instrument(span.clone())
             .await;
         let metrics = &ctx.metrics;
@@ -116,12 +117,51 @@ async fn run<'c>(
     tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
-) -> Summary<'c> {
+) -> (Summary<'c>, Option<crate::cluster::Lease>) {
     let deadline = Instant::now() + shared.config.timeouts.pre_login.get();
-    let accepted = match accept::accept(ctx, shared, listener, tcp, peer, id).await {
+    let mut accepted = match accept::accept(ctx, shared, listener, tcp, peer, id).await {
         Ok(accepted) => accepted,
-        Err(end) => return Summary::NoLogin(None, end),
+        Err(end) => return (Summary::NoLogin(None, end), None),
     };
+    // The fleet-wide rate and per-address cap, for the client's own address (after a PROXY header).
+    let lease = match fleet::admit_address(ctx, accepted.client.peer.ip()).await {
+        Ok(lease) => lease,
+        Err(refused) => {
+            let reason = match refused {
+                fleet::Refused::Rate => "rate",
+                fleet::Refused::Full(reason) => reason,
+                _ => "cluster_unavailable",
+            };
+            ctx.metrics
+                .throttled(crate::metrics::UNKNOWN_TENANT, reason);
+            let line: &[u8] = if reason == "cluster_unavailable" {
+                b"-ERR [SYS/TEMP] Connection checks unavailable, try again later\r\n"
+            } else {
+                b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n"
+            };
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                tokio::io::AsyncWriteExt::write_all(&mut accepted.stream, line),
+            )
+            .await;
+            return (Summary::NoLogin(None, SessionEnd::Policy), None);
+        }
+    };
+    (
+        greeted(ctx, shared, listener, accepted, deadline, id).await,
+        lease,
+    )
+}
+
+/// The session after its connection was accepted: greeting, credentials and login attempts.
+async fn greeted<'c>(
+    ctx: &'c Context,
+    shared: &Shared,
+    listener: &ListenerInfo,
+    accepted: accept::Accepted,
+    deadline: Instant,
+    id: u64,
+) -> Summary<'c> {
     let greeting = offer::greeting(shared, listener, &accepted, id).await;
     let client = accepted.client;
     let mut passthrough = greeting.passthrough;

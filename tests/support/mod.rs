@@ -14,4 +14,5 @@ pub mod mailboxes;
 pub mod pki;
 pub mod pop3;
 pub mod popgate;
+pub mod redis;
 pub mod store;
