@@ -16,6 +16,9 @@
 #[path = "../tests/support/dovecot.rs"]
 #[allow(dead_code)]
 mod dovecot;
+#[path = "../tests/support/redis.rs"]
+#[allow(dead_code)]
+mod redis;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -92,7 +95,17 @@ enum Variant {
     TlsNoPool,
     /// HAProxy in TCP mode in front of the plain store (reference; no POP3 awareness).
     Haproxy,
+    /// popgate, pool on, every edge limit in force for the clients (no trusted network): the baseline of
+    /// the shared-state row.
+    Limits,
+    /// `Limits` with `cluster:` on a Redis on loopback: every limit checked fleet-wide.
+    Shared,
 }
+
+/// The edge limits of the shared-state rows: all on, none ever reached by the load (50 clients on one
+/// address, 100 mailboxes), so every login pays for the checks and none is refused.
+const LIMITS: &str = "throttle:\n  trusted_networks: []\n  max_sessions_per_ip: 1000\n  connection_burst: 100000\n  \
+                      connections_per_second: 100000\n  max_sessions_per_mailbox: 100\n";
 
 /// A proxy process: popgate in one configuration, or HAProxy.
 struct Proxy {
@@ -112,6 +125,8 @@ struct Setup<'a> {
     haproxy: bool,
     dir: &'a Path,
     store: &'a DovecotStore,
+    /// The shared state's server (for `Variant::Shared`).
+    redis: &'a redis::Redis,
 }
 
 /// One measured way to the store: a label for the figures, where to connect, and the proxy process (for CPU
@@ -184,17 +199,21 @@ fn main() {
         .prefix("popgate-bench-")
         .tempdir()
         .unwrap();
+    let redis = redis::Redis::start();
     let setup = Setup {
         popgate: &popgate_bin,
         haproxy: Path::new(HAPROXY).exists(),
         dir: work.path(),
         store: &store,
+        redis: &redis,
     };
     let mut variants = vec![
         Variant::Pool,
         Variant::NoPool,
         Variant::TlsPool,
         Variant::TlsNoPool,
+        Variant::Limits,
+        Variant::Shared,
     ];
     if setup.haproxy {
         variants.push(Variant::Haproxy);
@@ -242,6 +261,8 @@ fn main() {
         via("pool", Variant::Pool),
         via("nopool", Variant::NoPool),
         via("haproxy", Variant::Haproxy),
+        via("limits", Variant::Limits),
+        via("shared", Variant::Shared),
     ]
     .into_iter()
     .flatten()
@@ -296,6 +317,8 @@ fn main() {
                 let own_before = cpu_seconds(std::process::id());
                 let admin = p.process.and_then(|x| x.admin);
                 let pool_before = admin.map(pool_checkouts);
+                let trips_before = admin.map(cluster_round_trips);
+                let redis_before = redis.pid().map(cpu_seconds);
                 let r = rt
                     .block_on(logins::run(&logins_args(
                         p.target.clone(),
@@ -334,6 +357,19 @@ fn main() {
                     figs.add(
                         &format!("logins.{name}.cpu_s_per_1000"),
                         cpu / (r.sessions as f64 / 1000.0),
+                    );
+                }
+                if name == "shared"
+                    && let (Some(a), Some((w0, f0)), Some(r0)) = (admin, trips_before, redis_before)
+                {
+                    let (w1, f1) = cluster_round_trips(a);
+                    let logins = r.sessions as f64;
+                    figs.add("logins.shared.trips_awaited", (w1 - w0) / logins);
+                    figs.add("logins.shared.trips_released", (f1 - f0) / logins);
+                    let redis_cpu = redis.pid().map_or(0.0, cpu_seconds) - r0;
+                    figs.add(
+                        "logins.shared.redis_cpu_s_per_1000",
+                        redis_cpu / (logins / 1000.0),
                     );
                 }
                 println!(
@@ -682,6 +718,21 @@ impl Proxy {
             admin = Some(admin_addr);
             let yaml = fs::read_to_string(&config).unwrap();
             fs::write(&config, format!("{yaml}admin:\n  bind: \"{admin_addr}\"\n")).unwrap();
+            let extra = match variant {
+                Variant::Limits => LIMITS.to_owned(),
+                Variant::Shared => {
+                    let key = setup.dir.join("cluster.key");
+                    fs::write(&key, "bench-key-of-more-than-16-bytes\n").unwrap();
+                    format!(
+                        "{LIMITS}cluster:\n  servers: [\"{}\"]\n  key_secret_file: {}\n",
+                        setup.redis.addr(),
+                        key.display()
+                    )
+                }
+                _ => String::new(),
+            };
+            let yaml = fs::read_to_string(&config).unwrap();
+            fs::write(&config, format!("{yaml}{extra}")).unwrap();
             let mut c = Command::new(setup.popgate);
             c.arg("run").arg("-c").arg(&config);
             // Production logging (one line per login and per session end) unless the caller says otherwise.
@@ -784,6 +835,45 @@ fn pool_checkouts(admin: SocketAddr) -> (f64, f64) {
     (hits, misses)
 }
 
+/// The shared state's round trips so far, from popgate's metrics: (awaited by a login or an accept,
+/// lease releases sent after a session ended).
+fn cluster_round_trips(admin: SocketAddr) -> (f64, f64) {
+    let mut s = TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    let (mut awaited, mut released) = (0.0, 0.0);
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("popgate_cluster_round_trip_seconds_count{"))
+    {
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if line.contains("op=\"release\"") {
+            released += value;
+        } else if [
+            "admit_ip",
+            "before_login",
+            "after_login",
+            "failed",
+            "locked",
+            "lease",
+            "logged_in",
+        ]
+        .iter()
+        .any(|op| line.contains(&format!("op=\"{op}\"")))
+        {
+            awaited += value;
+        }
+    }
+    (awaited, released)
+}
+
 fn free_port() -> SocketAddr {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     l.local_addr().unwrap()
@@ -883,6 +973,58 @@ impl Figures {
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| median(v))
+    }
+
+    /// Shared state on against off, the same limits in force (`LIMITS`), 50 concurrent plaintext logins.
+    fn shared_table(&self) -> String {
+        let mut out = String::from(
+            "\n## Shared state (`cluster:` on a Redis on loopback) against off, same limits\n\n\
+             | figure | off | on | on ÷ off | target |\n|---|---|---|---|---|\n",
+        );
+        let show = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), figure);
+        for (label, key, target) in [
+            ("logins/s, 50 concurrent", "per_s", "≥ 0.90×"),
+            ("popgate CPU s per 1,000 logins", "cpu_s_per_1000", ""),
+            ("PASS round trip p50 µs", "pass_p50_us", ""),
+            ("whole session p50 µs", "session_p50_us", ""),
+        ] {
+            let off = self.median(&format!("logins.limits.{key}"));
+            let on = self.median(&format!("logins.shared.{key}"));
+            let ratio = match (on, off) {
+                (Some(a), Some(b)) => format!("{:.2}×", a / b),
+                _ => "—".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {label} | {} | {} | {ratio} | {target} |",
+                show(off),
+                show(on)
+            );
+        }
+        for (label, key, target) in [
+            (
+                "Redis round trips awaited per login (accept + login)",
+                "trips_awaited",
+                "≤ 3 (≤ 2 in the login)",
+            ),
+            (
+                "lease releases sent per login (not awaited)",
+                "trips_released",
+                "",
+            ),
+            (
+                "Redis server CPU s per 1,000 logins",
+                "redis_cpu_s_per_1000",
+                "",
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "| {label} | — | {} | — | {target} |",
+                show(self.median(&format!("logins.shared.{key}")))
+            );
+        }
+        out
     }
 
     /// The markdown table of medians and ratios, then every round's values.
@@ -1171,6 +1313,7 @@ impl Figures {
                 idle.join(", ")
             );
         }
+        out.push_str(&self.shared_table());
         let _ = writeln!(out, "\n## Every round\n");
         for (k, values) in &self.0 {
             let each: Vec<String> = values.iter().map(|v| figure(*v)).collect();

@@ -67,6 +67,11 @@ impl Redis {
         panic!("redis-server did not start (see its log in the temp dir)");
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `host:port` as a config names it.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)

@@ -116,6 +116,28 @@ The popgate config file: .Values.config plus
 {{- $_ := set $admin "hosts" (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns)) }}
 {{- end }}
 {{- $_ := set $cfg "admin" $admin }}
+{{- with .Values.cluster }}
+{{- if .servers }}
+{{- if hasKey $cfg "cluster" }}
+{{- fail "cluster.servers is set: remove config.cluster (the chart writes it from .Values.cluster)" }}
+{{- end }}
+{{- if not .keySecret.name }}
+{{- fail "cluster.keySecret.name is required with cluster.servers (a Secret holding the key that names every key)" }}
+{{- end }}
+{{- $c := dict "mode" .mode "servers" .servers "key_secret_file" "/etc/popgate/cluster/key" "key_prefix" .keyPrefix "timeout" .timeout "lease_ttl" .leaseTtl }}
+{{- with .sentinelService }}{{- $_ := set $c "sentinel_service" . }}{{- end }}
+{{- with .username }}{{- $_ := set $c "username" . }}{{- end }}
+{{- if .passwordSecret.name }}{{- $_ := set $c "password_file" "/etc/popgate/cluster/password" }}{{- end }}
+{{- if .tls.enabled }}
+{{- $t := dict }}
+{{- if .tls.caSecret.name }}{{- $_ := set $t "ca" "/etc/popgate/cluster/ca.crt" }}{{- end }}
+{{- with .tls.serverName }}{{- $_ := set $t "server_name" . }}{{- end }}
+{{- $_ := set $c "tls" $t }}
+{{- end }}
+{{- with .whenUnavailable }}{{- $_ := set $c "when_unavailable" . }}{{- end }}
+{{- $_ := set $cfg "cluster" $c }}
+{{- end }}
+{{- end }}
 {{- if and .Values.certificates.default.secretName (not (hasKey $cfg "tls")) }}
 {{- $_ := set $cfg "tls" (dict "certificate" "/etc/popgate/tls/tls.crt" "key" "/etc/popgate/tls/tls.key") }}
 {{- end }}
