@@ -697,7 +697,7 @@ impl Proxy {
             let plain_store = format!("\"{}\"", store.pop3_addr());
             let tls_store = format!("{{address: \"{}\", tls: implicit}}", store.pop3s_addr());
             let (backend, extra) = match variant {
-                Variant::Pool => (plain_store, ""),
+                Variant::Pool | Variant::Limits | Variant::Shared => (plain_store, ""),
                 Variant::NoPool => (plain_store, "\n    pool: {min_idle: 0}"),
                 Variant::TlsPool => (tls_store, "\n    backend_tls: {insecure_skip_verify: true}"),
                 _ => (
@@ -856,17 +856,9 @@ fn cluster_round_trips(admin: SocketAddr) -> (f64, f64) {
             .unwrap_or(0.0);
         if line.contains("op=\"release\"") {
             released += value;
-        } else if [
-            "admit_ip",
-            "before_login",
-            "after_login",
-            "failed",
-            "locked",
-            "lease",
-            "logged_in",
-        ]
-        .iter()
-        .any(|op| line.contains(&format!("op=\"{op}\"")))
+        } else if ["before_login", "after_login", "failed"]
+            .iter()
+            .any(|op| line.contains(&format!("op=\"{op}\"")))
         {
             awaited += value;
         }

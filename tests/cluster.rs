@@ -154,7 +154,7 @@ async fn lockouts_are_fleet_wide(cluster: &str, dir: &Path) {
 }
 
 /// A per-mailbox cap of one holds across replicas, and frees as soon as the session ends; LOGIN-DELAY
-/// set by a login on one replica is answered on another.
+/// set by a login on one replica is answered on another; a per-address cap of one holds across replicas.
 async fn caps_and_login_delay_are_fleet_wide(cluster: &str, dir: &Path) {
     let store = store(2);
     let yaml = replica_config(
@@ -206,6 +206,21 @@ async fn caps_and_login_delay_are_fleet_wide(cluster: &str, dir: &Path) {
     for r in fleet {
         r.shutdown();
     }
+
+    // One session per address over the fleet: the other replica has none from it, and still refuses.
+    let yaml = replica_config(cluster, "  max_sessions_per_ip: 1\n", store.pop3_addr(), "");
+    let fleet = replicas(2, &yaml, dir).await;
+    let mut held = Pop3::greeted_from(pop3(&fleet[0]), client_ip(90)).await;
+    held.login("user0@example.com", "pw").await;
+    let answer = attempt(pop3(&fleet[1]), client_ip(90), "user1@example.com", "pw").await;
+    assert!(
+        answer.contains("Too many connections from your address"),
+        "the per-address cap must hold on the other replica: {answer}"
+    );
+    held.ok("QUIT").await;
+    for r in fleet {
+        r.shutdown();
+    }
 }
 
 /// `POST /kick` on one replica ends the session held on another, and says so.
@@ -240,6 +255,16 @@ async fn kick_reaches_the_whole_fleet(cluster: &str, dir: &Path) {
         held.until_eof().await.is_empty(),
         "the kicked session must end"
     );
+    // The auth_http cache flush goes the same way (no tenant here uses auth_http: nothing to drop).
+    let (code, body) = tokio::task::spawn_blocking(move || {
+        http("POST", &format!("http://{admin}/auth-cache/flush"), None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["replicas_answered"], 2, "{body}");
+    assert_eq!(reply["flushed"], 0, "{body}");
     for r in fleet {
         r.shutdown();
     }
@@ -537,4 +562,127 @@ async fn a_killed_replica_frees_its_sessions_within_the_lease_ttl() {
     }
     drop(held);
     other.shutdown();
+}
+
+/// TLS to Redis with a CA of the operator's, and a password from a file: a rotated password (Redis told
+/// first, then the file) is taken at the next reload, and the replica reconnects with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_a_rotated_password_file_reach_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::pki::TestCa::new("redis test CA");
+    let leaf = ca.leaf(&["127.0.0.1", "redis.test"]);
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (ca_pem, cert, key) = (
+        file("ca.pem", &ca.cert_pem()),
+        file("redis.crt", &leaf.cert_pem),
+        file("redis.key", &leaf.key_pem),
+    );
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let redis = Redis::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca_pem,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    assert_eq!(
+        redis
+            .command(&["CONFIG", "SET", "requirepass", "old-password"])
+            .as_deref(),
+        Some("+OK")
+    );
+    let password = file("redis.password", "old-password\n");
+    let store = store(2);
+    let block = cluster_block(
+        dir.path(),
+        &[format!("127.0.0.1:{tls_port}")],
+        &format!("  password_file: {password}\n  tls: {{ca: {ca_pem}}}\n"),
+    );
+    let yaml = replica_config(&block, "", store.pop3_addr(), "");
+    let r = support::popgate::start_from_file(&yaml, dir.path()).await;
+    let admin = r.admin_addr().unwrap();
+    let logins_counted = || {
+        let (_, m) = http("GET", &format!("http://{admin}/metrics"), None);
+        support::popgate::metric(
+            &m,
+            "popgate_cluster_round_trip_seconds_count{op=\"after_login\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(cluster_status(&r)["degraded"], false);
+    assert!(
+        attempt(pop3(&r), client_ip(80), "user0@example.com", "pw")
+            .await
+            .starts_with("+OK")
+    );
+    assert_eq!(
+        logins_counted(),
+        1.0,
+        "the login's check must have reached Redis over TLS"
+    );
+
+    // Rotate: Redis first (open connections stay authenticated), then the file, then a reload.
+    let rotate = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "-a",
+            "old-password",
+            "--no-auth-warning",
+        ])
+        .args(["CONFIG", "SET", "requirepass", "new-password"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&rotate.stdout).contains("OK"));
+    std::fs::write(&password, "new-password\n").unwrap();
+    let (code, body) =
+        tokio::task::spawn_blocking(move || http("POST", &format!("http://{admin}/reload"), None))
+            .await
+            .unwrap();
+    assert_eq!(code, 200, "{body}");
+    // Every connection dropped: only the new password gets the replica back in.
+    let kill = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "-a",
+            "new-password",
+            "--no-auth-warning",
+        ])
+        .args(["CLIENT", "KILL", "TYPE", "normal"])
+        .output()
+        .unwrap();
+    assert!(kill.status.success());
+    let mut n = 1.0;
+    let began = Instant::now();
+    loop {
+        assert!(
+            attempt(pop3(&r), client_ip(80), "user1@example.com", "pw")
+                .await
+                .starts_with("+OK")
+        );
+        if cluster_status(&r)["degraded"] == false && logins_counted() > n {
+            break;
+        }
+        n = logins_counted();
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "the replica did not get back in with the new password"
+        );
+    }
+    r.shutdown();
 }

@@ -14,10 +14,11 @@
 //! limit does meanwhile is the operator's choice per kind (`cluster.when_unavailable`): enforce it per
 //! replica (open, the default) or refuse (closed).
 //!
-//! The key space and what each key holds are in [`keys`]; the scripts in [`scripts`]. A successful login
-//! costs two round trips (before the store is asked: the locks and the tenant's lease, pipelined; after:
-//! the mailbox's script and the address's failures, pipelined), and accepting a connection one (the
-//! address's rate and lease, one script), when the matching limits are on.
+//! The key space and what each key holds are in [`keys`]; the Lua script and its ops in [`scripts`].
+//! A successful login costs two round trips: before the store is asked, the address's and the mailbox's
+//! locks, the tenant's lease and (on the connection's first attempt) the address's connection rate and
+//! lease; after, the mailbox's lease, LOGIN-DELAY and the failures forgotten. Leases of ended sessions are
+//! released in batches, not awaited.
 
 pub mod keys;
 pub mod scripts;
@@ -31,9 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use fred::clients::SubscriberClient;
-use fred::interfaces::{
-    ClientLike, EventInterface, KeysInterface, PubsubInterface, SortedSetsInterface,
-};
+use fred::interfaces::{ClientLike, EventInterface, PubsubInterface, SortedSetsInterface};
 use fred::prelude::{Client, Value};
 use fred::types::config::{Config as FredConfig, ReconnectPolicy, Server, ServerConfig};
 use serde::{Deserialize, Serialize};
@@ -44,7 +43,7 @@ use crate::config::{ClusterConfig, ClusterMode, FailPolicy, WhenUnavailable};
 use crate::metrics::ClusterMetrics;
 
 use keys::Keys;
-use scripts::{Script, Scripts};
+use scripts::{Op, Script};
 
 /// Why the shared state gave no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +54,7 @@ pub enum Unavailable {
     Degraded,
 }
 
-/// The whole fleet's answer to accepting a connection.
+/// The whole fleet's answer to an address's new connection.
 #[derive(Debug)]
 pub enum IpAdmission {
     /// Admitted; the lease (when the per-IP session cap is on) is held until dropped.
@@ -64,9 +63,20 @@ pub enum IpAdmission {
     Refused(&'static str),
 }
 
+/// An address's limits checked fleet-wide on its connection's first login attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct AddressLimits {
+    /// The connection rate: `(burst, one token per)`.
+    pub rate: Option<(u32, Duration)>,
+    /// Sessions (connections) at once.
+    pub max_sessions: Option<usize>,
+}
+
 /// The fleet's locks and the tenant's lease, before a store is asked.
 #[derive(Debug)]
 pub struct BeforeLogin {
+    /// The address's admission, when it was asked for (the lease is held for the connection's life).
+    pub address: Option<IpAdmission>,
     /// Time left of the address's lockout, if any.
     pub ip_locked: Option<Duration>,
     /// Time left of the mailbox's lockout (none when it spares this address), if any.
@@ -124,17 +134,8 @@ impl Drop for Lease {
         if link.is_degraded() {
             return; // it expires; a put-back after the outage does not include it any more
         }
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = link
-                    .timed("release", async {
-                        link.client
-                            .zrem::<i64, _, _>(held.key.as_str(), held.member.as_str())
-                            .await
-                    })
-                    .await;
-            });
-        }
+        // Released in batches by the link's releaser: one pipeline for every session that ended meanwhile.
+        let _ = link.releases.send(held);
     }
 }
 
@@ -337,60 +338,11 @@ impl Fleet {
         )
     }
 
-    /// Accepting a connection from `ip` (already grouped as the throttle counts it): the fleet-wide rate
-    /// and per-IP session cap.
-    ///
-    /// # Errors
-    /// The shared state cannot be asked.
-    pub async fn admit_ip(
-        &self,
-        ip: IpAddr,
-        rate: Option<(u32, Duration)>,
-        max_sessions: Option<usize>,
-    ) -> Result<IpAdmission, Unavailable> {
-        if rate.is_none() && max_sessions.is_none() {
-            return Ok(IpAdmission::Admitted(None));
-        }
-        let link = self.live()?;
-        let keys = link.keys.ip(ip);
-        let (burst, per) = rate.map_or((0, 0), |(b, p)| (b, millis(p).max(1)));
-        let (lease, member) = match max_sessions {
-            Some(_) => {
-                let (lease, member) = self.new_lease(keys.leases.clone());
-                (Some(lease), member)
-            }
-            None => (None, String::new()),
-        };
-        let answer: i64 = link
-            .script(
-                &link.scripts.admit_ip,
-                vec![keys.rate, keys.leases],
-                vec![
-                    burst.to_string(),
-                    per.to_string(),
-                    max_sessions.unwrap_or(0).to_string(),
-                    member,
-                    millis(link.settings.lease_ttl).to_string(),
-                ],
-            )
-            .await?;
-        Ok(match answer {
-            1 => {
-                forget(lease);
-                IpAdmission::Refused("rate")
-            }
-            2 => {
-                forget(lease);
-                IpAdmission::Refused("ip_sessions")
-            }
-            _ => IpAdmission::Admitted(lease),
-        })
-    }
-
     /// Before a store is asked: the address's and the mailbox's fleet-wide locks (a mailbox's lock
-    /// spares an address it logged in from lately, when `known_for` is set) and the tenant's lease
-    /// (`tenant_max` 0: no cap). `ip` is `None` for a trusted client (its locks and leases are not
-    /// kept). One round trip.
+    /// spares an address it logged in from lately, when `known_for` is set), the tenant's lease
+    /// (`tenant_max` 0: no cap), and, on a connection's first attempt, the address's connection rate and
+    /// session lease (`address`: the rate and the cap, when on). `ip` is `None` for a trusted client (its
+    /// locks, rate and leases are not kept). One round trip.
     ///
     /// # Errors
     /// The shared state cannot be asked.
@@ -398,33 +350,63 @@ impl Fleet {
         &self,
         ip: Option<IpAddr>,
         mailbox: &str,
-        tenant: &str,
-        tenant_max: usize,
+        tenant: (&str, usize),
         known_for: Option<Duration>,
+        address: Option<AddressLimits>,
     ) -> Result<BeforeLogin, Unavailable> {
+        let (tenant, tenant_max) = tenant;
+        let address = address.filter(|a| a.rate.is_some() || a.max_sessions.is_some());
+        if ip.is_none() && tenant_max == 0 {
+            // A trusted client has no locks, rate or address lease, and the tenant no cap: nothing to ask.
+            self.live()?;
+            return Ok(BeforeLogin {
+                ip_locked: None,
+                mailbox_locked: None,
+                tenant: Ok(None),
+                address: None,
+            });
+        }
         let link = self.live()?;
         let mb = link.keys.mailbox(mailbox);
         let ipk = ip.map(|ip| link.keys.ip(ip));
+        let ttl = millis(link.settings.lease_ttl).to_string();
         let mut batch = Batch::new(&link);
+        let mut address_lease = None;
         if let Some(ipk) = &ipk {
-            batch.pttl(&ipk.lock).await;
-            batch
-                .script(
-                    &link.scripts.locked,
-                    vec![mb.lock.clone(), mb.known.clone()],
-                    vec![ipk.digest.clone(), known_for.map_or(0, millis).to_string()],
-                )
-                .await;
+            if let Some(limits) = address {
+                let (burst, per) = limits.rate.map_or((0, 0), |(b, p)| (b, millis(p).max(1)));
+                let member = match limits.max_sessions {
+                    Some(_) => {
+                        let (lease, member) = self.new_lease(ipk.leases.clone());
+                        address_lease = Some(lease);
+                        member
+                    }
+                    None => String::new(),
+                };
+                batch.op(
+                    Op::AdmitIp,
+                    vec![ipk.rate.clone(), ipk.leases.clone()],
+                    vec![
+                        burst.to_string(),
+                        per.to_string(),
+                        limits.max_sessions.unwrap_or(0).to_string(),
+                        member,
+                        ttl.clone(),
+                    ],
+                );
+            }
+            batch.op(Op::IpLock, vec![ipk.lock.clone()], Vec::new());
+            batch.op(
+                Op::Locked,
+                vec![mb.lock.clone(), mb.known.clone()],
+                vec![ipk.digest.clone(), known_for.map_or(0, millis).to_string()],
+            );
         }
         let tenant_lease = if tenant_max > 0 {
             let key = link.keys.tenant(tenant);
             let (lease, member) = self.new_lease(key.clone());
-            let args = vec![
-                tenant_max.to_string(),
-                member,
-                millis(link.settings.lease_ttl).to_string(),
-            ];
-            batch.script(&link.scripts.lease, vec![key], args).await;
+            let args = vec![tenant_max.to_string(), member, ttl];
+            batch.op(Op::Lease, vec![key], args);
             Some(lease)
         } else {
             None
@@ -433,31 +415,44 @@ impl Fleet {
             Ok(a) => a,
             Err(e) => {
                 forget(tenant_lease);
+                forget(address_lease);
                 return Err(e);
             }
         };
-        let left = |i: usize| answers.get(i).and_then(Value::as_i64).and_then(left_ms);
-        let (ip_locked, mailbox_locked, at) = if ipk.is_some() {
-            (left(0), left(1), 2)
-        } else {
-            (None, None, 0)
+        let mut answers = answers.into_iter().map(|a| a.first().copied());
+        let mut next = || answers.next().flatten();
+        let mut result = BeforeLogin {
+            ip_locked: None,
+            mailbox_locked: None,
+            tenant: Ok(None),
+            address: None,
         };
-        let tenant = match tenant_lease {
-            None => Ok(None),
-            Some(lease) => {
-                if answers.get(at).and_then(Value::as_i64) == Some(1) {
-                    Ok(Some(lease))
-                } else {
-                    forget(Some(lease));
-                    Err(())
-                }
+        if ipk.is_some() {
+            if address.is_some() {
+                result.address = Some(match next() {
+                    Some(1) => {
+                        forget(address_lease.take());
+                        IpAdmission::Refused("rate")
+                    }
+                    Some(2) => {
+                        forget(address_lease.take());
+                        IpAdmission::Refused("ip_sessions")
+                    }
+                    _ => IpAdmission::Admitted(address_lease.take()),
+                });
             }
-        };
-        Ok(BeforeLogin {
-            ip_locked,
-            mailbox_locked,
-            tenant,
-        })
+            result.ip_locked = next().and_then(left_ms);
+            result.mailbox_locked = next().and_then(left_ms);
+        }
+        if let Some(lease) = tenant_lease {
+            if next() == Some(1) {
+                result.tenant = Ok(Some(lease));
+            } else {
+                forget(Some(lease));
+                result.tenant = Err(());
+            }
+        }
+        Ok(result)
     }
 
     /// After a failed login: counts it for the mailbox (when the name routed) and, unless that secret
@@ -496,11 +491,14 @@ impl Fleet {
                 .map(|s| link.keys.secret(mailbox, s))
                 .unwrap_or_default();
             let address = ipk.as_ref().map(|k| k.digest.clone()).unwrap_or_default();
-            let answer: Vec<i64> = link
-                .script(
-                    &link.scripts.failed,
-                    vec![mb.failures, mb.lock, mb.known],
-                    common(secret, address, limits.known_for.map_or(0, millis)),
+            let answer = link
+                .call(
+                    "failed",
+                    &[mb.failures, mb.lock, mb.known],
+                    &ops_args(
+                        Op::Failed,
+                        common(secret, address, limits.known_for.map_or(0, millis)),
+                    ),
                 )
                 .await?;
             counted.failures = counted.failures.max(failures_in(&answer));
@@ -510,11 +508,12 @@ impl Fleet {
         if let Some(ipk) = ipk
             && !repeat
         {
-            let answer: Vec<i64> = link
-                .script(
-                    &link.scripts.failed,
-                    vec![ipk.failures, ipk.lock],
-                    common(String::new(), String::new(), 0),
+            // The third key is not read for an address; it is one of its own, for the cluster slot.
+            let answer = link
+                .call(
+                    "failed",
+                    &[ipk.failures, ipk.lock, ipk.rate],
+                    &ops_args(Op::Failed, common(String::new(), String::new(), 0)),
                 )
                 .await?;
             counted.failures = counted.failures.max(failures_in(&answer));
@@ -556,11 +555,13 @@ impl Fleet {
             min_interval.map_or(0, millis).to_string(),
         ];
         let mut batch = Batch::new(&link);
-        batch.script(&link.scripts.logged_in, keys, args).await;
+        batch.op(Op::LoggedIn, keys, args);
         if let Some(ipk) = &ipk {
-            batch
-                .del(vec![ipk.failures.clone(), ipk.lock.clone()])
-                .await;
+            batch.op(
+                Op::Forget,
+                vec![ipk.failures.clone(), ipk.lock.clone()],
+                Vec::new(),
+            );
         }
         let answers = match batch.send("after_login").await {
             Ok(a) => a,
@@ -569,11 +570,7 @@ impl Fleet {
                 return Err(e);
             }
         };
-        let mine: Vec<i64> = answers
-            .into_iter()
-            .next()
-            .map(|v| v.into_array().iter().filter_map(Value::as_i64).collect())
-            .unwrap_or_default();
+        let mine = answers.into_iter().next().unwrap_or_default();
         let taken = mine.first().copied().unwrap_or(-1);
         let login_delay = mine.get(1).copied().and_then(left_ms);
         let mailbox = match (taken, lease) {
@@ -858,13 +855,16 @@ struct Link {
     client: Client,
     subscriber: SubscriberClient,
     keys: Keys,
-    scripts: Scripts,
+    script: Script,
     settings: Settings,
     mode: ClusterMode,
     when_unavailable: WhenUnavailable,
     degraded: AtomicBool,
     since: Mutex<SystemTime>,
     metrics: ClusterMetrics,
+    /// Leases to release, for the releaser task.
+    releases: tokio::sync::mpsc::UnboundedSender<Held>,
+    released: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Held>>>,
     /// Ends this link's tasks (a reload replaced it, or the process stops).
     stop: CancellationToken,
 }
@@ -877,10 +877,6 @@ impl std::fmt::Debug for Link {
             .finish_non_exhaustive()
     }
 }
-
-/// A queued pipeline command: the script to re-run with EVAL if a server does not know it (None for a
-/// plain command).
-type Queued<'a> = Option<(&'a Script, Vec<String>, Vec<String>)>;
 
 impl Link {
     async fn connect(
@@ -963,9 +959,12 @@ impl Link {
                 let _ = subscriber.quit().await;
             });
         }
+        let (releases, released) = tokio::sync::mpsc::unbounded_channel();
         let link = Self {
+            releases,
+            released: Mutex::new(Some(released)),
             keys: Keys::new(&settings.prefix, settings.key_secret.expose().as_bytes()),
-            scripts: Scripts::new(),
+            script: Script::checks(),
             mode: settings.mode,
             when_unavailable: settings.when_unavailable,
             settings,
@@ -1048,71 +1047,76 @@ impl Link {
         }
     }
 
-    /// Runs a script (EVALSHA, then EVAL if the server does not know it).
-    async fn script<R: fred::types::FromValue>(
+    /// One call of the `checks` script (EVALSHA, then EVAL if the server does not know it): its answers.
+    async fn call(
         &self,
-        script: &Script,
-        keys: Vec<String>,
-        args: Vec<String>,
-    ) -> Result<R, Unavailable> {
-        let first = self
-            .timed(script.name, async {
+        op: &'static str,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Vec<i64>, Unavailable> {
+        let answer = self
+            .timed(op, async {
                 match self
                     .client
-                    .custom::<Value, String>(evalsha(), eval_args(&script.sha, &keys, &args))
+                    .custom::<Value, String>(evalsha(), eval_args(&self.script.sha, keys, args))
                     .await
                 {
                     Err(e) if is_noscript(&e) => {
                         self.client
-                            .custom::<Value, String>(eval(), eval_args(script.lua, &keys, &args))
+                            .custom::<Value, String>(eval(), eval_args(self.script.lua, keys, args))
                             .await
                     }
                     other => other,
                 }
             })
             .await?;
-        first.convert().map_err(|e| self.failed(script.name, &e))
+        Ok(integers(answer))
     }
 
-    /// Sends a pipeline; a script a server did not know is re-run with EVAL (the pipeline's other
-    /// answers stand).
-    async fn run_pipeline(
+    /// Several calls, pipelined (one round trip; in a Redis Cluster, one call per node that owns their
+    /// keys): their answers in order. A call a server did not know the script for is made again with EVAL.
+    async fn call_all(
         &self,
         op: &'static str,
-        pipeline: fred::clients::Pipeline<Client>,
-        order: &[Queued<'_>],
-    ) -> Result<Vec<Value>, Unavailable> {
+        calls: &[(Vec<String>, Vec<String>)],
+    ) -> Result<Vec<Vec<i64>>, Unavailable> {
+        if let [(keys, args)] = calls {
+            return Ok(vec![self.call(op, keys, args).await?]);
+        }
+        let pipeline = self.client.pipeline();
+        for (keys, args) in calls {
+            let queued = pipeline
+                .custom::<Value, String>(evalsha(), eval_args(&self.script.sha, keys, args))
+                .await;
+            if let Err(e) = queued {
+                return Err(self.failed(op, &e));
+            }
+        }
         let answers = self
             .timed(op, async { Ok(pipeline.try_all::<Value>().await) })
             .await?;
-        let mut out = Vec::with_capacity(answers.len());
-        for (answer, queued) in answers.into_iter().zip(order) {
-            match (answer, queued) {
-                (Ok(v), _) => out.push(v),
-                (Err(e), Some((script, keys, args))) if is_noscript(&e) => {
-                    let v: Value = self.script(script, keys.clone(), args.clone()).await?;
-                    out.push(v);
-                }
-                (Err(e), _) => return Err(self.failed(op, &e)),
+        let mut out = Vec::with_capacity(calls.len());
+        for (answer, (keys, args)) in answers.into_iter().zip(calls) {
+            match answer {
+                Ok(v) => out.push(integers(v)),
+                Err(e) if is_noscript(&e) => out.push(self.call(op, keys, args).await?),
+                Err(e) => return Err(self.failed(op, &e)),
             }
         }
         Ok(out)
     }
 
-    /// Renews every lease this replica holds (or puts them back after an outage) and its heartbeat;
-    /// returns the live replicas.
+    /// Renews every lease this replica holds (or puts them back after an outage).
     async fn renew(&self, held: Vec<Held>) -> Result<(), Unavailable> {
         let ttl = millis(self.settings.lease_ttl).to_string();
         for chunk in held.chunks(500) {
             let mut batch = Batch::new(self);
             for h in chunk {
-                batch
-                    .script(
-                        &self.scripts.renew,
-                        vec![h.key.clone()],
-                        vec![h.member.clone(), ttl.clone()],
-                    )
-                    .await;
+                batch.op(
+                    Op::Renew,
+                    vec![h.key.clone()],
+                    vec![h.member.clone(), ttl.clone()],
+                );
             }
             batch.send("renew").await?;
         }
@@ -1120,57 +1124,83 @@ impl Link {
     }
 }
 
-/// Commands queued for one pipeline (one round trip, fanned out to the nodes that own the keys in
-/// cluster mode), with what is needed to re-run a script a server did not know.
+/// Ops for one round trip: one call of the `checks` script for all of them, or, in a Redis Cluster, one
+/// call per entity (hash tag), pipelined.
 struct Batch<'a> {
     link: &'a Link,
-    pipeline: fred::clients::Pipeline<Client>,
-    order: Vec<Queued<'a>>,
-    /// The first error queueing a command (none in practice: queueing does no I/O).
-    error: Option<fred::error::Error>,
+    ops: Vec<(Op, Vec<String>, Vec<String>)>,
 }
 
 impl<'a> Batch<'a> {
     fn new(link: &'a Link) -> Self {
         Self {
             link,
-            pipeline: link.client.pipeline(),
-            order: Vec::new(),
-            error: None,
+            ops: Vec::new(),
         }
     }
 
-    fn queued(&mut self, r: Result<Value, fred::error::Error>, q: Queued<'a>) {
-        if let Err(e) = r {
-            self.error.get_or_insert(e);
+    fn op(&mut self, op: Op, keys: Vec<String>, args: Vec<String>) {
+        self.ops.push((op, keys, args));
+    }
+
+    /// Sends the ops; each op's answers, in the order the ops were added.
+    async fn send(self, name: &'static str) -> Result<Vec<Vec<i64>>, Unavailable> {
+        if self.ops.is_empty() {
+            return Ok(Vec::new());
         }
-        self.order.push(q);
-    }
-
-    async fn script(&mut self, script: &'a Script, keys: Vec<String>, args: Vec<String>) {
-        let r = self
-            .pipeline
-            .custom::<Value, String>(evalsha(), eval_args(&script.sha, &keys, &args))
-            .await;
-        self.queued(r, Some((script, keys, args)));
-    }
-
-    async fn pttl(&mut self, key: &str) {
-        let r = self.pipeline.pttl::<Value, _>(key).await;
-        self.queued(r, None);
-    }
-
-    async fn del(&mut self, keys: Vec<String>) {
-        let r = self.pipeline.del::<Value, _>(keys).await;
-        self.queued(r, None);
-    }
-
-    async fn send(self, op: &'static str) -> Result<Vec<Value>, Unavailable> {
-        if let Some(e) = &self.error {
-            return Err(self.link.failed(op, e));
+        // Groups of op indexes, one call each: every op in one call, or one call per hash tag.
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, (_, keys, _)) in self.ops.iter().enumerate() {
+            let tag = if self.link.mode == ClusterMode::Cluster {
+                keys.first().map_or("", |k| hash_tag(k))
+            } else {
+                ""
+            };
+            match groups.iter_mut().find(|(t, _)| *t == tag) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((tag, vec![i])),
+            }
         }
-        self.link.run_pipeline(op, self.pipeline, &self.order).await
+        let calls: Vec<(Vec<String>, Vec<String>)> = groups
+            .iter()
+            .map(|(_, members)| {
+                let mut keys = Vec::new();
+                let mut names = Vec::new();
+                let mut args = Vec::new();
+                for &i in members {
+                    let (op, k, a) = &self.ops[i];
+                    names.push(op.name());
+                    keys.extend(k.iter().cloned());
+                    args.extend(a.iter().cloned());
+                }
+                args.insert(0, names.join(","));
+                (keys, args)
+            })
+            .collect();
+        let answers = self.link.call_all(name, &calls).await?;
+        let mut out = vec![Vec::new(); self.ops.len()];
+        for ((_, members), answer) in groups.iter().zip(answers) {
+            let mut values = answer.into_iter();
+            for &i in members {
+                let (_, _, count) = self.ops[i].0.shape();
+                out[i] = values.by_ref().take(count).collect();
+            }
+        }
+        Ok(out)
     }
+}
+
+/// The hash tag of a key (`{...}`), which picks its Redis Cluster slot.
+fn hash_tag(key: &str) -> &str {
+    match (key.find('{'), key.rfind('}')) {
+        (Some(a), Some(b)) if b > a + 1 => &key[a + 1..b],
+        _ => key,
+    }
+}
+
+/// The integers of a script's answer (an array of them).
+fn integers(v: Value) -> Vec<i64> {
+    v.into_array().iter().filter_map(Value::as_i64).collect()
 }
 
 fn tls_config(
@@ -1232,6 +1262,33 @@ fn spawn_tasks(link: &Arc<Link>, fleet: &Arc<FleetInner>, commands: Arc<dyn Flee
     tokio::spawn(async move { upkeep(l, f).await });
     let (l, f) = (link.clone(), fleet.clone());
     tokio::spawn(async move { listen(l, f, commands).await });
+    if let Some(rx) = lock(&link.released).take() {
+        tokio::spawn(release(link.clone(), rx));
+    }
+}
+
+/// Releases ended sessions' leases: whatever has queued up since the last batch goes out as one pipeline
+/// (up to 512 at a time), so a busy replica pays one round trip for many sessions. A batch that fails is
+/// dropped: its leases expire within `lease_ttl`.
+async fn release(link: Arc<Link>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Held>) {
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        let n = tokio::select! {
+            () = link.stop.cancelled() => return,
+            n = rx.recv_many(&mut batch, 512) => n,
+        };
+        if n == 0 {
+            return;
+        }
+        if !link.is_degraded() {
+            let mut ops = Batch::new(&link);
+            for h in &batch {
+                ops.op(Op::Release, vec![h.key.clone()], vec![h.member.clone()]);
+            }
+            let _ = ops.send("release").await;
+        }
+        batch.clear();
+    }
 }
 
 /// While degraded: pings every half second and, once the server answers, puts the leases back and
@@ -1270,16 +1327,17 @@ async fn upkeep(link: Arc<Link>, fleet: Arc<FleetInner>) {
         let renewed = link.renew(held).await;
         let replicas = match renewed {
             Ok(_) => {
-                let key = link.keys.replicas();
-                link.script::<i64>(
-                    &link.scripts.heartbeat,
-                    vec![key],
-                    vec![
-                        fleet.replica.clone(),
-                        millis(link.settings.lease_ttl).to_string(),
-                    ],
+                let args = vec![
+                    fleet.replica.clone(),
+                    millis(link.settings.lease_ttl).to_string(),
+                ];
+                link.call(
+                    "heartbeat",
+                    &[link.keys.replicas()],
+                    &ops_args(Op::Heartbeat, args),
                 )
                 .await
+                .map(|answer| answer.first().copied().unwrap_or(0))
             }
             Err(e) => Err(e),
         };
@@ -1410,6 +1468,12 @@ fn eval_args(script: &str, keys: &[String], args: &[String]) -> Vec<String> {
     out.extend(keys.iter().cloned());
     out.extend(args.iter().cloned());
     out
+}
+
+/// The arguments of a call of one op: its name, then its own.
+fn ops_args(op: Op, mut args: Vec<String>) -> Vec<String> {
+    args.insert(0, op.name().to_string());
+    args
 }
 
 fn is_noscript(e: &fred::error::Error) -> bool {

@@ -1,233 +1,297 @@
-//! The Lua scripts: each check that must be atomic is one script, run with EVALSHA (and EVAL once when a
-//! server answers NOSCRIPT, after a restart or a failover). Every script touches the keys of one entity
-//! only (one hash tag), so it runs in one Redis Cluster slot. Times come from the server's clock
-//! (`TIME`), so replicas whose clocks differ still agree on when a lease or a lock ends.
+//! The Lua: one script, `checks`, that runs a list of *ops* (one atomic check each) and returns their
+//! answers in order. Every op touches the keys of one entity only (one hash tag), so in a Redis Cluster the
+//! ops of each entity go in one call to the node that owns it (the calls pipelined); on a standalone server
+//! or a Sentinel-watched master, every op of a step goes in one call. Either way a step is one round trip,
+//! and one written frame per call (fred flushes each script call). Loaded by EVALSHA, and by EVAL once on a
+//! server that answers NOSCRIPT (after a restart or a failover).
+//!
+//! Times come from the server's clock (`TIME`), so replicas whose clocks differ agree on when a lease or a
+//! lock ends.
+//!
+//! Call: `EVALSHA sha numkeys KEYS... ops ARGS...`, where `ops` (ARGV[1]) names the ops, comma-separated;
+//! each takes its fixed number of keys and arguments from the front of what is left.
 
-/// A script's text and its SHA-1, as EVALSHA names it.
-#[derive(Debug)]
-pub struct Script {
-    pub name: &'static str,
-    pub lua: &'static str,
-    pub sha: String,
-}
-
-impl Script {
-    fn new(name: &'static str, lua: &'static str) -> Self {
-        let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, lua.as_bytes());
-        let sha = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        Self { name, lua, sha }
-    }
-}
-
-/// The server's time in milliseconds, as the first lines of every script that needs it.
-#[cfg(test)]
-const NOW: &str =
-    "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n";
-
-/// Every script, loaded once per process.
-#[derive(Debug)]
-pub struct Scripts {
-    /// Accepting a connection: the address's rate bucket (GCRA) and a session lease.
-    /// KEYS: rate, leases. ARGV: burst (0: off), ms per token, max sessions (0: off), member, ttl ms.
-    /// Returns 0 (admitted), 1 (rate), 2 (sessions).
-    pub admit_ip: Script,
-    /// A session lease. KEYS: leases. ARGV: max, member, ttl ms. Returns 1 (taken) or 0 (full).
-    pub lease: Script,
-    /// Renews (or puts back, after an outage) a lease. KEYS: leases. ARGV: member, ttl ms.
-    pub renew: Script,
-    /// A mailbox's lock, unless the address is known to it. KEYS: lock, known. ARGV: address digest (''
-    /// for none), known_for ms (0: no sparing). Returns the time left in ms (0: not locked for this
-    /// address).
-    pub locked: Script,
-    /// A failed login of an address or a mailbox. KEYS: failures, lock[, known]. ARGV: lockout_after,
-    /// lockout_for ms, forget_after ms, secret digest (''), address digest (''), known_for ms (0).
-    /// Returns {failures, lock left ms, 1 when this secret was counted lately}.
-    pub failed: Script,
+/// One kind of check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A connection of an address: its rate bucket (GCRA) and a session lease. KEYS: rate, leases. ARGS:
+    /// burst (0: off), ms per token, max sessions (0: off), member, ttl ms. Answers 0 (admitted), 1
+    /// (rate), 2 (sessions).
+    AdmitIp,
+    /// An address's lockout: KEYS: lock. Answers the time left in ms (0 or less: none).
+    IpLock,
+    /// A mailbox's lockout, unless the address is known to it. KEYS: lock, known. ARGS: address digest
+    /// ('' for none), known_for ms (0: no sparing). Answers the time left in ms (0: not locked for it).
+    Locked,
+    /// A session lease. KEYS: leases. ARGS: max, member, ttl ms. Answers 1 (taken) or 0 (full).
+    Lease,
+    /// Renews (or puts back, after an outage) a lease. KEYS: leases. ARGS: member, ttl ms. Answers 1.
+    Renew,
+    /// Drops a lease. KEYS: leases. ARGS: member. Answers how many were removed.
+    Release,
+    /// A failed login of an address or a mailbox. KEYS: failures, lock, known (a mailbox's; for an
+    /// address, any key of its own tag, not read). ARGS: lockout_after, lockout_for ms, forget_after ms,
+    /// secret digest (''), address digest (''), known_for ms (0). Answers failures, lock left ms, 1 when
+    /// this secret was counted lately.
+    Failed,
     /// A successful login of a mailbox: its failures forgotten, the address remembered, LOGIN-DELAY and
-    /// the session lease. KEYS: failures, lock, known, leases, next login. ARGV: address digest (''),
-    /// known_for ms (0: off), max sessions (0: off), member, ttl ms, min interval ms (0: off).
-    /// Returns {1 lease taken | 0 full | -1 no cap, LOGIN-DELAY left ms}.
-    pub logged_in: Script,
-    /// A replica's heartbeat. KEYS: replicas. ARGV: replica id, ttl ms. Returns the live replicas.
-    pub heartbeat: Script,
+    /// the session lease. KEYS: failures, lock, known, leases, next login. ARGS: address digest (''),
+    /// known_for ms (0: off), max sessions (0: off), member, ttl ms, min interval ms (0: off). Answers 1
+    /// (lease taken) | 0 (full) | -1 (no cap), and LOGIN-DELAY left ms.
+    LoggedIn,
+    /// An address's failures forgotten (a successful login). KEYS: failures, lock. Answers keys removed.
+    Forget,
+    /// A replica's heartbeat. KEYS: replicas. ARGS: replica id, ttl ms. Answers the live replicas.
+    Heartbeat,
 }
 
-impl Default for Scripts {
-    fn default() -> Self {
-        Self::new()
+impl Op {
+    /// Its name in the script.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::AdmitIp => "admit_ip",
+            Op::IpLock => "ip_lock",
+            Op::Locked => "locked",
+            Op::Lease => "lease",
+            Op::Renew => "renew",
+            Op::Release => "release",
+            Op::Failed => "failed",
+            Op::LoggedIn => "logged_in",
+            Op::Forget => "forget",
+            Op::Heartbeat => "heartbeat",
+        }
     }
-}
 
-impl Scripts {
-    pub fn new() -> Self {
-        Self {
-            admit_ip: Script::new("admit_ip", ADMIT_IP),
-            lease: Script::new("lease", LEASE),
-            renew: Script::new("renew", RENEW),
-            locked: Script::new("locked", LOCKED),
-            failed: Script::new("failed", FAILED),
-            logged_in: Script::new("logged_in", LOGGED_IN),
-            heartbeat: Script::new("heartbeat", HEARTBEAT),
+    /// Keys, arguments and answers it takes and gives (the script's table says the same).
+    pub fn shape(self) -> (usize, usize, usize) {
+        match self {
+            Op::AdmitIp => (2, 5, 1),
+            Op::IpLock => (1, 0, 1),
+            Op::Locked => (2, 2, 1),
+            Op::Lease => (1, 3, 1),
+            Op::Renew => (1, 2, 1),
+            Op::Release => (1, 1, 1),
+            Op::Failed => (3, 6, 3),
+            Op::LoggedIn => (5, 6, 2),
+            Op::Forget => (2, 0, 1),
+            Op::Heartbeat => (1, 2, 1),
         }
     }
 }
 
-const ADMIT_IP: &str = concat!(
-    "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n",
-    r"
-local burst, per, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-if burst > 0 and per > 0 then
-  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if tat < now then tat = now end
-  local next_tat = tat + per
-  if next_tat - now > burst * per then return 1 end
-  redis.call('SET', KEYS[1], next_tat, 'PX', next_tat - now)
-end
-if max > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  if redis.call('ZCARD', KEYS[2]) >= max then return 2 end
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
-end
-return 0
-"
-);
+/// The script's text and its SHA-1, as EVALSHA names it.
+#[derive(Debug)]
+pub struct Script {
+    pub lua: &'static str,
+    pub sha: String,
+}
 
-const LEASE: &str = concat!(
-    "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n",
-    r"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"
-);
+impl Default for Script {
+    fn default() -> Self {
+        Self::checks()
+    }
+}
 
-const RENEW: &str = concat!(
-    "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n",
-    r"
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"
-);
+impl Script {
+    /// The `checks` script.
+    pub fn checks() -> Self {
+        let digest =
+            ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, CHECKS.as_bytes());
+        let sha = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        Self { lua: CHECKS, sha }
+    }
+}
 
-const LOCKED: &str = concat!(
-    "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n",
-    r"
-local left = redis.call('PTTL', KEYS[1])
-if left <= 0 then return 0 end
-if ARGV[1] ~= '' and tonumber(ARGV[2]) > 0 then
-  local at = redis.call('ZSCORE', KEYS[2], ARGV[1])
-  if at and now - tonumber(at) < tonumber(ARGV[2]) then return 0 end
-end
-return left
-"
-);
+const CHECKS: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ops = {}
 
-const FAILED: &str = concat!(
-    "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n",
-    r"
-local after = tonumber(ARGV[1])
-local spared = false
-if KEYS[3] and ARGV[5] ~= '' and tonumber(ARGV[6]) > 0 then
-  local at = redis.call('ZSCORE', KEYS[3], ARGV[5])
-  spared = at ~= false and now - tonumber(at) < tonumber(ARGV[6])
-end
-local left = redis.call('PTTL', KEYS[2])
-if left > 0 then
-  if spared then left = 0 end
-  return {after, left, 0}
-end
-if ARGV[4] ~= '' then
-  local seen = redis.call('HGET', KEYS[1], 'pw')
-  if seen and string.find(' ' .. seen .. ' ', ' ' .. ARGV[4] .. ' ', 1, true) then
-    return {tonumber(redis.call('HGET', KEYS[1], 'n') or '0'), 0, 1}
+ops.admit_ip = {2, 5, function(k, a)
+  local burst, per, max = tonumber(a[1]), tonumber(a[2]), tonumber(a[3])
+  if burst > 0 and per > 0 then
+    local tat = tonumber(redis.call('GET', k[1]) or '0')
+    if tat < now then tat = now end
+    local next_tat = tat + per
+    if next_tat - now > burst * per then return {1} end
+    redis.call('SET', k[1], next_tat, 'PX', next_tat - now)
   end
-end
-local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-if ARGV[4] ~= '' then
-  local list = {ARGV[4]}
-  for d in string.gmatch(redis.call('HGET', KEYS[1], 'pw') or '', '%S+') do
-    if #list < 4 then table.insert(list, d) end
+  if max > 0 then
+    redis.call('ZREMRANGEBYSCORE', k[2], '-inf', now)
+    if redis.call('ZCARD', k[2]) >= max then return {2} end
+    redis.call('ZADD', k[2], now + tonumber(a[5]), a[4])
+    redis.call('PEXPIRE', k[2], a[5])
   end
-  redis.call('HSET', KEYS[1], 'pw', table.concat(list, ' '))
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if after > 0 and n >= after then
-  redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
-  redis.call('DEL', KEYS[1])
-  if spared then return {n, 0, 0} end
-  return {n, tonumber(ARGV[2]), 0}
-end
-return {n, 0, 0}
-"
-);
+  return {0}
+end}
 
-const LOGGED_IN: &str = concat!(
-    "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n",
-    r"
-redis.call('DEL', KEYS[1], KEYS[2])
-local known_for = tonumber(ARGV[2])
-if ARGV[1] ~= '' and known_for > 0 then
-  redis.call('ZADD', KEYS[3], now, ARGV[1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - known_for)
-  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -5)
-  redis.call('PEXPIRE', KEYS[3], known_for)
-end
-local max, ttl, min = tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
-if max > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-  if redis.call('ZCARD', KEYS[4]) >= max then return {0, 0} end
-end
-if min > 0 then
-  local left = redis.call('PTTL', KEYS[5])
-  if left > 0 then return {max > 0 and 1 or -1, left} end
-  redis.call('SET', KEYS[5], '1', 'PX', min)
-end
-if max > 0 then
-  redis.call('ZADD', KEYS[4], now + ttl, ARGV[4])
-  redis.call('PEXPIRE', KEYS[4], ttl)
-  return {1, 0}
-end
-return {-1, 0}
-"
-);
+ops.ip_lock = {1, 0, function(k, a)
+  return {redis.call('PTTL', k[1])}
+end}
 
-const HEARTBEAT: &str = concat!(
-    "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n",
-    r"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return redis.call('ZCARD', KEYS[1])
-"
-);
+ops.locked = {2, 2, function(k, a)
+  local left = redis.call('PTTL', k[1])
+  if left <= 0 then return {0} end
+  if a[1] ~= '' and tonumber(a[2]) > 0 then
+    local at = redis.call('ZSCORE', k[2], a[1])
+    if at and now - tonumber(at) < tonumber(a[2]) then return {0} end
+  end
+  return {left}
+end}
+
+ops.lease = {1, 3, function(k, a)
+  redis.call('ZREMRANGEBYSCORE', k[1], '-inf', now)
+  if redis.call('ZCARD', k[1]) >= tonumber(a[1]) then return {0} end
+  redis.call('ZADD', k[1], now + tonumber(a[3]), a[2])
+  redis.call('PEXPIRE', k[1], a[3])
+  return {1}
+end}
+
+ops.renew = {1, 2, function(k, a)
+  redis.call('ZADD', k[1], now + tonumber(a[2]), a[1])
+  redis.call('PEXPIRE', k[1], a[2])
+  return {1}
+end}
+
+ops.release = {1, 1, function(k, a)
+  return {redis.call('ZREM', k[1], a[1])}
+end}
+
+ops.failed = {3, 6, function(k, a)
+  local after = tonumber(a[1])
+  local spared = false
+  if a[5] ~= '' and tonumber(a[6]) > 0 then
+    local at = redis.call('ZSCORE', k[3], a[5])
+    spared = at ~= false and now - tonumber(at) < tonumber(a[6])
+  end
+  local left = redis.call('PTTL', k[2])
+  if left > 0 then
+    if spared then left = 0 end
+    return {after, left, 0}
+  end
+  if a[4] ~= '' then
+    local seen = redis.call('HGET', k[1], 'pw')
+    if seen and string.find(' ' .. seen .. ' ', ' ' .. a[4] .. ' ', 1, true) then
+      return {tonumber(redis.call('HGET', k[1], 'n') or '0'), 0, 1}
+    end
+  end
+  local n = redis.call('HINCRBY', k[1], 'n', 1)
+  if a[4] ~= '' then
+    local list = {a[4]}
+    for d in string.gmatch(redis.call('HGET', k[1], 'pw') or '', '%S+') do
+      if #list < 4 then table.insert(list, d) end
+    end
+    redis.call('HSET', k[1], 'pw', table.concat(list, ' '))
+  end
+  redis.call('PEXPIRE', k[1], a[3])
+  if after > 0 and n >= after then
+    redis.call('SET', k[2], '1', 'PX', a[2])
+    redis.call('DEL', k[1])
+    if spared then return {n, 0, 0} end
+    return {n, tonumber(a[2]), 0}
+  end
+  return {n, 0, 0}
+end}
+
+ops.logged_in = {5, 6, function(k, a)
+  redis.call('DEL', k[1], k[2])
+  local known_for = tonumber(a[2])
+  if a[1] ~= '' and known_for > 0 then
+    redis.call('ZADD', k[3], now, a[1])
+    redis.call('ZREMRANGEBYSCORE', k[3], '-inf', now - known_for)
+    redis.call('ZREMRANGEBYRANK', k[3], 0, -5)
+    redis.call('PEXPIRE', k[3], known_for)
+  end
+  local max, ttl, min = tonumber(a[3]), tonumber(a[5]), tonumber(a[6])
+  if max > 0 then
+    redis.call('ZREMRANGEBYSCORE', k[4], '-inf', now)
+    if redis.call('ZCARD', k[4]) >= max then return {0, 0} end
+  end
+  if min > 0 then
+    local left = redis.call('PTTL', k[5])
+    if left > 0 then return {max > 0 and 1 or -1, left} end
+    redis.call('SET', k[5], '1', 'PX', min)
+  end
+  if max > 0 then
+    redis.call('ZADD', k[4], now + ttl, a[4])
+    redis.call('PEXPIRE', k[4], ttl)
+    return {1, 0}
+  end
+  return {-1, 0}
+end}
+
+ops.forget = {2, 0, function(k, a)
+  return {redis.call('DEL', k[1], k[2])}
+end}
+
+ops.heartbeat = {1, 2, function(k, a)
+  redis.call('ZREMRANGEBYSCORE', k[1], '-inf', now)
+  redis.call('ZADD', k[1], now + tonumber(a[2]), a[1])
+  redis.call('PEXPIRE', k[1], a[2])
+  return {redis.call('ZCARD', k[1])}
+end}
+
+local out, ki, ai = {}, 1, 2
+for name in string.gmatch(ARGV[1], '[^,]+') do
+  local op = ops[name]
+  if not op then return redis.error_reply('popgate: unknown op ' .. name) end
+  local k, a = {}, {}
+  for i = 1, op[1] do k[i] = KEYS[ki]; ki = ki + 1 end
+  for i = 1, op[2] do a[i] = ARGV[ai]; ai = ai + 1 end
+  for _, v in ipairs(op[3](k, a)) do table.insert(out, v) end
+end
+return out
+";
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The Rust side's shape of each op is the script's own.
     #[test]
-    fn every_script_starts_from_the_servers_clock_and_has_a_distinct_sha() {
-        let s = Scripts::new();
-        let all = [
-            &s.admit_ip,
-            &s.lease,
-            &s.renew,
-            &s.locked,
-            &s.failed,
-            &s.logged_in,
-            &s.heartbeat,
-        ];
-        for script in all {
-            assert!(script.lua.starts_with(NOW), "{}", script.name);
-            assert_eq!(script.sha.len(), 40);
+    fn every_op_has_the_shape_the_script_gives_it() {
+        for op in [
+            Op::AdmitIp,
+            Op::IpLock,
+            Op::Locked,
+            Op::Lease,
+            Op::Renew,
+            Op::Release,
+            Op::Failed,
+            Op::LoggedIn,
+            Op::Forget,
+            Op::Heartbeat,
+        ] {
+            let (keys, args, answers) = op.shape();
+            let head = format!("ops.{} = {{{keys}, {args}, function(k, a)", op.name());
+            let at = CHECKS
+                .find(&head)
+                .unwrap_or_else(|| panic!("no `{head}` in the script"));
+            let body = &CHECKS[at..];
+            let body = &body[..body.find("end}").unwrap_or(body.len())];
+            // Every return of the op gives `answers` values.
+            for ret in body.match_indices("return {").map(|(i, _)| &body[i + 8..]) {
+                // The values up to the closing brace, counted by their top-level commas.
+                let (mut depth, mut values) = (0i32, 1);
+                for c in ret.chars() {
+                    match c {
+                        '(' | '{' => depth += 1,
+                        ')' => depth -= 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => values += 1,
+                        _ => {}
+                    }
+                }
+                assert_eq!(
+                    values,
+                    answers,
+                    "{}: return {{{}",
+                    op.name(),
+                    &ret[..20.min(ret.len())]
+                );
+            }
         }
-        let mut shas: Vec<&str> = all.iter().map(|s| s.sha.as_str()).collect();
-        shas.sort_unstable();
-        shas.dedup();
-        assert_eq!(shas.len(), all.len());
+        assert_eq!(Script::checks().sha.len(), 40);
     }
 }

@@ -31,6 +31,8 @@ const IN_USE: &[u8] = b"-ERR [IN-USE] Too many sessions for this mailbox\r\n";
 const TENANT_FULL: &[u8] =
     b"-ERR [SYS/TEMP] Too many sessions for this domain, try again later\r\n";
 const STORE_UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] Mail store unavailable, try again later\r\n";
+const TOO_MANY_FROM_ADDRESS: &[u8] =
+    b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n";
 const CHECKS_UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] Login checks unavailable, try again later\r\n";
 
 /// How one login attempt ended.
@@ -105,6 +107,7 @@ pub(super) async fn admit(
     creds: Credentials,
     number: u32,
     routed: &mut Option<String>,
+    address: &mut fleet::AddressSlot,
 ) -> Admission {
     let attempt = Attempt {
         number,
@@ -132,7 +135,7 @@ pub(super) async fn admit(
         return Admission::Closed(SessionEnd::Policy);
     };
     match attempt
-        .at_tenant(tenant_name, tenant, &route, session, passthrough)
+        .at_tenant(tenant_name, tenant, &route, session, passthrough, address)
         .await
     {
         Ok(admitted) => Admission::Admitted(Box::new(admitted)),
@@ -217,9 +220,12 @@ impl Attempt<'_> {
         route: &Route,
         session: &mut ClientSession,
         passthrough: &mut Option<Passthrough>,
+        address: &mut fleet::AddressSlot,
     ) -> Result<Admitted, Refusal> {
         let mailbox = route.key.as_str();
-        let (tenant_slot, tenant_lease) = self.tenant_gates(tenant_name, tenant, mailbox).await?;
+        let (tenant_slot, tenant_lease) = self
+            .tenant_gates(tenant_name, tenant, mailbox, address)
+            .await?;
         let via_passthrough = passthrough
             .as_ref()
             .is_some_and(|p| p.tenant == route.tenant);
@@ -270,7 +276,11 @@ impl Attempt<'_> {
             mailbox: mailbox.to_string(),
             mailbox_slot,
             tenant_slot,
-            leases: tenant_lease.into_iter().chain(mailbox_lease).collect(),
+            leases: tenant_lease
+                .into_iter()
+                .chain(mailbox_lease)
+                .chain(address.take_lease())
+                .collect(),
             mechanism: self.mechanism,
         })
     }
@@ -282,6 +292,7 @@ impl Attempt<'_> {
         tenant_name: &str,
         tenant: &TenantRuntime,
         mailbox: &str,
+        address: &mut fleet::AddressSlot,
     ) -> Result<(TenantGuard, Option<crate::cluster::Lease>), Refusal> {
         let (ctx, metrics) = (self.ctx, &self.ctx.metrics);
         if !tenant.mechanisms.contains(&self.creds.mechanism) {
@@ -304,7 +315,8 @@ impl Attempt<'_> {
                 Refusal::unavailable(TENANT_FULL)
             })?;
         let peer = self.client.peer.ip();
-        match fleet::before_store(ctx, peer, mailbox, tenant_name, tenant.max_sessions).await {
+        let gate = (tenant_name, tenant.max_sessions);
+        match fleet::before_store(ctx, peer, mailbox, gate, address).await {
             Ok(lease) => Ok((slot, lease)),
             Err(refused) => Err(self.fleet_refused(tenant_name, refused)),
         }
@@ -318,6 +330,10 @@ impl Attempt<'_> {
             fleet::Refused::Full("tenant_sessions") => {
                 ("tenant_sessions", Refusal::unavailable(TENANT_FULL))
             }
+            fleet::Refused::Full("ip_sessions") => {
+                ("ip_sessions", Refusal::unavailable(TOO_MANY_FROM_ADDRESS))
+            }
+            fleet::Refused::Rate => ("rate", Refusal::unavailable(TOO_MANY_FROM_ADDRESS)),
             fleet::Refused::Full(reason) => (reason, Refusal::unavailable(IN_USE)),
             fleet::Refused::LoginDelay(left) => {
                 info!(
@@ -326,7 +342,7 @@ impl Attempt<'_> {
                 );
                 ("login_delay", Refusal::unavailable(login_delay_reply(left)))
             }
-            fleet::Refused::Unavailable | fleet::Refused::Rate => (
+            fleet::Refused::Unavailable => (
                 "cluster_unavailable",
                 Refusal::unavailable(CHECKS_UNAVAILABLE),
             ),

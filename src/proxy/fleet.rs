@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::cluster::{Lease, LeaseKind, Limits, Unavailable, closed};
+use crate::cluster::{AddressLimits, IpAdmission, Lease, LeaseKind, Limits, Unavailable, closed};
 use crate::context::Context;
 use crate::throttle::Verdict;
 
@@ -37,48 +37,54 @@ fn known_for(ctx: &Context) -> Option<Duration> {
         .then_some(config.known_address_for)
 }
 
-/// A new connection from `ip`: the fleet-wide connection rate and per-address session cap. The lease is
-/// held for the connection's life.
-pub(super) async fn admit_address(ctx: &Context, ip: IpAddr) -> Result<Option<Lease>, Refused> {
-    let fleet = &ctx.fleet;
-    let Some(ip) = counted(ctx, ip).filter(|_| fleet.is_on()) else {
-        return Ok(None);
-    };
-    let config = ctx.throttle.config();
-    let (rate, max) = (config.connection_rate_per_ip, config.max_sessions_per_ip);
-    match fleet.admit_ip(ip, rate, max).await {
-        Ok(crate::cluster::IpAdmission::Admitted(lease)) => Ok(lease),
-        Ok(crate::cluster::IpAdmission::Refused("rate")) => Err(Refused::Rate),
-        Ok(crate::cluster::IpAdmission::Refused(reason)) => Err(Refused::Full(reason)),
-        Err(Unavailable::Off) => Ok(None),
-        Err(Unavailable::Degraded) => {
-            let policy = fleet.when_unavailable();
-            if (rate.is_some() && closed(policy.connection_rate))
-                || (max.is_some() && closed(policy.sessions))
-            {
-                return Err(Refused::Unavailable);
-            }
-            Ok(max.and_then(|_| fleet.local_lease(LeaseKind::Ip(ip))))
-        }
+/// A connection's standing with the fleet's per-address limits (connection rate, sessions per address):
+/// checked together with the locks on its first login attempt that reaches a tenant, so a connection
+/// costs no round trip of its own; the lease is held until the connection ends. Connections that never
+/// try to log in are bounded by each replica's own limits, checked at accept.
+#[derive(Debug, Default)]
+pub(super) struct AddressSlot {
+    checked: bool,
+    lease: Option<Lease>,
+}
+
+impl AddressSlot {
+    /// The address's lease, for the logged-in session to hold.
+    pub(super) fn take_lease(&mut self) -> Option<Lease> {
+        self.lease.take()
     }
 }
 
-/// Before a store is asked: the fleet-wide locks of the address and the mailbox, and the tenant's
-/// session lease (`tenant_max` 0: no cap).
+/// Before a store is asked: the fleet-wide locks of the address and the mailbox, the tenant's session
+/// lease (`tenant.1` 0: no cap), and the address's limits on the connection's first attempt.
 pub(super) async fn before_store(
     ctx: &Context,
     ip: IpAddr,
     mailbox: &str,
-    tenant: &str,
-    tenant_max: usize,
+    tenant: (&str, usize),
+    address: &mut AddressSlot,
 ) -> Result<Option<Lease>, Refused> {
     let fleet = &ctx.fleet;
     let counted_ip = counted(ctx, ip);
+    let config = ctx.throttle.config();
+    let limits = AddressLimits {
+        rate: config.connection_rate_per_ip,
+        max_sessions: config.max_sessions_per_ip,
+    };
+    let asked = (!address.checked).then_some(limits);
     match fleet
-        .before_login(counted_ip, mailbox, tenant, tenant_max, known_for(ctx))
+        .before_login(counted_ip, mailbox, tenant, known_for(ctx), asked)
         .await
     {
         Ok(answer) => {
+            match answer.address {
+                Some(IpAdmission::Admitted(lease)) => {
+                    address.checked = true;
+                    address.lease = lease;
+                }
+                Some(IpAdmission::Refused("rate")) => return Err(Refused::Rate),
+                Some(IpAdmission::Refused(reason)) => return Err(Refused::Full(reason)),
+                None => {}
+            }
             if answer.ip_locked.is_some() || answer.mailbox_locked.is_some() {
                 // Remembered here: the next attempt is refused without a round trip.
                 note(
@@ -95,13 +101,25 @@ pub(super) async fn before_store(
         Err(Unavailable::Off) => Ok(None),
         Err(Unavailable::Degraded) => {
             let policy = fleet.when_unavailable();
-            if (counted_ip.is_some() && closed(policy.lockouts))
-                || (tenant_max > 0 && closed(policy.sessions))
+            let address_closed = !address.checked
+                && ((limits.rate.is_some() && closed(policy.connection_rate))
+                    || (limits.max_sessions.is_some() && closed(policy.sessions)));
+            if address_closed
+                || (counted_ip.is_some() && closed(policy.lockouts))
+                || (tenant.1 > 0 && closed(policy.sessions))
             {
                 return Err(Refused::Unavailable);
             }
-            Ok((tenant_max > 0)
-                .then(|| fleet.local_lease(LeaseKind::Tenant(tenant)))
+            if !address.checked
+                && let Some(ip) = counted_ip
+            {
+                address.checked = true;
+                address.lease = limits
+                    .max_sessions
+                    .and_then(|_| fleet.local_lease(LeaseKind::Ip(ip)));
+            }
+            Ok((tenant.1 > 0)
+                .then(|| fleet.local_lease(LeaseKind::Tenant(tenant.0)))
                 .flatten())
         }
     }

@@ -58,7 +58,7 @@ pub fn serve<K: Send + 'static>(
         let span = info_span!("session", id, client = %peer, listener = %listener.name, tenant = tracing::field::Empty);
         // Boxed, and dropped at the end of this statement: the login phase's state (session driver, offer,
         // credentials) is freed before relaying, so an idle logged-in session keeps only what the relay needs.
-        let (summary, _address_lease) = Box::pin(run(&ctx, &shared, &listener, tcp, peer, id))
+        let summary = Box::pin(run(&ctx, &shared, &listener, tcp, peer, id))
             .instrument(span.clone())
             .await;
         let metrics = &ctx.metrics;
@@ -117,40 +117,13 @@ async fn run<'c>(
     tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
-) -> (Summary<'c>, Option<crate::cluster::Lease>) {
+) -> Summary<'c> {
     let deadline = Instant::now() + shared.config.timeouts.pre_login.get();
-    let mut accepted = match accept::accept(ctx, shared, listener, tcp, peer, id).await {
+    let accepted = match accept::accept(ctx, shared, listener, tcp, peer, id).await {
         Ok(accepted) => accepted,
-        Err(end) => return (Summary::NoLogin(None, end), None),
+        Err(end) => return Summary::NoLogin(None, end),
     };
-    // The fleet-wide rate and per-address cap, for the client's own address (after a PROXY header).
-    let lease = match fleet::admit_address(ctx, accepted.client.peer.ip()).await {
-        Ok(lease) => lease,
-        Err(refused) => {
-            let reason = match refused {
-                fleet::Refused::Rate => "rate",
-                fleet::Refused::Full(reason) => reason,
-                _ => "cluster_unavailable",
-            };
-            ctx.metrics
-                .throttled(crate::metrics::UNKNOWN_TENANT, reason);
-            let line: &[u8] = if reason == "cluster_unavailable" {
-                b"-ERR [SYS/TEMP] Connection checks unavailable, try again later\r\n"
-            } else {
-                b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n"
-            };
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(1),
-                tokio::io::AsyncWriteExt::write_all(&mut accepted.stream, line),
-            )
-            .await;
-            return (Summary::NoLogin(None, SessionEnd::Policy), None);
-        }
-    };
-    (
-        greeted(ctx, shared, listener, accepted, deadline, id).await,
-        lease,
-    )
+    greeted(ctx, shared, listener, accepted, deadline, id).await
 }
 
 /// The session after its connection was accepted: greeting, credentials and login attempts.
@@ -178,6 +151,8 @@ async fn greeted<'c>(
     }
     let mut stls_counted = false;
     let mut attempts: u32 = 0;
+    // The fleet's per-address limits, checked on the first attempt that reaches a tenant.
+    let mut address = fleet::AddressSlot::default();
     loop {
         let creds = match credentials(ctx, listener, &mut session, &mut stls_counted).await {
             Ok(creds) => creds,
@@ -194,6 +169,7 @@ async fn greeted<'c>(
             creds,
             attempts,
             &mut routed,
+            &mut address,
         )
         .await;
         match admission {
