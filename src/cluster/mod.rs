@@ -131,10 +131,8 @@ impl Drop for Lease {
         let (Some(held), Some(link)) = (held, self.fleet.link.load_full()) else {
             return;
         };
-        if link.is_degraded() {
-            return; // it expires; a put-back after the outage does not include it any more
-        }
-        // Released in batches by the link's releaser: one pipeline for every session that ended meanwhile.
+        // Released in batches by the link's releaser: one call for every session that ended meanwhile;
+        // while Redis does not answer, kept until it does (or until the lease would have expired anyway).
         let _ = link.releases.send(held);
     }
 }
@@ -414,8 +412,8 @@ impl Fleet {
         let answers = match batch.send("before_login").await {
             Ok(a) => a,
             Err(e) => {
-                forget(tenant_lease);
-                forget(address_lease);
+                // The script may have run before the answer was lost: released (once Redis answers).
+                drop((tenant_lease, address_lease));
                 return Err(e);
             }
         };
@@ -566,7 +564,8 @@ impl Fleet {
         let answers = match batch.send("after_login").await {
             Ok(a) => a,
             Err(e) => {
-                forget(lease);
+                // The script may have run before the answer was lost: released (once Redis answers).
+                drop(lease);
                 return Err(e);
             }
         };
@@ -667,7 +666,7 @@ impl Fleet {
         let replicas_key = link.keys.replicas();
         let live: i64 = link
             .timed("replicas", async {
-                link.client
+                link.fast
                     .zcount::<i64, _>(replicas_key.as_str(), now_score() as f64, 9.0e15)
                     .await
             })
@@ -679,7 +678,7 @@ impl Fleet {
         let text = serde_json::to_string(message).unwrap_or_default();
         let published = link
             .timed("publish", async {
-                link.client
+                link.fast
                     .publish::<i64, _, _>(link.keys.bus().as_str(), text.as_str())
                     .await
             })
@@ -853,6 +852,10 @@ impl Settings {
 /// One connection to the shared state (a client and a subscriber) and its health.
 struct Link {
     client: Client,
+    /// The client for the checks: a call fails at once while disconnected (instead of waiting in fred's
+    /// queue to run after a reconnect, when the login has long given up on it) and is dropped by its own
+    /// timeout if not yet written.
+    fast: fred::clients::WithOptions<Client>,
     subscriber: SubscriberClient,
     keys: Keys,
     script: Script,
@@ -968,6 +971,14 @@ impl Link {
             mode: settings.mode,
             when_unavailable: settings.when_unavailable,
             settings,
+            fast: client.with_options(&fred::types::config::Options {
+                // One attempt only would be safer still, but fred then fails cluster-mode calls that it
+                // routes after a redirect; a call retried after a reconnect is undone by the release that
+                // follows its failure (see `release`).
+                fail_fast: true,
+                timeout: Some(timeout),
+                ..fred::types::config::Options::default()
+            }),
             client,
             subscriber,
             degraded: AtomicBool::new(true),
@@ -1057,12 +1068,12 @@ impl Link {
         let answer = self
             .timed(op, async {
                 match self
-                    .client
+                    .fast
                     .custom::<Value, String>(evalsha(), eval_args(&self.script.sha, keys, args))
                     .await
                 {
                     Err(e) if is_noscript(&e) => {
-                        self.client
+                        self.fast
                             .custom::<Value, String>(eval(), eval_args(self.script.lua, keys, args))
                             .await
                     }
@@ -1083,7 +1094,7 @@ impl Link {
         if let [(keys, args)] = calls {
             return Ok(vec![self.call(op, keys, args).await?]);
         }
-        let pipeline = self.client.pipeline();
+        let pipeline = fred::clients::Pipeline::from(self.fast.clone());
         for (keys, args) in calls {
             let queued = pipeline
                 .custom::<Value, String>(evalsha(), eval_args(&self.script.sha, keys, args))
@@ -1267,27 +1278,42 @@ fn spawn_tasks(link: &Arc<Link>, fleet: &Arc<FleetInner>, commands: Arc<dyn Flee
     }
 }
 
-/// Releases ended sessions' leases: whatever has queued up since the last batch goes out as one pipeline
-/// (up to 512 at a time), so a busy replica pays one round trip for many sessions. A batch that fails is
-/// dropped: its leases expire within `lease_ttl`.
+/// Releases ended sessions' leases: whatever has queued up since the last call goes out as one call (up
+/// to 512 at a time), so a busy replica pays one round trip for many sessions. While the shared state
+/// does not answer, releases wait (a lease whose answer was lost may still exist: Redis may have been
+/// slow, not gone), and those older than `lease_ttl` are dropped, their leases having expired.
 async fn release(link: Arc<Link>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Held>) {
+    let ttl = link.settings.lease_ttl;
+    let mut pending: Vec<(std::time::Instant, Held)> = Vec::new();
     let mut batch = Vec::with_capacity(64);
     loop {
-        let n = tokio::select! {
-            () = link.stop.cancelled() => return,
-            n = rx.recv_many(&mut batch, 512) => n,
+        let retry = if pending.is_empty() {
+            Duration::MAX
+        } else {
+            Duration::from_millis(500)
         };
-        if n == 0 {
-            return;
+        tokio::select! {
+            () = link.stop.cancelled() => return,
+            n = rx.recv_many(&mut batch, 512) => if n == 0 { return },
+            () = tokio::time::sleep(retry) => {}
         }
-        if !link.is_degraded() {
+        let now = std::time::Instant::now();
+        pending.extend(batch.drain(..).map(|h| (now, h)));
+        pending.retain(|(at, _)| now.duration_since(*at) < ttl);
+        if link.is_degraded() || pending.is_empty() {
+            continue;
+        }
+        while !pending.is_empty() {
+            let take = pending.len().min(512);
             let mut ops = Batch::new(&link);
-            for h in &batch {
+            for (_, h) in &pending[..take] {
                 ops.op(Op::Release, vec![h.key.clone()], vec![h.member.clone()]);
             }
-            let _ = ops.send("release").await;
+            if ops.send("release").await.is_err() {
+                break; // kept for the next try
+            }
+            pending.drain(..take);
         }
-        batch.clear();
     }
 }
 
@@ -1422,7 +1448,7 @@ async fn listen(link: Arc<Link>, fleet: Arc<FleetInner>, commands: Arc<dyn Fleet
         let text = serde_json::to_string(&answer).unwrap_or_default();
         let _ = link
             .timed("publish", async {
-                link.client
+                link.fast
                     .publish::<i64, _, _>(link.keys.bus().as_str(), text.as_str())
                     .await
             })
