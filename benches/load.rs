@@ -995,12 +995,12 @@ impl Figures {
         }
         for (label, key, target) in [
             (
-                "Redis round trips awaited per login (accept + login)",
+                "Redis round trips awaited per successful login",
                 "trips_awaited",
-                "≤ 3 (≤ 2 in the login)",
+                "≤ 2",
             ),
             (
-                "lease releases sent per login (not awaited)",
+                "lease-release round trips per login (batched, not awaited)",
                 "trips_released",
                 "",
             ),
