@@ -89,6 +89,13 @@ pub async fn spawn<R: Control>(
     let listener = TcpListener::bind(config.bind).await?;
     let addr = listener.local_addr().unwrap_or(config.bind);
     info!(addr = %addr, "admin server listening");
+    if !addr.ip().is_loopback() && config.token.is_none() {
+        warn!(
+            addr = %addr,
+            "the admin API listens beyond loopback without a token: whoever reaches it can reload, kick \
+             sessions and read the status; set admin.token_file (and token_for_reads)"
+        );
+    }
     let config = Arc::new(config.clone());
     let stop = runtime.context().stop.clone();
     // Its own cap, apart from POP3's: a flood here must not hold the descriptors POP3 accepts with.
@@ -158,7 +165,7 @@ async fn route<R: Control>(
         let config = snapshot.config.admin.as_ref().unwrap_or(started);
         (
             names_this_server(&req, &config.hosts),
-            !(write || config.token_for_reads) || authorized(config, &req),
+            !needs_token(config, write, req.uri().path()) || authorized(config, &req),
         )
     };
     if !host_ok {
@@ -174,6 +181,9 @@ async fn route<R: Control>(
         );
     }
     if !allowed {
+        // Logged and counted (never the token sent): someone without the token is trying the admin API.
+        warn!(method = %req.method(), path = req.uri().path(), "admin request refused: missing or wrong bearer token");
+        runtime.context().metrics.admin_auth_failed();
         return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
     }
     match (req.method(), req.uri().path()) {
@@ -297,6 +307,16 @@ fn fleet_reply(
             "error": "shared state unavailable: only this replica was reached",
         }),
     }
+}
+
+/// Whether a request needs the token (when one is set): every write; with `token_for_reads` every read
+/// too, except the probes' `/livez` and `/readyz` (a kubelet sends no token, and a replica restarted for
+/// lack of one helps nobody) and, with `metrics_without_token`, `/metrics`.
+fn needs_token(config: &AdminConfig, write: bool, path: &str) -> bool {
+    write
+        || (config.token_for_reads
+            && !matches!(path, "/livez" | "/readyz")
+            && !(config.metrics_without_token && path == "/metrics"))
 }
 
 fn authorized(config: &AdminConfig, req: &Request<Incoming>) -> bool {

@@ -57,6 +57,8 @@ pub mod names {
     pub const THROTTLED: &str = "throttled_total";
     /// Config reloads, by result.
     pub const CONFIG_RELOADS: &str = "config_reloads_total";
+    /// Admin requests refused for a missing or wrong bearer token.
+    pub const ADMIN_AUTH_FAILURES: &str = "admin_auth_failures_total";
     /// Round trips to the shared state (Redis/Valkey), by operation.
     pub const CLUSTER_ROUND_TRIP: &str = "cluster_round_trip_seconds";
     /// Shared-state operations that failed or timed out, by operation.
@@ -123,6 +125,7 @@ pub struct Metrics {
     tls_handshakes: IntCounterVec,
     throttled: IntCounterVec,
     config_reloads: IntCounterVec,
+    admin_auth_failures: IntCounter,
     tenants: Arc<Mutex<HashMap<String, Arc<TenantMetrics>>>>,
     cluster: Arc<Mutex<Option<ClusterMetrics>>>,
 }
@@ -349,6 +352,17 @@ impl Metrics {
                 "Config reloads, by result.",
                 &["result"],
             )?,
+            admin_auth_failures: {
+                let c = IntCounter::with_opts(
+                    Opts::new(
+                        names::ADMIN_AUTH_FAILURES,
+                        "Admin requests refused for a missing or wrong bearer token.",
+                    )
+                    .namespace("popgate"),
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             tenants: Arc::default(),
             cluster: Arc::default(),
             registry,
@@ -632,6 +646,11 @@ impl Metrics {
     /// An edge refusal.
     pub fn throttled(&self, tenant: &str, reason: &str) {
         self.throttled.with_label_values(&[tenant, reason]).inc();
+    }
+
+    /// An admin request refused for its bearer token.
+    pub fn admin_auth_failed(&self) {
+        self.admin_auth_failures.inc();
     }
 
     /// A config reload.

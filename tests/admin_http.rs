@@ -448,3 +448,74 @@ async fn admin_path_tricks_oversized_requests_and_smuggling_get_nowhere() {
     assert_eq!(admin::status_of(&answer), 200, "{answer}");
     pg.shutdown();
 }
+
+/// The auth matrix with a token and `token_for_reads`: the probes' endpoints never need the token (a
+/// kubelet sends none), every other read and every write does, `metrics_without_token` opens `/metrics`
+/// alone, and each refusal is counted in `popgate_admin_auth_failures_total` (the token never logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_for_reads_the_probes_stay_open_and_refusals_are_counted() {
+    let (_md, server) = store().await;
+    let dir = tempfile::tempdir().unwrap();
+    support::logs::captured_log();
+    let yaml = config(
+        server.local_addr(),
+        "  token: matrix-token\n  token_for_reads: true\n",
+    );
+    let pg = start_from_file(&yaml, dir.path()).await;
+    let admin = pg.admin_addr().unwrap();
+    let get =
+        |path: &str, headers: &str| raw("GET", path, &format!("Host: 127.0.0.1\r\n{headers}"));
+    let bearer = "Authorization: Bearer matrix-token\r\n";
+    let wrong = "Authorization: Bearer not-the-token\r\n";
+    for (path, open) in [
+        ("/livez", true),
+        ("/readyz", true),
+        ("/metrics", false),
+        ("/status", false),
+        ("/", false),
+    ] {
+        let (code, _) = request(admin, &get(path, "")).await;
+        let expected = if open { [200, 503] } else { [401, 401] };
+        assert!(
+            expected.contains(&code),
+            "GET {path} without a token: {code}"
+        );
+        let (code, _) = request(admin, &get(path, wrong)).await;
+        assert!(
+            open == (code != 401),
+            "GET {path} with a wrong token: {code}"
+        );
+        let (code, _) = request(admin, &get(path, bearer)).await;
+        assert_ne!(code, 401, "GET {path} with the token");
+    }
+    let post = |headers: &str| {
+        raw(
+            "POST",
+            "/kick?mailbox=u0%40example.com",
+            &format!("Host: 127.0.0.1\r\nX-Popgate-Admin: 1\r\n{headers}"),
+        )
+    };
+    assert_eq!(request(admin, &post("")).await.0, 401);
+    assert_eq!(request(admin, &post(bearer)).await.0, 200);
+    // 3 reads without, 3 with a wrong token, 1 write: 7 refusals, counted and logged without the token.
+    let (_, metrics) = request(admin, &get("/metrics", bearer)).await;
+    assert_eq!(
+        support::popgate::metric(&metrics, "popgate_admin_auth_failures_total"),
+        Some(7.0)
+    );
+    let text = support::logs::captured_text();
+    assert!(text.contains("admin request refused"), "{text}");
+    assert!(!text.contains("not-the-token") && !text.contains("matrix-token"));
+    pg.shutdown();
+
+    // metrics_without_token: /metrics opens, /status stays closed.
+    let yaml = config(
+        server.local_addr(),
+        "  token: matrix-token\n  token_for_reads: true\n  metrics_without_token: true\n",
+    );
+    let pg = start_from_file(&yaml, dir.path()).await;
+    let admin = pg.admin_addr().unwrap();
+    assert_eq!(request(admin, &get("/metrics", "")).await.0, 200);
+    assert_eq!(request(admin, &get("/status", "")).await.0, 401);
+    pg.shutdown();
+}

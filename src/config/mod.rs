@@ -101,9 +101,14 @@ pub struct AdminConfig {
     /// read at start and at every reload, so a rotated token takes effect on the next reload. Not with `token`.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
-    /// Require the token for GET endpoints too. Default false (Prometheus and probes read freely).
+    /// Require the token for GET endpoints too, except the probes' `/livez` and `/readyz`, which never
+    /// need it. Default false (Prometheus and status readers read freely).
     #[serde(default)]
     pub token_for_reads: bool,
+    /// With `token_for_reads`, still let `/metrics` be scraped without the token (a Prometheus that cannot
+    /// send one). Default false.
+    #[serde(default)]
+    pub metrics_without_token: bool,
     /// Which store health `/readyz` waits for, beside bound listeners and no drain. Default `any_tenant`.
     #[serde(default)]
     pub ready_when: ReadyWhen,

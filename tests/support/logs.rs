@@ -1,4 +1,4 @@
-//! popgate's runtime log lines (reload outcomes), captured in memory for every test of one binary: the
+//! popgate's runtime log lines (reload outcomes) and admin warnings, captured in memory for every test of one binary: the
 //! tracing subscriber is global to the test process.
 
 use std::sync::{Mutex, OnceLock, PoisonError};
@@ -21,9 +21,12 @@ pub fn captured_log() -> &'static Mutex<Vec<u8>> {
                 Ok(())
             }
         }
-        // Only the runtime's lines (reload outcomes): per-session lines of load tests would pile up.
+        // Only the runtime's lines (reload outcomes) and the admin server's warnings: per-session lines of
+        // load tests would pile up.
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("popgate::runtime=info"))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "popgate::runtime=info,popgate::admin=warn",
+            ))
             .with_ansi(false)
             .with_writer(move || Sink(buf))
             .try_init();

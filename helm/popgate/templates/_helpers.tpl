@@ -22,6 +22,15 @@
 {{- printf "%s-admin" (include "popgate.fullname" . | trunc 57 | trimSuffix "-") }}
 {{- end }}
 
+{{/* The Secret holding the admin token: the one named in values, else the chart's own, else none. */}}
+{{- define "popgate.adminTokenSecret" -}}
+{{- if .Values.admin.tokenSecret.name }}
+{{- .Values.admin.tokenSecret.name }}
+{{- else if .Values.admin.createToken }}
+{{- printf "%s-admin-token" (include "popgate.fullname" . | trunc 50 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
 {{- define "popgate.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -65,7 +74,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 The popgate config file: .Values.config plus
   - listeners built from .Values.listeners (bind = listenAddress:port; PROXY protocol when the Service has it),
-  - admin.bind = listenAddress:admin.port, admin.token_file when admin.tokenSecret names a Secret, and
+  - admin.bind = listenAddress:admin.port, admin.token_file when there is a token Secret (named, or the
+    chart's own random one), token_for_reads and metrics_without_token from .Values.admin, and
     admin.hosts = the admin Service's DNS names unless the config lists its own,
   - tls / tenants.<name>.tls certificate and key paths for the mounted certificate Secrets, where the config
     does not name them itself.
@@ -106,7 +116,15 @@ The popgate config file: .Values.config plus
 {{- if or (hasKey $admin "token") (hasKey $admin "token_file") }}
 {{- fail "admin.tokenSecret is set: remove config.admin.token / config.admin.token_file (the chart sets token_file)" }}
 {{- end }}
+{{- end }}
+{{- if and (include "popgate.adminTokenSecret" .) (not (hasKey $admin "token")) (not (hasKey $admin "token_file")) }}
 {{- $_ := set $admin "token_file" "/etc/popgate/admin/token" }}
+{{- end }}
+{{- if not (hasKey $admin "token_for_reads") }}
+{{- $_ := set $admin "token_for_reads" .Values.admin.tokenForReads }}
+{{- end }}
+{{- if not (hasKey $admin "metrics_without_token") }}
+{{- $_ := set $admin "metrics_without_token" .Values.admin.metricsWithoutToken }}
 {{- end }}
 {{- /* The admin server answers only Host names it knows (DNS-rebinding defence): the admin Service's names,
        unless the config lists its own. Probes and Prometheus use the pod IP, which always passes. */}}
