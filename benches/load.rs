@@ -808,57 +808,47 @@ impl Drop for Proxy {
     }
 }
 
-/// popgate's pool checkouts so far, from its metrics: (hits, misses).
-fn pool_checkouts(admin: SocketAddr) -> (f64, f64) {
+/// Every series of the family `name` in popgate's metrics now: (the series' labels, its value).
+fn series(admin: SocketAddr, name: &str) -> Vec<(String, f64)> {
     let mut s = TcpStream::connect(admin).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
         .unwrap();
     let mut text = String::new();
     std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (labels, value) = rest.rsplit_once(' ')?;
+            Some((labels.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// popgate's pool checkouts so far, from its metrics: (hits, misses).
+fn pool_checkouts(admin: SocketAddr) -> (f64, f64) {
     let (mut hits, mut misses) = (0.0, 0.0);
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("popgate_store_pool_checkouts_total{"))
-    {
-        let value: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        if line.contains("result=\"hit\"") {
+    for (labels, value) in series(admin, "popgate_store_pool_checkouts_total") {
+        if labels.contains("result=\"hit\"") {
             hits += value;
-        } else if line.contains("result=\"miss\"") {
+        } else if labels.contains("result=\"miss\"") {
             misses += value;
         }
     }
     (hits, misses)
 }
 
-/// The shared state's round trips so far, from popgate's metrics: (awaited by a login or an accept,
-/// lease releases sent after a session ended).
+/// The shared state's round trips so far, from popgate's metrics: (awaited by a login, lease-release
+/// calls sent after sessions ended).
 fn cluster_round_trips(admin: SocketAddr) -> (f64, f64) {
-    let mut s = TcpStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
     let (mut awaited, mut released) = (0.0, 0.0);
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("popgate_cluster_round_trip_seconds_count{"))
-    {
-        let value: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        if line.contains("op=\"release\"") {
+    for (labels, value) in series(admin, "popgate_cluster_round_trip_seconds_count") {
+        if labels.contains("op=\"release\"") {
             released += value;
         } else if ["before_login", "after_login", "failed"]
             .iter()
-            .any(|op| line.contains(&format!("op=\"{op}\"")))
+            .any(|op| labels.contains(&format!("op=\"{op}\"")))
         {
             awaited += value;
         }

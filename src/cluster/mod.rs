@@ -675,14 +675,7 @@ impl Fleet {
         let others = usize::try_from(live).unwrap_or(0).saturating_sub(1);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         lock(&self.inner.waiting).insert(id.clone(), tx);
-        let text = serde_json::to_string(message).unwrap_or_default();
-        let published = link
-            .timed("publish", async {
-                link.fast
-                    .publish::<i64, _, _>(link.keys.bus().as_str(), text.as_str())
-                    .await
-            })
-            .await;
+        let published = link.publish(message).await;
         let mut result = FleetResult {
             total: local,
             replicas_answered: 1,
@@ -1056,6 +1049,17 @@ impl Link {
                 Err(Unavailable::Degraded)
             }
         }
+    }
+
+    /// Publishes a message on the command channel.
+    async fn publish(&self, message: &BusMessage) -> Result<i64, Unavailable> {
+        let text = serde_json::to_string(message).unwrap_or_default();
+        self.timed("publish", async {
+            self.fast
+                .publish::<i64, _, _>(self.keys.bus().as_str(), text.as_str())
+                .await
+        })
+        .await
     }
 
     /// One call of the `checks` script (EVALSHA, then EVAL if the server does not know it): its answers.
@@ -1445,14 +1449,7 @@ async fn listen(link: Arc<Link>, fleet: Arc<FleetInner>, commands: Arc<dyn Fleet
             to: from,
             count,
         };
-        let text = serde_json::to_string(&answer).unwrap_or_default();
-        let _ = link
-            .timed("publish", async {
-                link.fast
-                    .publish::<i64, _, _>(link.keys.bus().as_str(), text.as_str())
-                    .await
-            })
-            .await;
+        let _ = link.publish(&answer).await;
     }
 }
 
