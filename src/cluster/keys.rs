@@ -6,8 +6,8 @@
 //! |---|---|---|---|
 //! | `P ipf:{H}` | hash `n` (failures) | `forget_after` | a failed login from the address |
 //! | `P ipl:{H}` | string | `lockout_for` | the failure that locks the address |
-//! | `P ipr:{H}` | string (GCRA arrival time, ms) | until the bucket is full | each accepted connection |
-//! | `P ips:{H}` | sorted set of leases (member `replica:session`, score: expiry ms) | `lease_ttl` | accept, renewals |
+//! | `P ipr:{H}` | string (GCRA arrival time, ms) | until the bucket is full | a connection's first login attempt |
+//! | `P ips:{H}` | sorted set of leases (member `replica:session`, score: expiry ms) | `lease_ttl` | a connection's first login attempt, renewals |
 //! | `P mbf:{H}` | hash `n`, `pw` (keyed digests of the last wrong secrets) | `forget_after` | a failed login of the mailbox |
 //! | `P mbl:{H}` | string | `lockout_for` | the failure that locks the mailbox |
 //! | `P mbk:{H}` | sorted set (keyed address digests, score: ms) | `known_address_for` | a successful login |

@@ -236,11 +236,6 @@ impl Fleet {
         }
     }
 
-    /// This replica's id in the shared state.
-    pub fn replica(&self) -> &str {
-        &self.inner.replica
-    }
-
     /// Whether `cluster:` is configured.
     pub fn is_on(&self) -> bool {
         self.inner.link.load().is_some()

@@ -86,12 +86,6 @@ pub struct Script {
     pub sha: String,
 }
 
-impl Default for Script {
-    fn default() -> Self {
-        Self::checks()
-    }
-}
-
 impl Script {
     /// The `checks` script.
     pub fn checks() -> Self {
