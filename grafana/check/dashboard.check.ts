@@ -6,15 +6,16 @@
 // see there why a plain JSON import is not enough). Then:
 // 1. `grafana`: the dashboard is a `Dashboard` as the schema declares it.
 // 2. `popgate`: stricter: each panel's `options` and `fieldConfig.defaults.custom` are typed by that panel
-//    plugin's own schema (timeseries, stat), and targets are Prometheus queries (the schema's DataQuery plus
-//    the Prometheus fields used here).
+//    plugin's own schema (timeseries, stat, table), targets are Prometheus queries (the schema's DataQuery
+//    plus the Prometheus fields used here), and annotations are the built-in one or Prometheus queries.
 // 3. `exact`: no key that the schema does not declare, anywhere (a misspelt or invented field fails with
 //    its path in the error). Assignability alone never reports extra keys of a non-literal value.
 // The one adaptation, `Json<T>`: Grafana stores its TypeScript enums by value in JSON ("palette-classic",
 // not FieldColorModeId.PaletteClassic), so each string enum becomes the union of its values, and arrays
 // become readonly (the const literal's arrays are). Nothing else is loosened.
-import type { Dashboard, DataQuery, DataSourceRef, Panel, RowPanel } from '@grafana/schema';
+import type { AnnotationQuery, Dashboard, DataQuery, DataSourceRef, Panel, RowPanel } from '@grafana/schema';
 import type * as Stat from '@grafana/schema/dist/esm/raw/composable/stat/panelcfg/x/StatPanelCfg_types.gen';
+import type * as Table from '@grafana/schema/dist/esm/raw/composable/table/panelcfg/x/TablePanelCfg_types.gen';
 import type * as TimeSeries from '@grafana/schema/dist/esm/raw/composable/timeseries/panelcfg/x/TimeSeriesPanelCfg_types.gen';
 
 import { dashboard } from './dashboard.gen';
@@ -55,7 +56,19 @@ interface PrometheusQuery extends DataQuery {
   legendFormat?: string;
   range?: boolean;
   instant?: boolean;
+  format?: 'time_series' | 'table' | 'heatmap';
   editorMode?: 'code' | 'builder';
+}
+
+/** A Prometheus annotation query as Grafana exports it: the schema's AnnotationQuery plus the Prometheus
+ *  datasource's annotation fields (Grafana moves expr and step into `target` when it loads them). */
+interface PrometheusAnnotation extends AnnotationQuery {
+  expr: string;
+  step?: string;
+  titleFormat?: string;
+  textFormat?: string;
+  tagKeys?: string;
+  useValueForTime?: boolean;
 }
 
 type PluginPanel<Type extends string, Options, Custom> = Omit<Panel<Options, Custom>, 'type' | 'options' | 'targets'> & {
@@ -67,9 +80,13 @@ type PluginPanel<Type extends string, Options, Custom> = Omit<Panel<Options, Cus
 type PopgatePanel =
   | PluginPanel<'timeseries', TimeSeries.Options, TimeSeries.FieldConfig>
   | PluginPanel<'stat', Stat.Options, Record<string, never>>
+  | PluginPanel<'table', Table.Options, Table.FieldConfig>
   | (RowPanel & { panels: [] }); // rows are expanded: their panels follow them at the top level
 
-type PopgateDashboard = Omit<Dashboard, 'panels'> & { panels: PopgatePanel[] };
+type PopgateDashboard = Omit<Dashboard, 'panels' | 'annotations'> & {
+  panels: PopgatePanel[];
+  annotations: { list: ((AnnotationQuery & { builtIn: 1 }) | PrometheusAnnotation)[] };
+};
 
 // --- The checks -------------------------------------------------------------------------------------------
 
