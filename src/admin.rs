@@ -29,15 +29,17 @@
 //! to send a request's headers (from connecting, and again after every response, so it also ends idle
 //! keep-alive connections), and [`CONNECTION_LIFETIME`] for a connection as a whole.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderName};
+use hyper::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HOST, HeaderName,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
@@ -46,7 +48,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::config::AdminConfig;
-use crate::context::{Context, ReloadRecord};
+use crate::context::{Context, MailboxMatch, ReloadRecord, SessionFilter};
 use crate::proxy::Shared;
 
 /// What the admin server reads and asks of the running process. The process setup (`runtime`), the only
@@ -231,30 +233,54 @@ async fn route<R: Control>(
                 ),
             }
         }
+        (&Method::GET, "/sessions") => {
+            let q = query(&req);
+            match session_filter(&**runtime, &q) {
+                Ok(filter) => json_reply(StatusCode::OK, sessions(&**runtime, &filter, &q)),
+                Err(e) => text_owned(StatusCode::BAD_REQUEST, e),
+            }
+        }
         (&Method::POST, "/kick") => {
-            let mailbox = req.uri().query().and_then(|q| {
-                q.split('&')
-                    .filter_map(|kv| kv.split_once('='))
-                    .find(|(k, _)| *k == "mailbox")
-                    .map(|(_, v)| percent_decode(v))
-            });
-            match mailbox {
-                Some(m) if !m.is_empty() => {
-                    // Keyed as a login is (SDPS forms, IDNA domain, case rule, NFC), so any way the user
-                    // could have typed the name finds the sessions; a name that no longer routes (its
-                    // tenant was removed by a reload) is compared as given.
-                    let key = runtime.snapshot().table.route(&m, None).map(|r| r.key);
-                    let (name, fold) = match &key {
-                        Ok(key) => (key.as_str(), false),
-                        Err(_) => (m.as_str(), true),
-                    };
+            let q = query(&req);
+            match session_filter(&**runtime, &q) {
+                Ok(filter) if !filter.is_empty() => {
                     let here = Here(&**runtime);
                     let fleet = &runtime.context().fleet;
-                    let body = fleet_reply(fleet.kick(&here, name, fold).await, "kicked");
-                    info!(sessions = %body["kicked"], "kicked a mailbox's sessions");
+                    let body = fleet_reply(fleet.kick(&here, &filter).await, "kicked");
+                    info!(sessions = %body["kicked"], "kicked sessions");
                     json_reply(StatusCode::OK, body)
                 }
-                _ => text(StatusCode::BAD_REQUEST, "need ?mailbox=local@domain\n"),
+                Ok(_) => text(
+                    StatusCode::BAD_REQUEST,
+                    "need ?mailbox=local@domain (or a pattern with * and ?), ?tenant=, ?store= or ?network=\n",
+                ),
+                Err(e) => text_owned(StatusCode::BAD_REQUEST, e),
+            }
+        }
+        (&Method::POST, "/stores/state") => {
+            let q = query(&req);
+            match store_request(&q) {
+                Ok((store, state, weight)) => {
+                    let here = Here(&**runtime);
+                    let fleet = &runtime.context().fleet;
+                    let result = fleet.store_control(&here, &store, state, weight).await;
+                    let found = match &result {
+                        Ok(r) => r.total,
+                        Err((_, n)) => *n,
+                    };
+                    if found == 0 {
+                        return text_owned(
+                            StatusCode::NOT_FOUND,
+                            format!("no store named {store:?} (see GET /status)\n"),
+                        );
+                    }
+                    let mut body = fleet_reply(result, "stores");
+                    body["store"] = json!(store);
+                    body["state"] = json!(state);
+                    body["weight"] = json!(weight);
+                    json_reply(StatusCode::OK, body)
+                }
+                Err(e) => text_owned(StatusCode::BAD_REQUEST, e),
             }
         }
         (&Method::POST, "/auth-cache/flush") => {
@@ -265,8 +291,14 @@ async fn route<R: Control>(
             json_reply(StatusCode::OK, body)
         }
         (&Method::GET, "/") => {
-            let mut r = Response::new(Full::new(Bytes::from(html(&**runtime))));
+            let mut r = Response::new(Full::new(Bytes::from_static(STATUS_PAGE.as_bytes())));
             set(&mut r, CONTENT_TYPE, "text/html; charset=utf-8");
+            set(&mut r, CONTENT_SECURITY_POLICY, STATUS_PAGE_CSP);
+            r
+        }
+        (&Method::GET, "/status.js") => {
+            let mut r = Response::new(Full::new(Bytes::from_static(STATUS_SCRIPT.as_bytes())));
+            set(&mut r, CONTENT_TYPE, "text/javascript; charset=utf-8");
             r
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -277,13 +309,140 @@ async fn route<R: Control>(
 struct Here<'a, R>(&'a R);
 
 impl<R: Control> crate::cluster::FleetCommands for Here<'_, R> {
-    fn kick(&self, matches: &dyn Fn(&str) -> bool) -> usize {
+    fn kick(&self, matches: &dyn Fn(&crate::context::SessionFacts<'_>) -> bool) -> usize {
         self.0.context().sessions.kick_where(matches)
     }
 
     fn flush_auth_cache(&self) -> usize {
         self.0.flush_auth_cache()
     }
+
+    fn store_control(&self, store: &str, state: Option<&str>, weight: Option<u32>) -> usize {
+        self.0.context().control_store(store, state, weight)
+    }
+}
+
+/// The request's query as decoded pairs (a key given twice: the last wins).
+fn query<B>(req: &Request<B>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect()
+}
+
+/// `tenant`, `store`, `mailbox` (exact, keyed as a login is, or a pattern with `*` and `?`) and `network`
+/// (an address or CIDR) from the query; empty values count as absent.
+fn session_filter<R: Control>(
+    runtime: &R,
+    q: &HashMap<String, String>,
+) -> Result<SessionFilter, String> {
+    let given = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
+    let network = match given("network") {
+        None => None,
+        Some(n) => Some(
+            n.parse::<ipnet::IpNet>()
+                .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("network {n:?} is not an address or a CIDR network\n"))?,
+        ),
+    };
+    let mailbox = given("mailbox").map(|m| {
+        // Keyed as a login is (SDPS forms, IDNA domain, case rule, NFC), so any way the user could have
+        // typed the name finds the sessions; a name that no longer routes (its tenant was removed by a
+        // reload) is compared as given, ignoring case.
+        MailboxMatch::parse(&m, |m| {
+            runtime.snapshot().table.route(m, None).ok().map(|r| r.key)
+        })
+    });
+    Ok(SessionFilter {
+        tenant: given("tenant"),
+        store: given("store"),
+        mailbox,
+        network,
+    })
+}
+
+/// Most sessions one `GET /sessions` page holds.
+const MAX_PAGE: usize = 1000;
+
+/// A page of sessions: `offset` (default 0) and `limit` (default and most 1000), oldest first.
+fn sessions<R: Control>(
+    runtime: &R,
+    filter: &SessionFilter,
+    q: &HashMap<String, String>,
+) -> serde_json::Value {
+    let number = |k: &str, default: usize| {
+        q.get(k)
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(default)
+    };
+    let offset = number("offset", 0);
+    let limit = number("limit", MAX_PAGE).clamp(1, MAX_PAGE);
+    let all = runtime.context().sessions.list(filter);
+    let now = SystemTime::now();
+    let page: Vec<serde_json::Value> = all
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|(id, e)| {
+            let since = e
+                .since
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            json!({
+                "id": id,
+                "tenant": e.tenant,
+                "mailbox": e.mailbox,
+                "store": e.store,
+                "client": e.client.ip().to_string(),
+                "listener": e.listener,
+                "since": since,
+                "age_seconds": now.duration_since(e.since).map_or(0, |d| d.as_secs()),
+            })
+        })
+        .collect();
+    json!({
+        "total": all.len(),
+        "offset": offset,
+        "limit": limit,
+        "sessions": page,
+        "complete": true,
+        "note": "this replica's sessions only",
+    })
+}
+
+/// `store`, `state` (`ready`, `drain`, `maint`) and `weight` (0: back to the configured weights) from
+/// the query: a store and at least one of the others.
+fn store_request(
+    q: &HashMap<String, String>,
+) -> Result<(String, Option<&'static str>, Option<u32>), String> {
+    let store = q
+        .get("store")
+        .filter(|s| !s.is_empty())
+        .ok_or("need ?store=<label from GET /status>\n")?;
+    let state = match q.get("state").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(
+            crate::store::registry::StoreState::parse(s)
+                .ok_or_else(|| format!("state {s:?}: use ready, drain or maint\n"))?
+                .as_str(),
+        ),
+    };
+    let weight = match q.get("weight").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(w) => Some(
+            w.parse::<u32>()
+                .ok()
+                .filter(|w| *w <= 1000)
+                .ok_or_else(|| format!("weight {w:?}: a number from 0 (configured) to 1000\n"))?,
+        ),
+    };
+    if state.is_none() && weight.is_none() {
+        return Err("need ?state=ready|drain|maint and/or ?weight=N\n".into());
+    }
+    Ok((store.clone(), state, weight))
 }
 
 /// A fleet command's answer: `{<what>: total, replicas_answered, replicas_expected}`, or when the shared
@@ -315,7 +474,7 @@ fn fleet_reply(
 fn needs_token(config: &AdminConfig, write: bool, path: &str) -> bool {
     write
         || (config.token_for_reads
-            && !matches!(path, "/livez" | "/readyz")
+            && !matches!(path, "/livez" | "/readyz" | "/" | "/status.js")
             && !(config.metrics_without_token && path == "/metrics"))
 }
 
@@ -420,8 +579,16 @@ fn set(r: &mut Reply, name: hyper::header::HeaderName, value: &'static str) {
     );
 }
 
+fn text_owned(status: StatusCode, body: String) -> Reply {
+    text_body(status, Bytes::from(body))
+}
+
 fn text(status: StatusCode, body: &'static str) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    text_body(status, Bytes::from_static(body.as_bytes()))
+}
+
+fn text_body(status: StatusCode, body: Bytes) -> Reply {
+    let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
     set(&mut r, CONTENT_TYPE, "text/plain; charset=utf-8");
     r
@@ -438,6 +605,7 @@ fn json_reply(status: StatusCode, body: serde_json::Value) -> Reply {
 pub fn status<R: Control>(runtime: &R) -> serde_json::Value {
     let shared = runtime.snapshot();
     let per_tenant = runtime.context().sessions.per_tenant();
+    let logins = runtime.context().metrics.logins_by_tenant();
     // Each tenant by its id: its name from the table, its settings and state looked up with it.
     let tenants: Vec<serde_json::Value> = shared
         .table
@@ -458,6 +626,7 @@ pub fn status<R: Control>(runtime: &R) -> serde_json::Value {
                 .collect();
             json!({
                 "name": name,
+                "logins": logins.get(name.as_str()).cloned().unwrap_or_default(),
                 "domains": cfg.value.domains.iter().map(|d| d.value.clone()).collect::<Vec<_>>(),
                 "balance": crate::store::group::policy_name(cfg.value.balance),
                 "sessions": per_tenant.get(name).copied().unwrap_or(0),
@@ -488,7 +657,62 @@ pub fn status<R: Control>(runtime: &R) -> serde_json::Value {
             json!({"at_unix": at, "ok": r.ok, "message": r.message})
         })
         .collect();
+    let ctx = runtime.context();
+    // Which tenants list each store, from one pass over the tenants.
+    let mut tenants_of: HashMap<String, Vec<String>> = HashMap::new();
+    for id in shared.table.ids() {
+        let Some(t) = shared.tenant(id) else { continue };
+        for s in t.group.status() {
+            tenants_of
+                .entry(s.id)
+                .or_default()
+                .push(shared.table.tenant(id).name.clone());
+        }
+    }
+    let stores: Vec<serde_json::Value> = ctx
+        .stores
+        .stores()
+        .iter()
+        .map(|s| {
+            let (connect_p95, login_p95) = s.p95s();
+            let (bytes_up, bytes_down) = s.bytes();
+            let probe = s.health.last_probe();
+            json!({
+                "store": s.label,
+                "addr": s.endpoint.addr.to_string(),
+                "up": s.health.is_up(),
+                "up_since": s.health.changed_at(),
+                "last_probe_at": probe.map(|(at, _)| at),
+                "last_probe_ok": probe.map(|(_, ok)| ok),
+                "state": s.state().as_str(),
+                "weight": s.weight(),
+                "sessions": s.active(),
+                "pool_idle": s.pool_idle(),
+                "logins_in_flight": s.in_flight(),
+                "connect_p95_seconds": connect_p95,
+                "login_p95_seconds": login_p95,
+                "bytes_to_store": bytes_up,
+                "bytes_to_client": bytes_down,
+                "tenants": tenants_of.get(&s.label).cloned().unwrap_or_default(),
+            })
+        })
+        .collect();
+    let certificates: Vec<serde_json::Value> = shared
+        .certificates()
+        .iter()
+        .map(
+            |c| json!({"tenant": c.tenant, "certificate": c.certificate, "not_after": c.not_after}),
+        )
+        .collect();
+    let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = SystemTime::now();
     json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "now": unix(now),
+        "started_at": unix(ctx.started),
+        "uptime_seconds": now.duration_since(ctx.started).map_or(0, |d| d.as_secs()),
+        "stores": stores,
+        "certificates": certificates,
         "ready": runtime.is_ready(),
         "draining": runtime.context().draining.is_cancelled(),
         "sessions": runtime.context().sessions.len(),
@@ -499,95 +723,14 @@ pub fn status<R: Control>(runtime: &R) -> serde_json::Value {
     })
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// A small status page in the spirit of HAProxy's: no scripts, no external assets, refreshes itself.
-fn html<R: Control>(runtime: &R) -> String {
-    let st = status(runtime);
-    let mut h = String::from(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\">\
-         <title>popgate status</title><style>\
-         body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}\
-         table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}\
-         th{background:#eee}.up{background:#d7f5d7}.down{background:#f8d0d0}h2{margin-bottom:.2em}\
-         </style></head><body><h1>popgate</h1>",
-    );
-    let ready = st["ready"].as_bool().unwrap_or(false);
-    let _ = write!(
-        h,
-        "<p id=\"summary\">state: <b class=\"{}\">{}</b> &middot; sessions: <b id=\"sessions\">{}</b></p>",
-        if ready { "up" } else { "down" },
-        if st["draining"].as_bool().unwrap_or(false) {
-            "draining"
-        } else if ready {
-            "ready"
-        } else {
-            "not ready"
-        },
-        st["sessions"]
-    );
-    h.push_str("<h2>Listeners</h2><table><tr><th>name</th><th>address</th><th>TLS</th></tr>");
-    for l in st["listeners"].as_array().into_iter().flatten() {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(l["name"].as_str().unwrap_or("")),
-            esc(l["addr"].as_str().unwrap_or("")),
-            esc(l["tls"].as_str().unwrap_or(""))
-        );
-    }
-    h.push_str("</table><h2>Tenants</h2>");
-    for t in st["tenants"].as_array().into_iter().flatten() {
-        let name = esc(t["name"].as_str().unwrap_or(""));
-        let domains: Vec<String> = t["domains"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|d| d.as_str().map(esc))
-            .collect();
-        let _ = write!(
-            h,
-            "<h3 class=\"tenant\" id=\"tenant-{name}\">{name}</h3><p>domains: {} &middot; balance: {} &middot; sessions: {}</p>\
-             <table><tr><th>store</th><th>address</th><th>health</th><th>sessions</th><th>pool idle</th></tr>",
-            domains.join(", "),
-            esc(t["balance"].as_str().unwrap_or("")),
-            t["sessions"]
-        );
-        for s in t["stores"].as_array().into_iter().flatten() {
-            let up = s["up"].as_bool().unwrap_or(false);
-            let _ = write!(
-                h,
-                "<tr class=\"store {}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                if up { "up" } else { "down" },
-                esc(s["id"].as_str().unwrap_or("")),
-                esc(s["addr"].as_str().unwrap_or("")),
-                if up { "UP" } else { "DOWN" },
-                s["sessions"],
-                s["pool_idle"]
-            );
-        }
-        h.push_str("</table>");
-    }
-    h.push_str("<h2>Recent reloads</h2><table><tr><th>time (unix)</th><th>result</th><th>message</th></tr>");
-    for r in st["reloads"].as_array().into_iter().flatten().rev() {
-        let ok = r["ok"].as_bool().unwrap_or(false);
-        let _ = write!(
-            h,
-            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td></tr>",
-            if ok { "up" } else { "down" },
-            r["at_unix"],
-            if ok { "ok" } else { "refused" },
-            esc(r["message"].as_str().unwrap_or(""))
-        );
-    }
-    h.push_str("</table><p><a href=\"/metrics\">metrics</a> &middot; <a href=\"/status\">status JSON</a></p></body></html>");
-    h
-}
+/// The status page's shell: it holds no data (its script reads `GET /status`), so it is served without
+/// the token even with `token_for_reads`, and the page asks for the token when `/status` wants one.
+const STATUS_PAGE: &str = include_str!("admin/status.html");
+/// The status page's script.
+const STATUS_SCRIPT: &str = include_str!("admin/status.js");
+/// Scripts only from this server, no inline script, no framing, requests only to this server.
+const STATUS_PAGE_CSP: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; \
+     style-src 'unsafe-inline'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
 
 #[cfg(test)]
 mod tests {
@@ -597,7 +740,35 @@ mod tests {
     fn query_decoding_and_escaping() {
         assert_eq!(percent_decode("alice%40example.com"), "alice@example.com");
         assert_eq!(percent_decode("a%4"), "a%4");
-        assert_eq!(esc("<b>&\""), "&lt;b&gt;&amp;&quot;");
+    }
+
+    #[test]
+    fn store_requests_need_a_store_and_a_valid_change() {
+        let q = |s: &str| -> HashMap<String, String> {
+            let req = Request::builder()
+                .uri(format!("/stores/state?{s}"))
+                .body(())
+                .unwrap_or_default();
+            query(&req)
+        };
+        assert_eq!(
+            store_request(&q("store=10.0.0.1%3A110&state=drain")),
+            Ok(("10.0.0.1:110".to_string(), Some("drain"), None))
+        );
+        assert_eq!(
+            store_request(&q("store=s&weight=0")),
+            Ok(("s".to_string(), None, Some(0)))
+        );
+        for bad in [
+            "state=drain",
+            "store=s",
+            "store=s&state=off",
+            "store=s&weight=-1",
+            "store=s&weight=1001",
+            "store=&state=drain",
+        ] {
+            assert!(store_request(&q(bad)).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

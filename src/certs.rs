@@ -100,6 +100,27 @@ pub fn self_signed(names: Vec<String>) -> Result<Arc<CertifiedKey>, TlsError> {
     Ok(certified_key(vec![cert.der().clone()], key)?)
 }
 
+/// The system's trust anchors (a bundle may hold certificates rustls cannot use: the others count).
+pub fn system_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    roots
+}
+
+/// A client config (TLS 1.2 and 1.3, ring) that trusts `roots`, without a client certificate.
+pub fn client_config_with_roots(
+    roots: rustls::RootCertStore,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
 /// Loads a PEM bundle of trust anchors.
 pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
     let err = |reason: String| TlsError::Certificate {

@@ -1,6 +1,7 @@
 //! What every session of the process shares, whatever its config snapshot: metrics, the edge defences,
 //! the registry of logged-in sessions (for kicks and status), the two stop signals, and the reload log.
-//! Plain state with no behaviour of any stage, so every stage and the process setup may hold it.
+//! Plain state with no behaviour of any stage, so every stage and the process setup may hold it; the
+//! operator's store controls live here because they act on two of its parts (stores and sessions) at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +11,7 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+pub use crate::vocab::{MailboxMatch, SessionFacts, SessionFilter};
 
 /// A logged-in session, as the registry knows it.
 #[derive(Debug, Clone)]
@@ -18,10 +20,28 @@ pub struct SessionEntry {
     pub tenant: String,
     /// Normalised mailbox (`local@domain`), what `/kick` matches.
     pub mailbox: String,
-    /// Store id.
+    /// The store's label (as in `/status` and the metrics), or `host:port` from auth_http.
     pub store: String,
+    /// The client's address (the PROXY-protocol one when trusted).
+    pub client: std::net::SocketAddr,
+    /// The listener it came in on.
+    pub listener: String,
+    /// When the login succeeded.
+    pub since: SystemTime,
     /// Cancels this session's relay (closing the store connection without QUIT).
     pub kick: CancellationToken,
+}
+
+impl SessionEntry {
+    /// What an operator's filter looks at.
+    pub fn facts(&self) -> SessionFacts<'_> {
+        SessionFacts {
+            tenant: &self.tenant,
+            store: &self.store,
+            mailbox: &self.mailbox,
+            client: self.client.ip(),
+        }
+    }
 }
 
 /// Logged-in sessions by id. Entries are shared with their sessions (which read the tenant and store from
@@ -74,24 +94,35 @@ impl SessionRegistry {
     /// Ends every session of `mailbox` (a mailbox key, compared exactly when `exact`, else ignoring ASCII
     /// case); returns how many.
     pub fn kick(&self, mailbox: &str, exact: bool) -> usize {
-        self.kick_where(&|m| {
-            if exact {
-                m == mailbox
-            } else {
-                m.eq_ignore_ascii_case(mailbox)
-            }
-        })
+        let wanted = MailboxMatch::Exact {
+            key: mailbox.to_string(),
+            fold: !exact,
+        };
+        self.kick_where(&|e| wanted.matches(e.mailbox))
     }
 
-    /// Ends every session whose mailbox `matches`; returns how many.
-    pub fn kick_where(&self, matches: &dyn Fn(&str) -> bool) -> usize {
+    /// Ends every session that `matches`; returns how many.
+    pub fn kick_where(&self, matches: &dyn Fn(&SessionFacts<'_>) -> bool) -> usize {
         let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         let mut n = 0;
-        for entry in map.values().filter(|e| matches(&e.mailbox)) {
+        for entry in map.values().filter(|e| matches(&e.facts())) {
             entry.kick.cancel();
             n += 1;
         }
         n
+    }
+
+    /// The sessions `filter` matches, oldest first (ties by id), with their ids.
+    pub fn list(&self, filter: &SessionFilter) -> Vec<(u64, Arc<SessionEntry>)> {
+        let mut out: Vec<(u64, Arc<SessionEntry>)> = {
+            let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+            map.iter()
+                .filter(|(_, e)| filter.matches(&e.facts()))
+                .map(|(id, e)| (*id, e.clone()))
+                .collect()
+        };
+        out.sort_by_key(|(id, e)| (e.since, *id));
+        out
     }
 
     /// Sessions per tenant.
@@ -136,6 +167,8 @@ pub struct Context {
     pub stores: Arc<crate::store::registry::Registry>,
     /// The state shared with the other replicas (off unless `cluster:` is configured).
     pub fleet: crate::cluster::Fleet,
+    /// When the process started serving (for uptime).
+    pub started: SystemTime,
     next_session: AtomicU64,
 }
 
@@ -157,6 +190,7 @@ impl Context {
             throttle,
             draining: stop.child_token(),
             stop,
+            started: SystemTime::now(),
             next_session: AtomicU64::new(1),
         }
     }
@@ -164,6 +198,29 @@ impl Context {
     /// A new session id.
     pub fn next_session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sets the runtime state (`ready`, `drain`, `maint`) and weight of the stores named `store` on
+    /// this replica; `maint` also ends their sessions (without QUIT: nothing a client did is committed).
+    /// Returns how many stores matched. An unknown state name changes nothing (the admin API checks it
+    /// first).
+    pub fn control_store(&self, store: &str, state: Option<&str>, weight: Option<u32>) -> usize {
+        use crate::store::registry::StoreState;
+        let state = match state.map(StoreState::parse) {
+            Some(None) => return 0,
+            Some(Some(s)) => Some(s),
+            None => None,
+        };
+        let stores = self.stores.stores_named(store);
+        for s in &stores {
+            s.control(state, weight);
+            if state == Some(StoreState::Maint) {
+                let label = s.label.as_str();
+                let ended = self.sessions.kick_where(&|e| e.store == label);
+                tracing::info!(store = %label, sessions = ended, "maintenance: ended the store's sessions");
+            }
+        }
+        stores.len()
     }
 }
 

@@ -79,7 +79,7 @@ pub async fn accept_loop<S: Snapshots>(
                         info,
                         tcp,
                         peer,
-                        (ip_guard, permit),
+                        (ip_guard, permit, ctx.metrics.connection_opened()),
                     ));
                 }
                 Err(_) => {

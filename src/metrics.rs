@@ -71,6 +71,68 @@ pub mod names {
     pub const CLUSTER_REPLICAS: &str = "cluster_replicas";
     /// Fleet commands (kick, auth-cache flush) this replica carried out for another, by command.
     pub const CLUSTER_COMMANDS: &str = "cluster_commands_total";
+    /// Always 1; the labels say which build runs.
+    pub const BUILD_INFO: &str = "build_info";
+    /// Client connections open now, on every listener.
+    pub const CONNECTIONS_OPEN: &str = "connections_open";
+    /// `limits.max_connections` in force.
+    pub const CONNECTIONS_MAX: &str = "connections_max";
+    /// A login as the client sees it: from the command carrying the credentials to popgate's answer.
+    pub const LOGIN_DURATION: &str = "login_duration_seconds";
+    /// A served certificate's notAfter, as Unix seconds.
+    pub const CERTIFICATE_EXPIRY: &str = "tls_certificate_expiry_timestamp_seconds";
+    /// Time for an auth_http lookup that went to the service.
+    pub const AUTH_HTTP_DURATION: &str = "auth_http_request_duration_seconds";
+    /// auth_http lookups that gave no answer, by reason.
+    pub const AUTH_HTTP_ERRORS: &str = "auth_http_errors_total";
+    /// auth_http lookups answered from the cache (hit) or not (miss).
+    pub const AUTH_HTTP_CACHE: &str = "auth_http_cache_total";
+    /// DNS lookups of store names (A/AAAA or SRV), per name.
+    pub const DNS_LOOKUPS: &str = "dns_lookups_total";
+    /// DNS lookups of store names that failed, per name.
+    pub const DNS_LOOKUP_FAILURES: &str = "dns_lookup_failures_total";
+    /// 1 when the last config load (start or reload) succeeded, 0 when it was refused.
+    pub const RELOAD_SUCCESSFUL: &str = "config_last_reload_successful";
+    /// Unix time of the last successful config load (start or reload).
+    pub const RELOAD_SUCCESS_TIME: &str = "config_last_reload_success_timestamp_seconds";
+    /// 1 for a store's runtime state (ready, drain, maint), 0 for the others.
+    pub const STORE_STATE: &str = "store_state";
+    /// A store's weight in force.
+    pub const STORE_WEIGHT: &str = "store_weight";
+}
+
+pub use crate::vocab::CertificateInfo;
+
+/// A store's runtime states, as the `state` label of `store_state`.
+pub const STORE_STATES: [&str; 3] = ["ready", "drain", "maint"];
+
+/// auth_http's error reasons, as the `reason` label.
+pub const AUTH_HTTP_ERROR_REASONS: [&str; 4] =
+    ["timeout", "connect", "bad_response", "bad_request"];
+
+/// One tenant's auth_http series, cached per tenant runtime.
+#[derive(Debug, Clone)]
+pub struct AuthHttpMetrics {
+    /// Time for a lookup that went to the service (every WAIT round included).
+    pub duration: Histogram,
+    /// Answers from the cache.
+    pub hit: IntCounter,
+    /// Lookups the cache could not answer.
+    pub miss: IntCounter,
+    errors: Vec<IntCounter>,
+}
+
+impl AuthHttpMetrics {
+    /// A lookup that gave no answer; `reason` is one of [`AUTH_HTTP_ERROR_REASONS`].
+    pub fn error(&self, reason: &str) {
+        if let Some(c) = AUTH_HTTP_ERROR_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .and_then(|i| self.errors.get(i))
+        {
+            c.inc();
+        }
+    }
 }
 
 /// The shared state's series, registered only when `cluster:` is configured.
@@ -126,6 +188,19 @@ pub struct Metrics {
     throttled: IntCounterVec,
     config_reloads: IntCounterVec,
     admin_auth_failures: IntCounter,
+    connections_open: IntGauge,
+    connections_max: IntGauge,
+    login_duration: HistogramVec,
+    certificate_expiry: IntGaugeVec,
+    auth_http_duration: HistogramVec,
+    auth_http_errors: IntCounterVec,
+    auth_http_cache: IntCounterVec,
+    dns_lookups: IntCounterVec,
+    dns_failures: IntCounterVec,
+    reload_successful: IntGauge,
+    reload_success_time: IntGauge,
+    store_state: IntGaugeVec,
+    store_weight: IntGaugeVec,
     tenants: Arc<Mutex<HashMap<String, Arc<TenantMetrics>>>>,
     cluster: Arc<Mutex<Option<ClusterMetrics>>>,
 }
@@ -175,14 +250,31 @@ pub struct StoreMetrics {
     pub in_flight: IntGauge,
     /// Logins refused at `max_logins_in_flight`.
     pub refused: IntCounter,
+    /// One gauge per runtime state, in [`STORE_STATES`]'s order.
+    states: [IntGauge; 3],
+    /// The weight in force.
+    pub weight: IntGauge,
     label: String,
     owner: Metrics,
 }
 
 impl StoreMetrics {
+    /// The 95th percentile of connect and login times since the start, as bucket upper bounds (`None`
+    /// before the first, or above the last bucket).
+    pub fn p95s(&self) -> (Option<f64>, Option<f64>) {
+        (p95(&self.connect), p95(&self.login))
+    }
+
     /// A pool checkout (hit or miss).
     pub fn checkout(&self, hit: bool) {
         if hit { &self.hit } else { &self.miss }.inc();
+    }
+
+    /// The store's runtime state now: `state` is one of [`STORE_STATES`].
+    pub fn state(&self, state: &str) {
+        for (gauge, name) in self.states.iter().zip(STORE_STATES) {
+            gauge.set(i64::from(name == state));
+        }
     }
 }
 
@@ -196,11 +288,34 @@ impl Drop for StoreMetrics {
         let _ = o.store_login.remove_label_values(&l);
         let _ = o.store_in_flight.remove_label_values(&l);
         let _ = o.store_refused.remove_label_values(&l);
+        let _ = o.store_weight.remove_label_values(&l);
+        for state in STORE_STATES {
+            let _ = o
+                .store_state
+                .remove_label_values(&[self.label.as_str(), state]);
+        }
         for result in ["hit", "miss"] {
             let _ = o
                 .store_pool_checkouts
                 .remove_label_values(&[self.label.as_str(), result]);
         }
+    }
+}
+
+/// A gauge without labels, registered.
+fn plain_gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+    let g = IntGauge::with_opts(Opts::new(name, help).namespace("popgate"))?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+/// Counts one open client connection for as long as it lives.
+#[derive(Debug)]
+pub struct OpenConnection(IntGauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -363,10 +478,91 @@ impl Metrics {
                 registry.register(Box::new(c.clone()))?;
                 c
             },
+            connections_open: plain_gauge(
+                &registry,
+                names::CONNECTIONS_OPEN,
+                "Client connections open now, on every listener.",
+            )?,
+            connections_max: plain_gauge(
+                &registry,
+                names::CONNECTIONS_MAX,
+                "limits.max_connections in force.",
+            )?,
+            login_duration: histogram(
+                names::LOGIN_DURATION,
+                "Logins as clients see them: from the credentials to popgate's answer, by result.",
+                &["tenant", "result"],
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            )?,
+            certificate_expiry: gauge(
+                names::CERTIFICATE_EXPIRY,
+                "A served certificate's notAfter, as Unix seconds.",
+                &["tenant", "certificate"],
+            )?,
+            auth_http_duration: histogram(
+                names::AUTH_HTTP_DURATION,
+                "Time for auth_http lookups that went to the service.",
+                &["tenant"],
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            )?,
+            auth_http_errors: counter(
+                names::AUTH_HTTP_ERRORS,
+                "auth_http lookups that gave no answer, by reason.",
+                &["tenant", "reason"],
+            )?,
+            auth_http_cache: counter(
+                names::AUTH_HTTP_CACHE,
+                "auth_http lookups answered from the cache (hit) or not (miss).",
+                &["tenant", "result"],
+            )?,
+            dns_lookups: counter(
+                names::DNS_LOOKUPS,
+                "DNS lookups of store names (A/AAAA or SRV).",
+                &["name"],
+            )?,
+            dns_failures: counter(
+                names::DNS_LOOKUP_FAILURES,
+                "DNS lookups of store names that failed.",
+                &["name"],
+            )?,
+            reload_successful: plain_gauge(
+                &registry,
+                names::RELOAD_SUCCESSFUL,
+                "1 when the last config load (start or reload) succeeded, 0 when it was refused.",
+            )?,
+            reload_success_time: plain_gauge(
+                &registry,
+                names::RELOAD_SUCCESS_TIME,
+                "Unix time of the last successful config load (start or reload).",
+            )?,
+            store_state: gauge(
+                names::STORE_STATE,
+                "1 for the store's runtime state (ready, drain, maint), 0 for the others.",
+                &["store", "state"],
+            )?,
+            store_weight: gauge(
+                names::STORE_WEIGHT,
+                "The store's weight in force.",
+                &["store"],
+            )?,
             tenants: Arc::default(),
             cluster: Arc::default(),
             registry,
         };
+        let build = IntGaugeVec::new(
+            Opts::new(
+                names::BUILD_INFO,
+                "Always 1; the labels say which build runs.",
+            )
+            .namespace("popgate"),
+            &["version"],
+        )?;
+        m.registry.register(Box::new(build.clone()))?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         // Both reload results exist from the start, so alerts on `increase()` see the first failure.
         m.config_reloads.with_label_values(&["ok"]);
         m.config_reloads.with_label_values(&["error"]);
@@ -519,6 +715,25 @@ impl Metrics {
             remove_matching(&families, names::BACKEND_ALL_DOWN, &self.all_down, |l| {
                 drop_series(t, l)
             });
+            remove_matching(
+                &families,
+                names::LOGIN_DURATION,
+                &self.login_duration,
+                |l| drop_series(t, l),
+            );
+            remove_matching(
+                &families,
+                names::AUTH_HTTP_ERRORS,
+                &self.auth_http_errors,
+                |l| drop_series(t, l),
+            );
+            remove_matching(
+                &families,
+                names::AUTH_HTTP_CACHE,
+                &self.auth_http_cache,
+                |l| drop_series(t, l),
+            );
+            let _ = self.auth_http_duration.remove_label_values(&[t]);
             let _ = self.tenant_stores.remove_label_values(&[t]);
             let _ = self.tenant_stores_up.remove_label_values(&[t]);
             self.remove_backend_series(&families, |l| drop_series(t, l));
@@ -574,6 +789,8 @@ impl Metrics {
             login: self.store_login.with_label_values(&[label]),
             in_flight: self.store_in_flight.with_label_values(&[label]),
             refused: self.store_refused.with_label_values(&[label]),
+            states: STORE_STATES.map(|s| self.store_state.with_label_values(&[label, s])),
+            weight: self.store_weight.with_label_values(&[label]),
             label: label.to_string(),
             owner: self.clone(),
         }
@@ -653,12 +870,122 @@ impl Metrics {
         self.admin_auth_failures.inc();
     }
 
-    /// A config reload.
+    /// A config reload: counted, and the last-reload gauges set.
     pub fn config_reload(&self, ok: bool) {
         self.config_reloads
             .with_label_values(&[if ok { "ok" } else { "error" }])
             .inc();
+        self.config_loaded(ok);
     }
+
+    /// A config load (at start, or a reload): the last-reload gauges.
+    pub fn config_loaded(&self, ok: bool) {
+        self.reload_successful.set(i64::from(ok));
+        if ok {
+            self.reload_success_time.set(unix_now());
+        }
+    }
+
+    /// A client connection opened; it counts as open until the guard is dropped.
+    pub fn connection_opened(&self) -> OpenConnection {
+        self.connections_open.inc();
+        OpenConnection(self.connections_open.clone())
+    }
+
+    /// `limits.max_connections` in force.
+    pub fn set_connections_max(&self, max: usize) {
+        self.connections_max
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
+    }
+
+    /// Login attempts since the start, per tenant and result (every mechanism summed), for `/status`.
+    pub fn logins_by_tenant(&self) -> HashMap<String, HashMap<String, u64>> {
+        let mut out: HashMap<String, HashMap<String, u64>> = HashMap::new();
+        let full = format!("popgate_{}", names::LOGINS_TOTAL);
+        for family in self.registry.gather().iter().filter(|f| f.name() == full) {
+            for metric in family.get_metric() {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                };
+                let (Some(tenant), Some(result)) = (label("tenant"), label("result")) else {
+                    continue;
+                };
+                // Counters hold whole numbers.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let n = metric.get_counter().get_value() as u64;
+                *out.entry(tenant).or_default().entry(result).or_default() += n;
+            }
+        }
+        out
+    }
+
+    /// A login as the client saw it.
+    pub fn login_duration(&self, tenant: &str, result: &str, secs: f64) {
+        self.login_duration
+            .with_label_values(&[tenant, result])
+            .observe(secs);
+    }
+
+    /// The served certificates now: replaces every expiry series.
+    pub fn certificates(&self, certs: &[CertificateInfo]) {
+        self.certificate_expiry.reset();
+        for c in certs {
+            self.certificate_expiry
+                .with_label_values(&[c.tenant.as_str(), c.certificate.as_str()])
+                .set(c.not_after);
+        }
+    }
+
+    /// A tenant's auth_http series.
+    pub fn auth_http(&self, tenant: &str) -> AuthHttpMetrics {
+        AuthHttpMetrics {
+            duration: self.auth_http_duration.with_label_values(&[tenant]),
+            hit: self.auth_http_cache.with_label_values(&[tenant, "hit"]),
+            miss: self.auth_http_cache.with_label_values(&[tenant, "miss"]),
+            errors: AUTH_HTTP_ERROR_REASONS
+                .iter()
+                .map(|r| self.auth_http_errors.with_label_values(&[tenant, r]))
+                .collect(),
+        }
+    }
+
+    /// A DNS lookup of a store name.
+    pub fn dns_lookup(&self, name: &str, ok: bool) {
+        self.dns_lookups.with_label_values(&[name]).inc();
+        if !ok {
+            self.dns_failures.with_label_values(&[name]).inc();
+        }
+    }
+}
+
+/// The upper bound of the bucket holding a histogram's 95th percentile.
+fn p95(h: &Histogram) -> Option<f64> {
+    use prometheus::core::Collector;
+    let families = h.collect();
+    let hist = families.first()?.get_metric().first()?.get_histogram();
+    let count = hist.get_sample_count();
+    if count == 0 {
+        return None;
+    }
+    // Counts are far below 2^52: exact as f64.
+    #[allow(clippy::cast_precision_loss)]
+    let wanted = (count as f64 * 0.95).ceil();
+    #[allow(clippy::cast_precision_loss)]
+    hist.get_bucket()
+        .iter()
+        .find(|b| b.cumulative_count() as f64 >= wanted)
+        .map(|b| b.upper_bound())
+}
+
+/// Now, as Unix seconds.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Removes every series of `vec` (family `name`) whose labels match.

@@ -51,7 +51,7 @@ pub enum StartError {
 struct FleetCommandsOf(std::sync::Weak<Runtime>);
 
 impl crate::cluster::FleetCommands for FleetCommandsOf {
-    fn kick(&self, matches: &dyn Fn(&str) -> bool) -> usize {
+    fn kick(&self, matches: &dyn Fn(&crate::context::SessionFacts<'_>) -> bool) -> usize {
         self.0
             .upgrade()
             .map_or(0, |rt| rt.context.sessions.kick_where(matches))
@@ -59,6 +59,12 @@ impl crate::cluster::FleetCommands for FleetCommandsOf {
 
     fn flush_auth_cache(&self) -> usize {
         self.0.upgrade().map_or(0, |rt| rt.flush_auth_cache())
+    }
+
+    fn store_control(&self, store: &str, state: Option<&str>, weight: Option<u32>) -> usize {
+        self.0
+            .upgrade()
+            .map_or(0, |rt| rt.context.control_store(store, state, weight))
     }
 }
 
@@ -161,6 +167,13 @@ impl Runtime {
             admin_addr: Mutex::default(),
         });
         rt.configure_fleet(&config).await?;
+        rt.context.metrics.config_loaded(true);
+        rt.context
+            .metrics
+            .certificates(rt.snapshot().certificates());
+        rt.context
+            .metrics
+            .set_connections_max(config.limits.max_connections);
         for ((name, bind), tcp) in wanted.into_iter().zip(bound) {
             rt.spawn_listener(name, bind, tcp);
         }
@@ -301,7 +314,8 @@ impl Runtime {
         let mut store_up = snapshot
             .tenants
             .iter()
-            .map(|t| t.group.status().iter().any(|s| s.up));
+            // An auth_http tenant's stores are named per login by its service: none to wait for.
+            .map(|t| t.auth_http.is_some() || t.group.status().iter().any(|s| s.up));
         match snapshot.config.admin.as_ref().map(|a| a.ready_when) {
             Some(ReadyWhen::AllTenants) => store_up.all(|up| up),
             Some(ReadyWhen::Listening) => true,
@@ -367,6 +381,7 @@ impl Runtime {
             }
         }
         *total = wanted;
+        self.context.metrics.set_connections_max(wanted);
     }
 
     async fn try_reload(self: &Arc<Self>) -> Result<String, ReloadError> {
@@ -425,7 +440,10 @@ impl Runtime {
         if admin_bind(&config) != admin_bind(&self.snapshot().config) {
             warn!("admin.bind changed: the admin server keeps its address until a restart");
         }
+        self.context.metrics.certificates(shared.certificates());
         self.current.store(shared);
+        // The operator's runtime store states and weights last until the next reload.
+        self.context.stores.reset_controls();
         // The edge defences and the connection cap take the new settings; their counters stay.
         self.context
             .throttle

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::ServerConfig;
@@ -13,11 +14,27 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use crate::config::Config;
+use crate::vocab::CertificateInfo;
 use crate::vocab::TenantId;
 
 pub use crate::certs::{
     TlsError, load_certified_key, load_roots, provider, self_signed, unverified_chain,
 };
+
+/// The `tenant` label of the default certificate.
+pub const DEFAULT_CERTIFICATE: &str = "_default";
+
+/// A served certificate's facts: `None` when its leaf does not parse as X.509 (rustls accepted it, so
+/// that would be a parser gap; the certificate is still served, only not in the expiry metric).
+fn info(tenant: &str, path: &Path, ck: &CertifiedKey) -> Option<CertificateInfo> {
+    let leaf = ck.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(CertificateInfo {
+        tenant: tenant.to_string(),
+        certificate: path.display().to_string(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
 
 /// Picks a certificate by SNI and remembers which tenant each name belongs to.
 #[derive(Debug)]
@@ -26,6 +43,8 @@ pub struct SniResolver {
     /// `(".example.com", ...)`, longest suffix first.
     wildcard: Vec<(String, Arc<CertifiedKey>, TenantId)>,
     default: Arc<CertifiedKey>,
+    /// Every certificate served, with its expiry (for the metric and `/status`).
+    certificates: Vec<CertificateInfo>,
 }
 
 impl SniResolver {
@@ -36,16 +55,23 @@ impl SniResolver {
         config: &Config,
         tenant_id: impl Fn(&str) -> Option<TenantId>,
     ) -> Result<Self, TlsError> {
+        let mut certificates = Vec::new();
         let default = match &config.tls {
-            Some(files) => load_certified_key(
-                &config.resolve_path(&files.certificate),
-                &config.resolve_path(&files.key),
-            )?,
+            Some(files) => {
+                let ck = load_certified_key(
+                    &config.resolve_path(&files.certificate),
+                    &config.resolve_path(&files.key),
+                )?;
+                certificates.extend(info(DEFAULT_CERTIFICATE, &files.certificate, &ck));
+                ck
+            }
             None => {
                 tracing::warn!(
                     "no tls.certificate configured: serving a self-signed certificate for `localhost`; clients will not trust it"
                 );
-                self_signed(vec!["localhost".into()])?
+                let ck = self_signed(vec!["localhost".into()])?;
+                certificates.extend(info(DEFAULT_CERTIFICATE, Path::new("self-signed"), &ck));
+                ck
             }
         };
         let mut exact = HashMap::new();
@@ -58,6 +84,7 @@ impl SniResolver {
                 &config.resolve_path(&tls.certificate),
                 &config.resolve_path(&tls.key),
             )?;
+            certificates.extend(info(name, &tls.certificate, &ck));
             let names: Vec<String> = if tls.server_names.is_empty() {
                 tenant
                     .value
@@ -88,7 +115,13 @@ impl SniResolver {
             exact,
             wildcard,
             default,
+            certificates,
         })
+    }
+
+    /// Every certificate served, with its expiry.
+    pub fn certificates(&self) -> &[CertificateInfo] {
+        &self.certificates
     }
 
     fn lookup(&self, sni: &str) -> Option<(&Arc<CertifiedKey>, TenantId)> {

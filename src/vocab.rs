@@ -1,5 +1,6 @@
 //! The shared vocabulary every room may use: tenant ids, login mechanisms, balance policies, the case rule
-//! for login names, and how domains and mailboxes are normalised. A leaf: it imports nothing of popgate, so
+//! for login names, how domains and mailboxes are normalised, which sessions an operator means, and a
+//! served certificate's facts. A leaf: it imports nothing of popgate, so
 //! `config` can describe settings in these words without depending on the stages that act on them.
 
 /// A tenant of one config snapshot. Only the router's tenant table hands them out
@@ -192,4 +193,99 @@ pub fn normalize_domain_pattern(pattern: &str) -> Result<String, BadDomain> {
     };
     let norm = normalize_domain(rest).ok_or_else(|| BadDomain(pattern.to_owned()))?;
     Ok(if wild { format!("*.{norm}") } else { norm })
+}
+
+/// What an operator's filter looks at in a logged-in session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionFacts<'a> {
+    /// The tenant's name.
+    pub tenant: &'a str,
+    /// The store's label.
+    pub store: &'a str,
+    /// The normalised mailbox.
+    pub mailbox: &'a str,
+    /// The client's address.
+    pub client: std::net::IpAddr,
+}
+
+/// Which sessions an admin request means: every condition given must hold (none given: all sessions).
+#[derive(Debug, Clone, Default)]
+pub struct SessionFilter {
+    /// The tenant's name, exactly.
+    pub tenant: Option<String>,
+    /// The store's label, exactly.
+    pub store: Option<String>,
+    /// The mailbox.
+    pub mailbox: Option<MailboxMatch>,
+    /// The client's network.
+    pub network: Option<ipnet::IpNet>,
+}
+
+/// How a filter matches mailboxes.
+#[derive(Debug, Clone)]
+pub enum MailboxMatch {
+    /// A mailbox key (normalised as a login is), compared exactly, or ignoring ASCII case when `fold`.
+    Exact {
+        /// The key.
+        key: String,
+        /// Compare ignoring ASCII case (a name that does not normalise).
+        fold: bool,
+    },
+    /// A pattern with `*` (any run) and `?` (one character), ignoring ASCII case, as `doveadm kick` takes.
+    Pattern(String),
+}
+
+impl MailboxMatch {
+    /// Whether `mailbox` (a session's key) matches.
+    pub fn matches(&self, mailbox: &str) -> bool {
+        match self {
+            Self::Exact { key, fold: false } => mailbox == key,
+            Self::Exact { key, fold: true } => mailbox.eq_ignore_ascii_case(key),
+            Self::Pattern(p) => wildmatch::WildMatch::new_case_insensitive(p).matches(mailbox),
+        }
+    }
+
+    /// A pattern when `text` has a wildcard, else the exact key `key_of(text)` gives (`None`: the name
+    /// does not normalise, so it is compared as given, ignoring case).
+    pub fn parse(text: &str, key_of: impl FnOnce(&str) -> Option<String>) -> Self {
+        if text.contains(['*', '?']) {
+            return Self::Pattern(text.to_string());
+        }
+        match key_of(text) {
+            Some(key) => Self::Exact { key, fold: false },
+            None => Self::Exact {
+                key: text.to_string(),
+                fold: true,
+            },
+        }
+    }
+}
+
+impl SessionFilter {
+    /// Whether the session matches every condition given.
+    pub fn matches(&self, e: &SessionFacts<'_>) -> bool {
+        self.tenant.as_ref().is_none_or(|t| t == e.tenant)
+            && self.store.as_ref().is_none_or(|s| s == e.store)
+            && self.mailbox.as_ref().is_none_or(|m| m.matches(e.mailbox))
+            && self.network.is_none_or(|n| n.contains(&e.client))
+    }
+
+    /// True when no condition is given (the filter matches every session).
+    pub fn is_empty(&self) -> bool {
+        self.tenant.is_none()
+            && self.store.is_none()
+            && self.mailbox.is_none()
+            && self.network.is_none()
+    }
+}
+
+/// One served certificate, for the expiry gauge and `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CertificateInfo {
+    /// The tenant it is served for, `_default` for the default certificate.
+    pub tenant: String,
+    /// The certificate file as configured (`self-signed` for the generated fallback).
+    pub certificate: String,
+    /// notAfter, Unix seconds.
+    pub not_after: i64,
 }

@@ -21,7 +21,9 @@ const ALLOWED: &[(&str, &str)] = &[
     ("admin", "store"),
     // Authentication: the store-login decision reads the session's credentials and speaks the store
     // side's login forms; auth_http reaches only secrets.
+    ("auth", "certs"),
     ("auth", "config"),
+    ("auth", "metrics"),
     ("auth", "protocol"),
     ("auth", "secret"),
     ("auth", "session"),
@@ -32,6 +34,7 @@ const ALLOWED: &[(&str, &str)] = &[
     ("cluster", "config"),
     ("cluster", "metrics"),
     ("cluster", "secret"),
+    ("cluster", "vocab"),
     // Config is data: it validates with the leaves, never with a stage.
     ("config", "certs"),
     ("config", "secret"),
@@ -42,14 +45,17 @@ const ALLOWED: &[(&str, &str)] = &[
     // The store registry is process state: pools and health outlive a snapshot.
     ("context", "store"),
     ("context", "throttle"),
+    ("context", "vocab"),
     ("demo", "config"),
     ("demo", "protocol"),
     ("listener", "context"),
     ("listener", "metrics"),
     ("listener", "proxy"),
+    ("metrics", "vocab"),
     ("protocol", "secret"),
     // The composition: the one module that sees every stage.
     ("proxy", "auth"),
+    ("proxy", "certs"),
     ("proxy", "cluster"),
     ("proxy", "config"),
     ("proxy", "context"),

@@ -84,11 +84,13 @@ fn nginx_script(head: &[u8]) -> Option<String> {
 fn config(url: String) -> AuthHttpConfig {
     AuthHttpConfig {
         url,
+        tls: None,
         timeout: Duration::from_secs(5),
         cache_ttl: Duration::from_secs(60),
         negative_cache_ttl: Duration::from_secs(60),
         cache_size: 100,
         extra_headers: vec![("X-Auth-Key".into(), "shared-secret".into())],
+        metrics: None,
     }
 }
 
@@ -281,6 +283,58 @@ async fn answers_are_cached_both_ways() {
     assert_eq!(auth.cache_len(), 3);
 }
 
+/// The tenant's auth_http series: lookups that went to the service (timed), cache hits and misses, and
+/// errors by reason.
+#[tokio::test]
+async fn lookups_are_counted_by_cache_result_and_error_reason() {
+    let metrics = popgate::metrics::Metrics::new().unwrap();
+    let service = Service::start(nginx_script).await;
+    let auth = AuthHttp::new(AuthHttpConfig {
+        metrics: Some(metrics.auth_http("acme")),
+        ..config(service.url())
+    })
+    .unwrap();
+    for _ in 0..3 {
+        auth.lookup(&plain(JOHN, JOHN_PASS)).await.unwrap();
+    }
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let down = AuthHttp::new(AuthHttpConfig {
+        metrics: Some(metrics.auth_http("acme")),
+        ..config(format!("http://{addr}/auth"))
+    })
+    .unwrap();
+    down.lookup(&plain(JOHN, JOHN_PASS)).await.unwrap_err();
+    let text = String::from_utf8(metrics.render()).unwrap();
+    let value = |series: &str| support::popgate::metric(&text, series);
+    assert_eq!(
+        value("popgate_auth_http_cache_total{result=\"hit\",tenant=\"acme\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("popgate_auth_http_cache_total{result=\"miss\",tenant=\"acme\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("popgate_auth_http_request_duration_seconds_count{tenant=\"acme\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("popgate_auth_http_errors_total{reason=\"connect\",tenant=\"acme\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("popgate_auth_http_errors_total{reason=\"timeout\",tenant=\"acme\"}"),
+        Some(0.0),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn a_changed_password_is_a_cache_miss() {
     let service = Service::start(nginx_script).await;
@@ -450,7 +504,7 @@ async fn unsendable_requests_and_configs_are_refused_up_front() {
 
     for bad in [
         AuthHttpConfig {
-            url: "https://127.0.0.1/auth".into(),
+            url: "ftp://127.0.0.1/auth".into(),
             ..config(service.url())
         },
         AuthHttpConfig {
@@ -459,6 +513,7 @@ async fn unsendable_requests_and_configs_are_refused_up_front() {
         },
         AuthHttpConfig {
             extra_headers: vec![("X-Key".into(), "a\r\nInjected: 1".into())],
+            metrics: None,
             ..config(service.url())
         },
         AuthHttpConfig {
@@ -545,8 +600,8 @@ async fn auth_server_names_resolve_with_popgates_own_dns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unusable_auth_http_setting_is_reported_as_such() {
-    let Err(e) = popgate_asking("https://auth.example/check", "").await else {
-        panic!("popgate started with an https:// auth_http url");
+    let Err(e) = popgate_asking("ftp://auth.example/check", "").await else {
+        panic!("popgate started with an ftp:// auth_http url");
     };
     let text = e.to_string();
     assert!(
@@ -643,5 +698,102 @@ async fn auth_http_service_decides_logins_and_names_the_store() {
     c.ok("USER x@down.test").await;
     let r = c.cmd("PASS password").await;
     assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    pg.shutdown();
+}
+
+/// popgate in nginx's place: an auth service written for nginx's protocol, reached over HTTPS (checked
+/// against the configured CA), with nginx's `auth_http_header` extras from the config (one from a file),
+/// and a tenant with no store of its own: the service names it. The requests are nginx's, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn popgate_is_a_drop_in_for_nginx_over_https_without_a_placeholder_store() {
+    let (_md, store) = support::mailboxes::maildrop(&["john@example.com"], 1).await;
+    let store_port = store.local_addr().port();
+    let ca = support::pki::TestCa::new("auth CA");
+    let leaf = ca.leaf(&["127.0.0.1"]);
+    let service = Service::start_tls(
+        move |head| {
+            let ok = String::from_utf8_lossy(head).contains("\r\nAuth-Pass: pw\r\n");
+            Some(if ok {
+                format!(
+                    "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: {store_port}\r\n\r\n"
+                )
+            } else {
+                "HTTP/1.0 200 OK\r\nAuth-Status: Invalid login or password\r\n\r\n".to_string()
+            })
+        },
+        &leaf.cert_pem,
+        &leaf.key_pem,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("auth-ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.path().join("auth-key"), "k3y-from-a-file\n").unwrap();
+    let yaml = |ca_file: &str| {
+        format!(
+            "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\ntenants:\n  acme:\n    \
+             domains: [example.com]\n    plaintext_login: allow\n    auth_http:\n      \
+             url: \"https://127.0.0.1:{}/auth?tenant=acme\"\n      ca: {ca_file}\n      headers:\n        \
+             - {{name: X-Auth-Key, value_file: auth-key}}\n        - {{name: X-Popgate, value: \"1\"}}\n",
+            service.addr.port()
+        )
+    };
+    let config = popgate::Config::from_yaml_str(&yaml("auth-ca.pem"), dir.path()).unwrap();
+    let pg = popgate::start(config, tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(
+        pg.runtime().is_ready(),
+        "an auth_http tenant has no store to wait for"
+    );
+    let mut c = support::pop3::Pop3::greeted(pg.local_addr("pop3").unwrap()).await;
+    c.ok("USER john@example.com").await;
+    let refused = c.cmd("PASS wrong").await;
+    assert!(refused.starts_with("-ERR"), "{refused}");
+    c.ok("USER john@example.com").await;
+    c.ok("PASS pw").await;
+    assert!(c.ok("STAT").await.starts_with("+OK 1 "));
+    c.ok("QUIT").await;
+    let expected = |pass: &str, attempt: u32| {
+        format!(
+            "GET /auth?tenant=acme HTTP/1.0\r\n\
+             Host: 127.0.0.1\r\n\
+             Auth-Method: plain\r\n\
+             Auth-User: john@example.com\r\n\
+             Auth-Pass: {pass}\r\n\
+             Auth-Protocol: pop3\r\n\
+             Auth-Login-Attempt: {attempt}\r\n\
+             Client-IP: 127.0.0.1\r\n\
+             X-Auth-Key: k3y-from-a-file\r\n\
+             X-Popgate: 1\r\n\
+             \r\n"
+        )
+    };
+    assert_eq!(service.requests(), 2);
+    assert_eq!(
+        String::from_utf8_lossy(&service.head(0)),
+        expected("wrong", 1)
+    );
+    assert_eq!(String::from_utf8_lossy(&service.head(1)), expected("pw", 2));
+    pg.shutdown();
+
+    // Checked against the CA: a service whose certificate another CA signed is not asked at all.
+    std::fs::write(
+        dir.path().join("other-ca.pem"),
+        support::pki::TestCa::new("other").cert_pem(),
+    )
+    .unwrap();
+    let config = popgate::Config::from_yaml_str(&yaml("other-ca.pem"), dir.path()).unwrap();
+    let pg = popgate::start(config, tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    let mut c = support::pop3::Pop3::greeted(pg.local_addr("pop3").unwrap()).await;
+    c.ok("USER john@example.com").await;
+    let answer = c.cmd("PASS pw").await;
+    assert!(answer.starts_with("-ERR [SYS/TEMP]"), "{answer}");
+    assert_eq!(
+        service.requests(),
+        2,
+        "a request went to an unverified service"
+    );
     pg.shutdown();
 }

@@ -255,6 +255,52 @@ async fn kick_reaches_the_whole_fleet(cluster: &str, dir: &Path) {
         held.until_eof().await.is_empty(),
         "the kicked session must end"
     );
+    let post = |path: String| async move {
+        let (code, body) = tokio::task::spawn_blocking(move || {
+            http("POST", &format!("http://{admin}{path}"), None)
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    // A pattern and a network reach the other replica too.
+    let mut held = Pop3::greeted_from(pop3(&fleet[1]), client_ip(31)).await;
+    held.login("user0@example.com", "pw").await;
+    let reply = post(format!(
+        "/kick?mailbox=USER*%40example.com&network={}",
+        client_ip(31)
+    ))
+    .await;
+    assert_eq!(
+        (
+            reply["kicked"].as_u64(),
+            reply["replicas_answered"].as_u64()
+        ),
+        (Some(1), Some(2)),
+        "{reply}"
+    );
+    assert!(held.until_eof().await.is_empty());
+    // A store drained on one replica is drained on every one: the other refuses new logins there.
+    let label = store.pop3_addr().to_string();
+    let reply = post(format!("/stores/state?store={label}&state=drain")).await;
+    assert_eq!(
+        (
+            reply["stores"].as_u64(),
+            reply["replicas_answered"].as_u64()
+        ),
+        (Some(2), Some(2)),
+        "{reply}"
+    );
+    let other = format!("http://{}/status", fleet[1].admin_addr().unwrap());
+    let (_, body) = tokio::task::spawn_blocking(move || http("GET", &other, None))
+        .await
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(st["stores"][0]["state"], "drain", "{st}");
+    let answer = attempt(pop3(&fleet[1]), client_ip(32), "user0@example.com", "pw").await;
+    assert!(answer.starts_with("-ERR [SYS/TEMP]"), "{answer}");
+    post(format!("/stores/state?store={label}&state=ready")).await;
     // The auth_http cache flush goes the same way (no tenant here uses auth_http: nothing to drop).
     let (code, body) = tokio::task::spawn_blocking(move || {
         http("POST", &format!("http://{admin}/auth-cache/flush"), None)

@@ -418,3 +418,48 @@ async fn a_long_ttl_is_requeried_after_max_ttl() {
     .await;
     shutdown.cancel();
 }
+
+/// Each lookup of a store name is counted per name, and so is each failure; IP literals are not lookups.
+#[tokio::test]
+async fn lookups_and_failures_are_counted_per_name() {
+    let dns = TestDns::start("mail.test.");
+    dns.set_a("store1", &[ip("192.0.2.10")], 60);
+    let metrics = popgate::metrics::Metrics::new().unwrap();
+    let discovery = Discovery::new(settings(&dns))
+        .unwrap()
+        .with_metrics(metrics.clone());
+    let host = |h: &str| Target::Host {
+        host: h.into(),
+        port: 110,
+    };
+    discovery.resolve(&host("store1.mail.test")).await.unwrap();
+    discovery.resolve(&host("store1.mail.test")).await.unwrap();
+    discovery
+        .resolve(&host("gone.mail.test"))
+        .await
+        .unwrap_err();
+    discovery.resolve(&host("192.0.2.7")).await.unwrap();
+    let text = String::from_utf8(metrics.render()).unwrap();
+    let value = |series: &str| support::popgate::metric(&text, series);
+    assert_eq!(
+        value("popgate_dns_lookups_total{name=\"store1.mail.test\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("popgate_dns_lookup_failures_total{name=\"store1.mail.test\"}"),
+        None,
+        "{text}"
+    );
+    assert_eq!(
+        value("popgate_dns_lookups_total{name=\"gone.mail.test\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("popgate_dns_lookup_failures_total{name=\"gone.mail.test\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(!text.contains("192.0.2.7"), "{text}");
+}

@@ -30,6 +30,19 @@ fn try_login(pg: &Popgate, listener: &str, user: &str, pass: &str) -> String {
     })
 }
 
+/// Users `s0..s5@shared.test` with one message each and `a0..@affine.test` (`affine` of them) with
+/// `messages`, all with password `pw`.
+fn shared_and_affine_users(affine: usize, messages: &[&[u8]]) -> StoreOptions {
+    let mut opts = StoreOptions::new();
+    for i in 0..6 {
+        opts = opts.user(&format!("s{i}@shared.test"), "pw", [MSG]);
+    }
+    for i in 0..affine {
+        opts = opts.user(&format!("a{i}@affine.test"), "pw", messages.to_vec());
+    }
+    opts
+}
+
 fn logins_in_log(store: &DovecotStore, user: &str) -> usize {
     store
         .log_text()
@@ -135,13 +148,7 @@ tenants:
     ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
 )]
 fn a_stopped_store_fails_over_with_shared_storage_and_not_with_affinity() {
-    let mut opts = StoreOptions::new();
-    for i in 0..6 {
-        opts = opts.user(&format!("s{i}@shared.test"), "pw", [MSG]);
-    }
-    for i in 0..12 {
-        opts = opts.user(&format!("a{i}@affine.test"), "pw", [MSG]);
-    }
+    let opts = shared_and_affine_users(12, &[MSG]);
     let a = DovecotStore::start(opts.clone());
     let mut b = DovecotStore::start(opts.clone());
     let c = DovecotStore::start(opts);
@@ -442,4 +449,141 @@ tenants:
     dns.stop();
     assert!(try_login(&pg, "pop3", "u@k8s.test", "pw").starts_with("+OK"));
     assert_eq!(ids(&pg), vec![id1]);
+}
+
+/// The operator's runtime store states with real Dovecot stores and sessions in flight: `drain` takes no
+/// new logins and lets sessions go on; `maint` also ends them, without QUIT, so a DELE they sent is not
+/// committed; `ready` takes logins again. A user whose mail lives on a store that takes no logins is
+/// refused (never sent to a store without their mail); with shared storage, logins go to the others.
+#[test]
+#[cfg_attr(
+    not(feature = "external-tools"),
+    ignore = "needs Dovecot, curl, poplib, Chromium or promtool: scripts/test turns on external-tools"
+)]
+fn runtime_store_states_drain_keeps_sessions_and_maint_ends_them_without_quit() {
+    use support::popgate::http;
+    let opts = shared_and_affine_users(8, &[MSG, MSG]);
+    let a = DovecotStore::start(opts.clone());
+    let b = DovecotStore::start(opts);
+    let (a_addr, b_addr) = (a.pop3_addr(), b.pop3_addr());
+    let yaml = format!(
+        r#"
+listeners:
+  - name: pop3
+    bind: 127.0.0.1:0
+    tls: none
+admin:
+  bind: 127.0.0.1:0
+tenants:
+  shared:
+    domains: [shared.test]
+    plaintext_login: allow
+    backends: ["{a_addr}", "{b_addr}"]
+    shared_storage: true
+  affine:
+    domains: [affine.test]
+    plaintext_login: allow
+    backends: ["{a_addr}", "{b_addr}"]
+    balance: consistent_hash
+"#
+    );
+    let pg = Popgate::start(&yaml, Path::new("."));
+    let admin = format!("http://{}", pg.running.admin_addr().unwrap());
+    let a_label = a_addr.to_string();
+    let set = |query: &str| {
+        let (code, body) = http("POST", &format!("{admin}/stores/state?{query}"), None);
+        assert_eq!(code, 200, "{query}: {body}");
+    };
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&http("GET", &format!("{admin}/status"), None).1).unwrap()
+    };
+    // An affine user whose mail lives on a, found as the stores saw it.
+    let on_a = (0..8)
+        .map(|i| format!("a{i}@affine.test"))
+        .find(|user| {
+            assert!(try_login(&pg, "pop3", user, "pw").starts_with("+OK"));
+            store_of(&[&a, &b], user) == 0
+        })
+        .expect("no affine user lives on store a");
+    let pop3 = pg.addr("pop3");
+    let mut session = pg.rt.block_on(async {
+        let mut c = Pop3::greeted(pop3).await;
+        c.login(&on_a, "pw").await;
+        c.ok("DELE 1").await;
+        c
+    });
+
+    set(&format!("store={a_label}&state=drain"));
+    let st = status();
+    let row = st["stores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["store"] == a_label.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(row["state"], "drain", "{st}");
+    assert_eq!(row["sessions"], 1, "{st}");
+    let (_, metrics) = http("GET", &format!("{admin}/metrics"), None);
+    assert_eq!(
+        support::popgate::metric(
+            &metrics,
+            &format!("popgate_store_state{{state=\"drain\",store=\"{a_label}\"}}")
+        ),
+        Some(1.0)
+    );
+    // The session on the drained store goes on.
+    pg.rt.block_on(async {
+        assert!(session.ok("STAT").await.starts_with("+OK 1 "));
+    });
+    // New logins: the affine user is refused for now (a is where its mail is), shared users go to b.
+    let r = try_login(&pg, "pop3", &on_a, "pw");
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    let before: Vec<usize> = (0..6)
+        .map(|i| logins_in_log(&a, &format!("s{i}@shared.test")))
+        .collect();
+    for i in 0..6 {
+        let r = try_login(&pg, "pop3", &format!("s{i}@shared.test"), "pw");
+        assert!(r.starts_with("+OK"), "s{i} while a drains: {r}");
+    }
+    let after: Vec<usize> = (0..6)
+        .map(|i| logins_in_log(&a, &format!("s{i}@shared.test")))
+        .collect();
+    assert_eq!(before, after, "a drained store took new logins");
+
+    // Maintenance ends the session, without QUIT: its DELE is not committed.
+    // Dovecot's summary of a session: a line naming the user with `del=`.
+    let summaries = |store: &DovecotStore| -> Vec<String> {
+        store
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(&format!("({on_a})")) && l.contains("del="))
+            .map(str::to_string)
+            .collect()
+    };
+    let sessions_before = summaries(&a).len();
+    set(&format!("store={a_label}&state=maint"));
+    pg.rt.block_on(async {
+        assert!(session.until_eof().await.is_empty());
+    });
+    // The kicked session's summary: nothing deleted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while summaries(&a).len() < sessions_before + 1 {
+        assert!(std::time::Instant::now() < deadline, "{}", a.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let last = summaries(&a).pop().unwrap();
+    assert!(last.contains("del=0/2"), "{last}");
+    assert_eq!(a.maildir_message_count(&on_a), 2, "maint committed a DELE");
+
+    // Ready again: the user's logins reach a.
+    set(&format!("store={a_label}&state=ready"));
+    let r = try_login(&pg, "pop3", &on_a, "pw");
+    assert!(r.starts_with("+OK"), "{r}");
+    let (code, body) = http(
+        "POST",
+        &format!("{admin}/stores/state?store=nowhere:1&state=drain"),
+        None,
+    );
+    assert_eq!(code, 404, "{body}");
 }

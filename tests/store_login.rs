@@ -149,3 +149,36 @@ async fn credentials_go_only_after_every_earlier_reply() {
         "XCLIENT and USER pipelined in one write: {user_pass:?}"
     );
 }
+
+/// With `client_ip: xclient`, a store that does not offer XCLIENT to popgate is named in a warning once
+/// (at the first connection, so at start when the pool pre-warms): it would see every client as popgate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_without_xclient_is_warned_about_once() {
+    support::logs::captured_log();
+    let (_md, store) = support::mailboxes::numbered(1, 1).await;
+    let tenant = support::popgate::tenant(
+        "acme",
+        "example.com",
+        store.local_addr(),
+        "    client_ip: xclient\n",
+    );
+    let pg =
+        support::popgate::start(&support::popgate::plain_config("", &tenant), Path::new(".")).await;
+    for _ in 0..3 {
+        let mut c = Pop3::greeted(pg.local_addr("pop3").unwrap()).await;
+        c.login("u0@example.com", "pw").await;
+        c.ok("QUIT").await;
+    }
+    let needle = format!("store={}", store.local_addr());
+    let warnings: Vec<String> = support::logs::captured_text()
+        .lines()
+        .filter(|l| l.contains("does not offer XCLIENT") && l.contains(&needle))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("login_trusted_networks"),
+        "{warnings:?}"
+    );
+    pg.shutdown();
+}

@@ -41,6 +41,7 @@ use tracing::{info, warn};
 
 use crate::config::{ClusterConfig, ClusterMode, FailPolicy, WhenUnavailable};
 use crate::metrics::ClusterMetrics;
+use crate::vocab::{MailboxMatch, SessionFacts, SessionFilter};
 
 use keys::Keys;
 use scripts::{Op, Script};
@@ -174,9 +175,12 @@ impl FleetInner {
 /// What a replica does for a fleet command another replica published.
 pub trait FleetCommands: Send + Sync {
     /// Ends the sessions whose mailbox matches `matches`; returns how many.
-    fn kick(&self, matches: &dyn Fn(&str) -> bool) -> usize;
+    fn kick(&self, matches: &dyn Fn(&SessionFacts<'_>) -> bool) -> usize;
     /// Empties the auth_http answer caches; returns how many entries were dropped.
     fn flush_auth_cache(&self) -> usize;
+    /// Sets a store's runtime state (`ready`, `drain`, `maint`) and weight; returns 1 when the store
+    /// exists here, else 0.
+    fn store_control(&self, store: &str, state: Option<&str>, weight: Option<u32>) -> usize;
 }
 
 /// A fleet command's result: what this replica did and what the others said.
@@ -197,10 +201,31 @@ enum BusMessage {
     Kick {
         id: String,
         from: String,
-        /// The mailbox's keyed digest (never the name).
-        mailbox: String,
+        /// An exact mailbox's keyed digest (never the name).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mailbox: Option<String>,
         /// Matched ignoring ASCII case (a name that does not normalise).
+        #[serde(default)]
         fold: bool,
+        /// A mailbox pattern (`*`, `?`): an operator's pattern travels as typed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pattern: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tenant: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        store: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network: Option<ipnet::IpNet>,
+    },
+    /// A store's runtime state and weight, set on every replica.
+    Store {
+        id: String,
+        from: String,
+        store: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        weight: Option<u32>,
     },
     Flush {
         id: String,
@@ -596,26 +621,64 @@ impl Fleet {
         Some(self.new_lease(key).0)
     }
 
-    /// Ends a mailbox's sessions on every replica: this one through `here`, the others through the
-    /// command channel. `fold`: match ignoring ASCII case (a name that does not normalise).
+    /// Ends the sessions `filter` matches on every replica: this one through `here`, the others through
+    /// the command channel. An exact mailbox travels as its keyed digest, a pattern as typed.
     ///
     /// # Errors
     /// The shared state cannot be asked (this replica's sessions were still ended: see the count).
     pub async fn kick(
         &self,
         here: &dyn FleetCommands,
-        mailbox: &str,
-        fold: bool,
+        filter: &SessionFilter,
     ) -> Result<FleetResult, (Unavailable, usize)> {
-        let local = kick_here(here, |m| same_mailbox(m, mailbox, fold));
+        let local = here.kick(&|e| filter.matches(e));
         let link = self.live().map_err(|e| (e, local))?;
-        let digest = link.keys.mailbox(&fold_if(mailbox, fold)).digest;
+        let (mailbox, fold, pattern) = match &filter.mailbox {
+            Some(MailboxMatch::Exact { key, fold }) => (
+                Some(link.keys.mailbox(&fold_if(key, *fold)).digest),
+                *fold,
+                None,
+            ),
+            Some(MailboxMatch::Pattern(p)) => (None, false, Some(p.clone())),
+            None => (None, false, None),
+        };
         let id = self.request_id();
         let message = BusMessage::Kick {
             id: id.clone(),
             from: self.inner.replica.clone(),
-            mailbox: digest,
+            mailbox,
             fold,
+            pattern,
+            tenant: filter.tenant.clone(),
+            store: filter.store.clone(),
+            network: filter.network,
+        };
+        self.broadcast(&link, id, &message, local)
+            .await
+            .map_err(|e| (e, local))
+    }
+
+    /// Sets a store's runtime state and weight on every replica; the count is the replicas where the
+    /// store exists.
+    ///
+    /// # Errors
+    /// The shared state cannot be asked (this replica's store was still set).
+    pub async fn store_control(
+        &self,
+        here: &dyn FleetCommands,
+        store: &str,
+        state: Option<&str>,
+        weight: Option<u32>,
+    ) -> Result<FleetResult, (Unavailable, usize)> {
+        let local = here.store_control(store, state, weight);
+        let link = self.live().map_err(|e| (e, local))?;
+        let id = self.request_id();
+        let message = BusMessage::Store {
+            id: id.clone(),
+            from: self.inner.replica.clone(),
+            store: store.to_string(),
+            state: state.map(str::to_string),
+            weight,
         };
         self.broadcast(&link, id, &message, local)
             .await
@@ -1232,11 +1295,7 @@ fn tls_config(
                 })?;
             }
         }
-        None => {
-            for cert in rustls_native_certs_roots() {
-                let _ = roots.add(cert);
-            }
-        }
+        None => roots = crate::certs::system_roots(),
     }
     let config = rustls::ClientConfig::builder_with_provider(crate::certs::provider())
         .with_safe_default_protocol_versions()
@@ -1259,11 +1318,6 @@ impl fred::types::config::HostMapping for FixedName {
     fn map(&self, _ip: &std::net::IpAddr, _default_host: &str) -> Option<String> {
         Some(self.0.clone())
     }
-}
-
-/// The system's trust anchors (for a server with a public certificate and no `tls.ca`).
-fn rustls_native_certs_roots() -> Vec<rustls_pki_types::CertificateDer<'static>> {
-    rustls_native_certs::load_native_certs().certs
 }
 
 /// Starts the link's tasks: the probe and renewals, and the command channel's reader.
@@ -1421,15 +1475,41 @@ async fn listen(link: Arc<Link>, fleet: Arc<FleetInner>, commands: Arc<dyn Fleet
                 id,
                 mailbox,
                 fold,
+                pattern,
+                tenant,
+                store,
+                network,
             } => {
                 if from == fleet.replica {
                     continue;
                 }
                 let keys = &link.keys;
-                let n = kick_here(commands.as_ref(), |m| {
-                    keys.mailbox(&fold_if(m, fold)).digest == mailbox
+                let filter = SessionFilter {
+                    tenant,
+                    store,
+                    mailbox: pattern.map(MailboxMatch::Pattern),
+                    network,
+                };
+                let n = commands.kick(&|e| {
+                    filter.matches(e)
+                        && mailbox
+                            .as_ref()
+                            .is_none_or(|d| keys.mailbox(&fold_if(e.mailbox, fold)).digest == *d)
                 });
                 (id, from, n, "kick")
+            }
+            BusMessage::Store {
+                from,
+                id,
+                store,
+                state,
+                weight,
+            } => {
+                if from == fleet.replica {
+                    continue;
+                }
+                let n = commands.store_control(&store, state.as_deref(), weight);
+                (id, from, n, "store")
             }
             BusMessage::Flush { id, from } => {
                 if from == fleet.replica {
@@ -1445,18 +1525,6 @@ async fn listen(link: Arc<Link>, fleet: Arc<FleetInner>, commands: Arc<dyn Fleet
             count,
         };
         let _ = link.publish(&answer).await;
-    }
-}
-
-fn kick_here(here: &dyn FleetCommands, matches: impl Fn(&str) -> bool) -> usize {
-    here.kick(&matches)
-}
-
-fn same_mailbox(session: &str, wanted: &str, fold: bool) -> bool {
-    if fold {
-        session.eq_ignore_ascii_case(wanted)
-    } else {
-        session == wanted
     }
 }
 

@@ -260,7 +260,9 @@ pub struct TenantConfig {
     #[serde(default)]
     pub domains: Vec<Spanned<String>>,
     /// Stores: `host:port` (IP or A/AAAA name), `{address: "host:port", weight: N}`, or
-    /// `{srv: "_pop3._tcp.store.mail.svc.cluster.local"}`.
+    /// `{srv: "_pop3._tcp.store.mail.svc.cluster.local"}`. May be left out when `auth_http` names each
+    /// login's store.
+    #[serde(default)]
     pub backends: Vec<Spanned<StoreSpec>>,
     /// `round_robin` (default), `least_connections`, or `consistent_hash` of the mailbox (a user always lands
     /// on the same store while it is in the group).
@@ -431,8 +433,15 @@ impl Default for ThrottleSettings {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthHttpSettings {
-    /// `http://host:port/path` (plain HTTP: keep it on loopback or an internal network).
+    /// `http://host:port/path`, or `https://…` (verified against `ca`, else the system's roots).
     pub url: String,
+    /// PEM trust anchors for an `https://` service; without it, the system's roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Extra request headers after nginx's own, in order (nginx `auth_http_header`); a value may come
+    /// from a file (a shared secret from a Kubernetes Secret, say). Values never reach a log.
+    #[serde(default)]
+    pub headers: Vec<AuthHttpHeader>,
     /// One lookup's limit. Default 5s.
     #[serde(default = "default_auth_timeout")]
     pub timeout: Seconds,
@@ -445,6 +454,21 @@ pub struct AuthHttpSettings {
     /// Answers kept at most. Default 10000.
     #[serde(default = "default_auth_cache_size")]
     pub cache_size: usize,
+}
+
+/// One extra auth_http request header: `value`, or the contents of `value_file` (a trailing newline
+/// dropped).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthHttpHeader {
+    /// The header's name, an HTTP token (`X-Auth-Key`).
+    pub name: String,
+    /// The value, given here.
+    #[serde(default)]
+    pub value: Option<crate::secret::SecretString>,
+    /// The value, read from this file at start and at every reload.
+    #[serde(default)]
+    pub value_file: Option<PathBuf>,
 }
 
 fn default_auth_timeout() -> Seconds {
@@ -958,12 +982,30 @@ impl Config {
                     "tenant names may use letters, digits, `-`, `_` and `.` only".into(),
                 );
             }
-            if t.backends.is_empty() {
+            // With auth_http the service names each login's store: no placeholder store is needed.
+            if t.backends.is_empty() && t.auth_http.is_none() {
                 push(
                     format!("{field}.backends"),
                     line,
-                    "at least one store is required".into(),
+                    "at least one store is required (or auth_http, which names each login's store)"
+                        .into(),
                 );
+            }
+            for (i, h) in t
+                .auth_http
+                .iter()
+                .flat_map(|a| a.headers.iter().enumerate())
+            {
+                if h.value.is_some() == h.value_file.is_some() {
+                    push(
+                        format!("{field}.auth_http.headers[{i}]"),
+                        line,
+                        format!(
+                            "header {}: give exactly one of value and value_file",
+                            h.name
+                        ),
+                    );
+                }
             }
             if t.domains.is_empty() && self.routing.default_tenant.as_deref() != Some(name) {
                 push(

@@ -50,13 +50,15 @@ pub(super) struct Refusal {
     reply: Vec<u8>,
     /// `-ERR` for the credentials (counted), or for now only (`[SYS/TEMP]`, `[IN-USE]`: not counted).
     counted: bool,
+    /// The tenant label and result the attempt was counted under, for the client-side login histogram.
+    pub(super) outcome: Option<(String, &'static str)>,
 }
 
 /// A logged-in store connection and what must live as long as the session.
 pub(super) struct Admitted {
     pub(super) logged_in: LoggedIn,
     pub(super) active: Option<ActiveSession>,
-    /// The store's id (or `host:port` from auth_http), for logs and `/status`.
+    /// The store's label (or `host:port` from auth_http), for logs, `/status` and `/sessions`.
     pub(super) store: String,
     pub(super) tenant: String,
     /// The normalised mailbox, what `/kick` matches.
@@ -74,6 +76,7 @@ impl Refusal {
         Self {
             reply: reply.into(),
             counted: true,
+            outcome: None,
         }
     }
 
@@ -81,6 +84,7 @@ impl Refusal {
         Self {
             reply: reply.into(),
             counted: false,
+            outcome: None,
         }
     }
 
@@ -120,13 +124,18 @@ pub(super) async fn admit(
             utf8: session.utf8_enabled(),
             ..*client
         },
+        outcome: std::sync::OnceLock::new(),
+    };
+    let refused = |mut refusal: Refusal, attempt: Attempt<'_>| {
+        refusal.outcome = attempt.outcome.into_inner();
+        Admission::Refused(refusal)
     };
     if let Some(refusal) = attempt.address_locked_out(routed.as_deref()) {
-        return Admission::Refused(refusal);
+        return refused(refusal, attempt);
     }
     let route = match attempt.route(listener, session).await {
         Ok(route) => route,
-        Err(refusal) => return Admission::Refused(refusal),
+        Err(refusal) => return refused(refusal, attempt),
     };
     let tenant_name = &shared.table.tenant(route.tenant).name;
     tracing::Span::current().record("tenant", tenant_name.as_str());
@@ -139,7 +148,7 @@ pub(super) async fn admit(
         .await
     {
         Ok(admitted) => Admission::Admitted(Box::new(admitted)),
-        Err(refusal) => Admission::Refused(refusal),
+        Err(refusal) => refused(refusal, attempt),
     }
 }
 
@@ -152,9 +161,17 @@ struct Attempt<'a> {
     client: ClientInfo,
     /// This attempt's number on the connection, from 1.
     number: u32,
+    /// The tenant label and result the attempt was counted under (set once, where it is decided).
+    outcome: std::sync::OnceLock<(String, &'static str)>,
 }
 
 impl Attempt<'_> {
+    /// Counts the attempt's result under `tenant`, and keeps both for the client-side histogram.
+    fn counted(&self, tenant: &str, result: &'static str) {
+        self.ctx.metrics.login(tenant, self.mechanism, result);
+        let _ = self.outcome.set((tenant.to_string(), result));
+    }
+
     /// A locked-out address is refused before its name is even routed: it costs no per-mailbox work.
     fn address_locked_out(&self, routed: Option<&str>) -> Option<Refusal> {
         let Verdict::LockedOut { .. } = self.ctx.throttle.check_ip(self.client.peer.ip()) else {
@@ -162,7 +179,7 @@ impl Attempt<'_> {
         };
         let label = routed.unwrap_or(crate::metrics::UNKNOWN_TENANT);
         self.ctx.metrics.throttled(label, "lockout");
-        self.ctx.metrics.login(label, self.mechanism, "throttled");
+        self.counted(label, "throttled");
         Some(Refusal::reject(LOCKED_OUT))
     }
 
@@ -175,7 +192,7 @@ impl Attempt<'_> {
         listener: &ListenerInfo,
         session: &ClientSession,
     ) -> Result<Route, Refusal> {
-        let (shared, metrics) = (self.shared, &self.ctx.metrics);
+        let shared = self.shared;
         let bound = listener.tenant.or(session.sni_tenant());
         let route = shared.table.route(&self.creds.login, bound);
         if !session.is_tls() {
@@ -190,7 +207,7 @@ impl Attempt<'_> {
                     Ok(r) => shared.table.tenant(r.tenant).name.as_str(),
                     Err(_) => crate::metrics::UNKNOWN_TENANT,
                 };
-                metrics.login(label, self.mechanism, "tls_required");
+                self.counted(label, "tls_required");
                 let stls_offered = listener.tls == ListenerTls::Starttls && shared.tls.is_some();
                 return Err(Refusal::reject(if stls_offered {
                     &b"-ERR [AUTH] TLS required: use STLS before logging in\r\n"[..]
@@ -204,7 +221,7 @@ impl Attempt<'_> {
             Err(e) => e,
         };
         info!(mechanism = self.mechanism, reason = %error, "login refused: no route");
-        metrics.login(crate::metrics::UNKNOWN_TENANT, self.mechanism, "no_route");
+        self.counted(crate::metrics::UNKNOWN_TENANT, "no_route");
         like_a_store_refusal(self.ctx, self.client.session).await;
         let reply = self
             .count_failure(crate::metrics::UNKNOWN_TENANT, None, AUTH_FAILED.to_vec())
@@ -247,9 +264,7 @@ impl Attempt<'_> {
                     mechanism = self.mechanism,
                     "login refused: digest does not match"
                 );
-                self.ctx
-                    .metrics
-                    .login(tenant_name, self.mechanism, "rejected");
+                self.counted(tenant_name, "rejected");
                 like_a_store_refusal(self.ctx, self.client.session).await;
                 let reply = self
                     .count_failure(tenant_name, Some(mailbox), AUTH_FAILED.to_vec())
@@ -296,14 +311,14 @@ impl Attempt<'_> {
     ) -> Result<(TenantGuard, Option<crate::cluster::Lease>), Refusal> {
         let (ctx, metrics) = (self.ctx, &self.ctx.metrics);
         if !tenant.mechanisms.contains(&self.creds.mechanism) {
-            metrics.login(tenant_name, self.mechanism, "rejected");
+            self.counted(tenant_name, "rejected");
             like_a_store_refusal(ctx, self.client.session).await;
             return Err(Refusal::reject(AUTH_FAILED));
         }
         if let Verdict::LockedOut { .. } = ctx.throttle.check_login(self.client.peer.ip(), mailbox)
         {
             metrics.throttled(tenant_name, "lockout");
-            metrics.login(tenant_name, self.mechanism, "throttled");
+            self.counted(tenant_name, "throttled");
             return Err(Refusal::reject(LOCKED_OUT));
         }
         let slot = ctx
@@ -311,7 +326,7 @@ impl Attempt<'_> {
             .tenant_session(tenant_name, tenant.max_sessions)
             .map_err(|reason| {
                 metrics.throttled(tenant_name, reason);
-                metrics.login(tenant_name, self.mechanism, "throttled");
+                self.counted(tenant_name, "throttled");
                 Refusal::unavailable(TENANT_FULL)
             })?;
         let peer = self.client.peer.ip();
@@ -348,7 +363,7 @@ impl Attempt<'_> {
             ),
         };
         metrics.throttled(tenant_name, reason);
-        metrics.login(tenant_name, self.mechanism, "throttled");
+        self.counted(tenant_name, "throttled");
         refusal
     }
 
@@ -376,7 +391,7 @@ impl Attempt<'_> {
                     session,
                 )
                 .await?;
-            let store = active.store().id.clone();
+            let store = active.store().label.clone();
             return Ok((logged_in, Some(active), store));
         }
         let Some(service) = &tenant.auth_http else {
@@ -384,7 +399,7 @@ impl Attempt<'_> {
                 .group
                 .login(&route.key, &auth.as_store_auth(), &self.client, session)
                 .await?;
-            let store = active.store().id.clone();
+            let store = active.store().label.clone();
             return Ok((logged_in, Some(active), store));
         };
         let login = AuthHttpLogin {
@@ -419,7 +434,7 @@ impl Attempt<'_> {
             GroupError::Login(l) => l.as_str(),
             GroupError::NoStore(_) => "unavailable",
         };
-        self.ctx.metrics.login(tenant_name, self.mechanism, label);
+        self.counted(tenant_name, label);
         match error {
             GroupError::Login(LoginError::Rejected(line)) => {
                 info!(mechanism = self.mechanism, "login refused by store");
@@ -452,14 +467,14 @@ impl Attempt<'_> {
             .login_ok(self.client.peer.ip(), mailbox)
             .map_err(|reason| {
                 metrics.throttled(tenant_name, reason);
-                metrics.login(tenant_name, self.mechanism, "throttled");
+                self.counted(tenant_name, "throttled");
                 Refusal::unavailable(IN_USE)
             })?;
         if let Some(min) = tenant.min_login_interval
             && let Err(left) = ctx.throttle.login_interval(mailbox, min)
         {
             metrics.throttled(tenant_name, "login_delay");
-            metrics.login(tenant_name, self.mechanism, "throttled");
+            self.counted(tenant_name, "throttled");
             info!(
                 wait_s = left.as_secs(),
                 "login refused: minimum interval between logins"

@@ -45,6 +45,9 @@ impl Handover<'_> {
     pub(super) async fn relay(mut self: Box<Self>) -> Relayed {
         let stats = self.relay.as_mut().await;
         self.metrics.active.dec();
+        if let Some(active) = &self._active {
+            active.store().count_bytes(stats.bytes_up, stats.bytes_down);
+        }
         let entry = self._registered.entry();
         Relayed {
             tenant: entry.tenant.clone(),
@@ -54,13 +57,14 @@ impl Handover<'_> {
     }
 }
 
-/// Turns an admitted login into a relay; `client` is the client's address for the closing log line.
+/// Turns an admitted login into a relay; `client` is the client's address (for the closing log line and
+/// `/sessions`), `listener` the listener's name.
 pub(super) async fn hand_over<'c>(
     ctx: &'c Context,
     shared: &Shared,
     session: ClientSession,
     admitted: Admitted,
-    client: SocketAddr,
+    (client, listener): (SocketAddr, &str),
     id: u64,
 ) -> Result<Box<Handover<'c>>, SessionEnd> {
     let Admitted {
@@ -84,6 +88,9 @@ pub(super) async fn hand_over<'c>(
             tenant: tenant.clone(),
             mailbox,
             store,
+            client,
+            listener: listener.to_string(),
+            since: std::time::SystemTime::now(),
             kick: kick.clone(),
         },
     );

@@ -159,6 +159,7 @@ async fn greeted<'c>(
             Err(end) => return Summary::NoLogin(routed, end),
         };
         attempts = attempts.saturating_add(1);
+        let asked = Instant::now();
         let admission = admit::admit(
             ctx,
             shared,
@@ -174,13 +175,30 @@ async fn greeted<'c>(
         .await;
         match admission {
             Admission::Admitted(admitted) => {
-                return handover::hand_over(ctx, shared, session, *admitted, client.peer, id)
-                    .await
-                    .map_or_else(|end| Summary::NoLogin(routed, end), Summary::LoggedIn);
+                let tenant = admitted.tenant.clone();
+                let handed = handover::hand_over(
+                    ctx,
+                    shared,
+                    session,
+                    *admitted,
+                    (client.peer, &listener.name),
+                    id,
+                )
+                .await;
+                if handed.is_ok() {
+                    let secs = asked.elapsed().as_secs_f64();
+                    ctx.metrics.login_duration(&tenant, "ok", secs);
+                }
+                return handed.map_or_else(|end| Summary::NoLogin(routed, end), Summary::LoggedIn);
             }
-            Admission::Refused(refusal) => {
+            Admission::Refused(mut refusal) => {
+                let outcome = refusal.outcome.take();
                 if let Err(end) = refusal.send(&mut session).await {
                     return Summary::NoLogin(routed, end);
+                }
+                if let Some((tenant, result)) = outcome {
+                    let secs = asked.elapsed().as_secs_f64();
+                    ctx.metrics.login_duration(&tenant, result, secs);
                 }
             }
             Admission::Closed(end) => return Summary::NoLogin(routed, end),

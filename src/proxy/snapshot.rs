@@ -205,18 +205,12 @@ impl TenantRuntime {
             backend_login: t.backend_login.clone(),
             auth_http: match &t.auth_http {
                 Some(a) => Some(Arc::new(
-                    crate::auth::http::AuthHttp::new(crate::auth::http::AuthHttpConfig {
-                        url: a.url.clone(),
-                        timeout: a.timeout.get(),
-                        cache_ttl: a.cache_ttl.get(),
-                        negative_cache_ttl: a.negative_cache_ttl.get(),
-                        cache_size: a.cache_size,
-                        extra_headers: Vec::new(),
-                    })
-                    .map_err(|source| SharedError::AuthHttp {
-                        tenant: name.to_string(),
-                        source,
-                    })?,
+                    auth_http_client(a, setup.config, &setup.context.metrics, name).map_err(
+                        |source| SharedError::AuthHttp {
+                            tenant: name.to_string(),
+                            source,
+                        },
+                    )?,
                 )),
                 None => None,
             },
@@ -226,11 +220,82 @@ impl TenantRuntime {
     }
 }
 
+/// A tenant's auth_http client: its TLS roots, its extra headers (files read now) and its series.
+fn auth_http_client(
+    a: &crate::config::AuthHttpSettings,
+    config: &Config,
+    metrics: &crate::metrics::Metrics,
+    tenant: &str,
+) -> Result<crate::auth::http::AuthHttp, crate::auth::http::AuthHttpError> {
+    crate::auth::http::AuthHttp::new(crate::auth::http::AuthHttpConfig {
+        url: a.url.clone(),
+        tls: auth_http_tls(a, config)?,
+        timeout: a.timeout.get(),
+        cache_ttl: a.cache_ttl.get(),
+        negative_cache_ttl: a.negative_cache_ttl.get(),
+        cache_size: a.cache_size,
+        extra_headers: auth_http_headers(a, config)?,
+        metrics: Some(metrics.auth_http(tenant)),
+    })
+}
+
+/// The roots an `https://` auth_http service is checked against: its `ca`, else the system's (`None`).
+fn auth_http_tls(
+    a: &crate::config::AuthHttpSettings,
+    config: &Config,
+) -> Result<Option<Arc<rustls::ClientConfig>>, crate::auth::http::AuthHttpError> {
+    let Some(ca) = &a.ca else { return Ok(None) };
+    let fail = |e: crate::certs::TlsError| crate::auth::http::AuthHttpError::Config(e.to_string());
+    let roots = crate::certs::load_roots(&config.resolve_path(ca)).map_err(fail)?;
+    crate::certs::client_config_with_roots(roots)
+        .map(Some)
+        .map_err(fail)
+}
+
+/// The extra request headers, each value given or read from its file.
+fn auth_http_headers(
+    a: &crate::config::AuthHttpSettings,
+    config: &Config,
+) -> Result<Vec<(String, String)>, crate::auth::http::AuthHttpError> {
+    a.headers
+        .iter()
+        .map(|h| {
+            let value = match (&h.value, &h.value_file) {
+                (Some(v), _) => v.expose().to_string(),
+                (None, Some(path)) => {
+                    crate::secret::files::read_token_file(&config.resolve_path(path))
+                        .map_err(|e| {
+                            crate::auth::http::AuthHttpError::Config(format!(
+                                "header {}: {e}",
+                                h.name
+                            ))
+                        })?
+                        .expose()
+                        .to_string()
+                }
+                (None, None) => String::new(),
+            };
+            Ok((h.name.clone(), value))
+        })
+        .collect()
+}
+
 /// A digest of the contents of the files a tenant's runtime reads (store CA, client certificate and key,
-/// secrets): a rotated file rebuilds the tenant at the next reload. 0 when it names none.
+/// secrets, auth_http's CA and header files): a rotated file rebuilds the tenant at the next reload. 0
+/// when it names none.
 fn files_digest(t: &crate::config::TenantConfig, config: &Config) -> u64 {
     let tls = &t.backend_tls;
-    digest_files(config, [&tls.ca, &tls.certificate, &tls.key, &t.secrets])
+    let auth: Vec<&Option<std::path::PathBuf>> = t
+        .auth_http
+        .iter()
+        .flat_map(|a| std::iter::once(&a.ca).chain(a.headers.iter().map(|h| &h.value_file)))
+        .collect();
+    digest_files(
+        config,
+        [&tls.ca, &tls.certificate, &tls.key, &t.secrets]
+            .into_iter()
+            .chain(auth),
+    )
 }
 
 /// One digest of the contents of the files named (a file that cannot be read counts as 1, so its
@@ -305,6 +370,11 @@ pub struct ListenerInfo {
 }
 
 impl Shared {
+    /// Every certificate the client TLS serves (none without a TLS listener).
+    pub fn certificates(&self) -> &[crate::metrics::CertificateInfo] {
+        self.tls.as_ref().map_or(&[], |(_, r)| r.certificates())
+    }
+
     /// Builds the shared state for a validated config: certificates, DNS, and every tenant's store group
     /// (resolved once, probes and pools started). Background tasks stop with `shutdown`.
     /// A reload passes the running snapshot as `previous`: each tenant whose settings (and files) did not

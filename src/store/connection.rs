@@ -109,6 +109,8 @@ pub struct ClientInfo {
 #[derive(Debug, Default)]
 pub struct KnownCaps {
     slot: Mutex<Option<(Instant, Arc<Capabilities>)>>,
+    /// Whether the store's missing XCLIENT was logged (once until it offers it again).
+    xclient_warned: std::sync::atomic::AtomicBool,
 }
 
 impl KnownCaps {
@@ -124,6 +126,22 @@ impl KnownCaps {
 
     fn remember(&self, caps: Arc<Capabilities>) {
         *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), caps));
+    }
+
+    /// With `client_ip: xclient`: warns once when the store does not offer XCLIENT to popgate (it then
+    /// sees every client as popgate, and throttles and logs them as one), and again after it offered it.
+    fn note_xclient(&self, offered: bool, endpoint: &Endpoint) {
+        use std::sync::atomic::Ordering;
+        if offered {
+            self.xclient_warned.store(false, Ordering::Relaxed);
+        } else if !self.xclient_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                store = %endpoint.addr,
+                "store does not offer XCLIENT to popgate (client_ip: xclient): it sees every client as \
+                 popgate's address; for Dovecot add popgate's addresses to login_trusted_networks \
+                 (docs/dovecot.md)"
+            );
+        }
     }
 
     /// Forgets the answer (the store failed a probe: it may come back as another version).
@@ -250,6 +268,11 @@ impl Connector {
             _ => return Err(LoginError::Unavailable("store greeting was not +OK".into())),
         };
         conn.xclient = contains_code(&greeting, b"[XCLIENT]");
+        if let (ClientIpForwarding::Xclient, AskCapa::Unless(k) | AskCapa::Refresh(k)) =
+            (self.client_ip, ask)
+        {
+            k.note_xclient(conn.xclient, endpoint);
+        }
         conn.timestamp = apop_timestamp(&greeting);
         conn.greeting = greeting;
         // STLS stores are always asked: their capabilities change with the handshake.

@@ -113,6 +113,8 @@ pub enum DnsError {
 pub struct Discovery {
     resolver: TokioResolver,
     settings: DnsSettings,
+    /// Counts lookups and failures per name, when set.
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 /// The per-target answers behind one [`Discovery::watch`] and the channel publishing their union.
@@ -229,7 +231,18 @@ impl Discovery {
         let resolver = builder
             .build()
             .map_err(|source| DnsError::Resolver { source })?;
-        Ok(Self { resolver, settings })
+        Ok(Self {
+            resolver,
+            settings,
+            metrics: None,
+        })
+    }
+
+    /// Counts every lookup and failure per name in `metrics` (`popgate_dns_lookups_total`).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// One resolution. IP literals return immediately with ttl = max_ttl. SRV: every record, with
@@ -249,9 +262,9 @@ impl Discovery {
                     };
                     return Ok((vec![endpoint], self.settings.max_ttl));
                 }
-                self.resolve_host(host, *port).await?
+                self.counted(host, self.resolve_host(host, *port).await)?
             }
-            Target::Srv { name } => self.resolve_srv(name).await?,
+            Target::Srv { name } => self.counted(name, self.resolve_srv(name).await)?,
         };
         endpoints.sort();
         endpoints.dedup();
@@ -330,6 +343,14 @@ impl Discovery {
             tokio::spawn(follow.run(wait, failing));
         }
         receiver
+    }
+
+    /// Counts a lookup of `name` and whether it failed.
+    fn counted<T>(&self, name: &str, result: Result<T, DnsError>) -> Result<T, DnsError> {
+        if let Some(m) = &self.metrics {
+            m.dns_lookup(name, result.is_ok());
+        }
+        result
     }
 
     /// A and AAAA for `host`, each address on `port`.

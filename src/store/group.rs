@@ -274,14 +274,33 @@ impl StoreGroup {
             .iter()
             .map(|m| Candidate {
                 id: &m.store.id,
-                weight: m.weight,
+                weight: m.store.weight().unwrap_or(m.weight),
                 priority: m.priority,
-                healthy: m.store.health.is_up(),
+                // A store the operator drains or maintains counts as down, and is then left out below.
+                healthy: m.store.health.is_up() && m.store.takes_logins(),
                 active: m.store.active(),
             })
             .collect();
         let mut choice = self.balancer.choose(&candidates, mailbox);
         self.note_all_down(choice.all_down);
+        let closed = |i: &usize| members.get(*i).is_some_and(|m| !m.store.takes_logins());
+        if choice.order.iter().any(closed) {
+            match choice.order.first() {
+                // This user's mail lives on that store: another one would show an empty mailbox.
+                Some(first) if closed(first) && !self.shared_storage && self.hashes_mailboxes() => {
+                    let label = members.get(*first).map_or("", |m| m.store.label.as_str());
+                    return Err(GroupError::NoStore(format!(
+                        "{label} takes no new logins (operator: drain or maint)"
+                    )));
+                }
+                _ => choice.order.retain(|i| !closed(i)),
+            }
+            if choice.order.is_empty() {
+                return Err(GroupError::NoStore(
+                    "every store takes no new logins (operator: drain or maint)".into(),
+                ));
+            }
+        }
         if self.shared_storage && !choice.all_down {
             // Every store holds the mail: a store known to be down is tried last, whatever the policy
             // (consistent hashing ranks by mailbox alone, to keep users where their mail is).
@@ -326,6 +345,14 @@ impl StoreGroup {
             || GroupError::NoStore("no store could be tried".into()),
             GroupError::from,
         ))
+    }
+
+    /// Whether the group places mailboxes by consistent hashing (a user's mail is on one store).
+    fn hashes_mailboxes(&self) -> bool {
+        matches!(
+            self.balancer.policy(),
+            super::balance::Policy::ConsistentHash
+        )
     }
 
     /// Counts a login that found every store down, logging when that starts and when it ends (one
@@ -428,7 +455,7 @@ impl StoreGroup {
             return None;
         };
         let store = &member.store;
-        if !store.health.is_up() {
+        if !store.health.is_up() || !store.takes_logins() {
             return None;
         }
         let session = ActiveSession::new(store.clone());

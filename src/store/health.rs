@@ -3,7 +3,7 @@
 //! No I/O here except [`probe_loop`], which runs the active probe on a timer.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,12 @@ pub struct HealthState {
     good: AtomicU32,
     bad: AtomicU32,
     connect_failures: AtomicU32,
+    /// Unix seconds of the last flip (or of the start).
+    changed_at: AtomicU64,
+    /// Unix seconds of the last active probe (0: none yet).
+    probed_at: AtomicU64,
+    /// Whether the last active probe succeeded.
+    probe_ok: AtomicBool,
 }
 
 impl Default for HealthState {
@@ -29,8 +35,17 @@ impl Default for HealthState {
             good: AtomicU32::new(0),
             bad: AtomicU32::new(0),
             connect_failures: AtomicU32::new(0),
+            changed_at: AtomicU64::new(unix_now()),
+            probed_at: AtomicU64::new(0),
+            probe_ok: AtomicBool::new(false),
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl HealthState {
@@ -39,8 +54,31 @@ impl HealthState {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// Unix seconds of the last flip up or down (or of the start).
+    pub fn changed_at(&self) -> u64 {
+        self.changed_at.load(Ordering::Relaxed)
+    }
+
+    /// The last active probe: Unix seconds and whether it succeeded; `None` before the first.
+    pub fn last_probe(&self) -> Option<(u64, bool)> {
+        match self.probed_at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some((at, self.probe_ok.load(Ordering::Relaxed))),
+        }
+    }
+
     /// Records an active probe; returns the new state when it flipped.
     pub fn record_probe(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        self.probe_ok.store(ok, Ordering::Relaxed);
+        self.probed_at.store(unix_now(), Ordering::Relaxed);
+        let flipped = self.probed(ok, rise, fall);
+        if flipped.is_some() {
+            self.changed_at.store(unix_now(), Ordering::Relaxed);
+        }
+        flipped
+    }
+
+    fn probed(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
         if ok {
             self.bad.store(0, Ordering::Relaxed);
             self.connect_failures.store(0, Ordering::Relaxed);
@@ -66,6 +104,7 @@ impl HealthState {
         if failures >= fall && self.up.swap(false, Ordering::Relaxed) {
             // Active probes must now see `rise` good results before the store is back.
             self.good.store(0, Ordering::Relaxed);
+            self.changed_at.store(unix_now(), Ordering::Relaxed);
             return Some(false);
         }
         None

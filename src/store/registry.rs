@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use tokio::sync::watch;
@@ -72,10 +72,57 @@ pub struct Store {
     pub(super) active: AtomicUsize,
     /// Logins waiting on the store now (connect, greeting, login answer).
     in_flight: AtomicUsize,
+    /// The operator's runtime state (a [`StoreState`] as u8), held until the next reload.
+    state: AtomicU8,
+    /// The operator's runtime weight for every tenant listing the store (0: the configured weights).
+    weight: AtomicU32,
+    /// Bytes relayed client to store and store to client by ended sessions.
+    bytes: [AtomicU64; 2],
     pub(super) pool: Option<Arc<Pool<Prepared>>>,
     pub(super) metrics: StoreMetrics,
     /// Cancels the probe and refill tasks when the last group lets go of the store.
     tasks: CancellationToken,
+}
+
+/// A store's runtime state, set by the operator through the admin API and held until the next reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StoreState {
+    /// Takes new logins.
+    Ready = 0,
+    /// Takes no new logins; its sessions go on.
+    Drain = 1,
+    /// Takes no new logins; its sessions were ended (without QUIT, so nothing is committed).
+    Maint = 2,
+}
+
+impl StoreState {
+    /// The name in the admin API, `/status` and the `state` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Drain => "drain",
+            Self::Maint => "maint",
+        }
+    }
+
+    /// The state a name stands for.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "ready" => Some(Self::Ready),
+            "drain" => Some(Self::Drain),
+            "maint" => Some(Self::Maint),
+            _ => None,
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Drain,
+            2 => Self::Maint,
+            _ => Self::Ready,
+        }
+    }
 }
 
 /// A login's hold on a store's in-flight count; released on drop.
@@ -106,6 +153,74 @@ impl Store {
         Some(InFlight(self))
     }
 
+    /// The operator's runtime state.
+    pub fn state(&self) -> StoreState {
+        StoreState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Whether the store takes new logins (its runtime state is `ready`).
+    pub fn takes_logins(&self) -> bool {
+        self.state() == StoreState::Ready
+    }
+
+    /// The operator's runtime weight, if set: it replaces every tenant's configured weight.
+    pub fn weight(&self) -> Option<u32> {
+        match self.weight.load(Ordering::Relaxed) {
+            0 => None,
+            w => Some(w),
+        }
+    }
+
+    /// Sets the runtime state and, when given, the weight (`Some(0)` goes back to the configured ones).
+    /// Logged; the gauges follow.
+    pub fn control(&self, state: Option<StoreState>, weight: Option<u32>) {
+        if let Some(state) = state {
+            let was = StoreState::from_u8(self.state.swap(state as u8, Ordering::Relaxed));
+            if was != state {
+                info!(store = %self.label, from = was.as_str(), to = state.as_str(), "store state set by the operator");
+            }
+        }
+        if let Some(w) = weight {
+            self.weight.store(w, Ordering::Relaxed);
+            info!(store = %self.label, weight = w, "store weight set by the operator (0: the configured weights)");
+        }
+        self.refresh_gauges();
+    }
+
+    /// Back to `ready` and the configured weights (a reload or config change ends runtime settings).
+    fn reset_control(&self) {
+        let was = StoreState::from_u8(self.state.swap(StoreState::Ready as u8, Ordering::Relaxed));
+        let weight = self.weight.swap(0, Ordering::Relaxed);
+        if was != StoreState::Ready || weight != 0 {
+            info!(store = %self.label, "runtime store state and weight cleared by the reload");
+        }
+        self.refresh_gauges();
+    }
+
+    /// Counts an ended session's bytes (client to store, store to client).
+    pub fn count_bytes(&self, up: u64, down: u64) {
+        self.bytes[0].fetch_add(up, Ordering::Relaxed);
+        self.bytes[1].fetch_add(down, Ordering::Relaxed);
+    }
+
+    /// Bytes relayed by ended sessions: (client to store, store to client).
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.bytes[0].load(Ordering::Relaxed),
+            self.bytes[1].load(Ordering::Relaxed),
+        )
+    }
+
+    /// Logins waiting on the store now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Connect and login p95 since the start (bucket upper bounds).
+    pub fn p95s(&self) -> (Option<f64>, Option<f64>) {
+        self.metrics.p95s()
+    }
+
     /// Sessions logged in now, across tenants.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
@@ -133,6 +248,10 @@ impl Store {
     /// Sets the gauges read rather than counted (pool size, health), before a scrape.
     pub fn refresh_gauges(&self) {
         self.metrics.up.set(i64::from(self.health.is_up()));
+        self.metrics.state(self.state().as_str());
+        self.metrics
+            .weight
+            .set(i64::from(self.weight().unwrap_or(0)));
         self.metrics
             .idle
             .set(i64::try_from(self.pool_idle()).unwrap_or(i64::MAX));
@@ -258,7 +377,7 @@ impl Registry {
         {
             return Ok(d.clone());
         }
-        let d = Arc::new(Discovery::new(settings.clone())?);
+        let d = Arc::new(Discovery::new(settings.clone())?.with_metrics(self.metrics.clone()));
         inner.discovery = Some((settings.clone(), d.clone()));
         inner.names.clear();
         Ok(d)
@@ -373,6 +492,21 @@ impl Registry {
         v
     }
 
+    /// The stores named `name` (a label, or an id when several profiles reach the same endpoint).
+    pub fn stores_named(&self, name: &str) -> Vec<Arc<Store>> {
+        self.stores()
+            .into_iter()
+            .filter(|s| s.label == name || s.id == name)
+            .collect()
+    }
+
+    /// Ends every runtime state and weight (a reload or config change): every store back to `ready`.
+    pub fn reset_controls(&self) {
+        for store in self.stores() {
+            store.reset_control();
+        }
+    }
+
     fn start_store(
         &self,
         endpoint: &Endpoint,
@@ -465,6 +599,9 @@ impl Registry {
             caps,
             active: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            state: AtomicU8::new(StoreState::Ready as u8),
+            weight: AtomicU32::new(0),
+            bytes: [AtomicU64::new(0), AtomicU64::new(0)],
             pool,
             metrics,
             tasks,

@@ -1,4 +1,4 @@
-//! popgate's runtime log lines (reload outcomes) and admin warnings, captured in memory for every test of one binary: the
+//! popgate's runtime log lines (reload outcomes) and admin and store warnings, captured in memory for every test of one binary: the
 //! tracing subscriber is global to the test process.
 
 use std::sync::{Mutex, OnceLock, PoisonError};
@@ -21,11 +21,11 @@ pub fn captured_log() -> &'static Mutex<Vec<u8>> {
                 Ok(())
             }
         }
-        // Only the runtime's lines (reload outcomes) and the admin server's warnings: per-session lines of
-        // load tests would pile up.
+        // Only the runtime's lines (reload outcomes) and the admin server's and store connections'
+        // warnings: per-session lines of load tests would pile up.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "popgate::runtime=info,popgate::admin=warn",
+                "popgate::runtime=info,popgate::admin=warn,popgate::store::connection=warn",
             ))
             .with_ansi(false)
             .with_writer(move || Sink(buf))

@@ -23,6 +23,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ring::hmac;
@@ -54,9 +55,10 @@ const MAX_WAIT_ROUNDS: u32 = 3;
 /// Where the service is and how its answers are kept.
 #[derive(Clone)]
 pub struct AuthHttpConfig {
-    /// `http://host[:port]/path[?query]` (port 80 by default). Plain HTTP only: the service is expected on
-    /// loopback or an internal network, as with nginx.
+    /// `http://host[:port]/path[?query]` (port 80 by default) or `https://…` (port 443).
     pub url: String,
+    /// How an `https://` service is verified (its roots); `None`: the system's roots.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// For one exchange: resolving, connecting, sending and reading the response head.
     pub timeout: Duration,
     /// How long an `OK` answer is reused for the same credentials from the same client IP (0: never).
@@ -69,6 +71,8 @@ pub struct AuthHttpConfig {
     /// Sent after nginx's headers on every request, like `auth_http_header` (typically a shared secret,
     /// so the values are masked in `Debug`).
     pub extra_headers: Vec<(String, String)>,
+    /// The tenant's auth_http series (request time, errors, cache hits); `None` counts nothing.
+    pub metrics: Option<crate::metrics::AuthHttpMetrics>,
 }
 
 /// One login to look up. Field values are nginx's.
@@ -141,10 +145,66 @@ pub enum AuthHttpError {
     Url(#[from] wire::UrlError),
 }
 
+impl AuthHttpError {
+    /// The `reason` label of `auth_http_errors_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Connect(_) => "connect",
+            Self::BadResponse(_) => "bad_response",
+            Self::BadRequest(_) | Self::Config(_) | Self::Url(_) => "bad_request",
+        }
+    }
+}
+
+/// Writes the request head and reads the response head on `stream`.
+async fn exchange_on<S>(mut stream: S, request: &[u8]) -> Result<Reply, AuthHttpError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream
+        .write_all(request)
+        .await
+        .map_err(|e| AuthHttpError::Connect(format!("sending the request: {e}")))?;
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| AuthHttpError::Connect(format!("reading the response: {e}")))?;
+        if n == 0 {
+            return Err(AuthHttpError::BadResponse(
+                "connection closed before the end of the response headers".into(),
+            ));
+        }
+        head.extend_from_slice(&chunk[..n]);
+        if let Some(reply) = parse_response(&head).map_err(AuthHttpError::BadResponse)? {
+            return Ok(reply);
+        }
+        if head.len() > MAX_RESPONSE_HEAD {
+            return Err(AuthHttpError::BadResponse(format!(
+                "response headers over {MAX_RESPONSE_HEAD} bytes"
+            )));
+        }
+    }
+}
+
+/// A client with the system's trust anchors, for an `https://` service without `ca`.
+fn system_roots_config() -> Result<Arc<rustls::ClientConfig>, AuthHttpError> {
+    crate::certs::client_config_with_roots(crate::certs::system_roots())
+        .map_err(|e| AuthHttpError::Config(format!("TLS client: {e}")))
+}
+
 /// A client for one `auth_http` service with its answer cache; share it via `Arc`.
 pub struct AuthHttp {
     config: AuthHttpConfig,
     endpoint: Endpoint,
+    /// For `https://`: the connector and the name the certificate must carry.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
     /// Keys the cache: a fresh random key per process, so the cache holds no password and keys cannot
     /// be predicted or collided from outside.
     cache_key: hmac::Key,
@@ -161,6 +221,8 @@ struct Endpoint {
     host_header: String,
     /// Path and query.
     path: String,
+    /// `https://`.
+    tls: bool,
 }
 
 /// A parsed response: an answer, or `Auth-Status: WAIT`.
@@ -180,6 +242,17 @@ impl AuthHttp {
     /// that is not a valid HTTP header.
     pub fn new(config: AuthHttpConfig) -> Result<Self, AuthHttpError> {
         let endpoint = parse_url(&config.url)?;
+        let tls = if endpoint.tls {
+            let client = match &config.tls {
+                Some(c) => Arc::clone(c),
+                None => system_roots_config()?,
+            };
+            let name = rustls_pki_types::ServerName::try_from(endpoint.host.clone())
+                .map_err(|e| AuthHttpError::Config(format!("url host for TLS: {e}")))?;
+            Some((tokio_rustls::TlsConnector::from(client), name))
+        } else {
+            None
+        };
         if config.timeout.is_zero() {
             return Err(AuthHttpError::Config("timeout must be above zero".into()));
         }
@@ -200,6 +273,7 @@ impl AuthHttp {
         Ok(Self {
             cache: AnswerCache::new(config.cache_size),
             endpoint,
+            tls,
             cache_key,
             config,
         })
@@ -212,33 +286,35 @@ impl AuthHttp {
     /// service gave no usable answer (the caller answers `-ERR [SYS/TEMP]`; errors are not cached), and
     /// [`AuthHttpError::BadRequest`] before any I/O when a field cannot go in a header.
     pub async fn lookup(&self, req: &AuthRequest<'_>) -> Result<AuthAnswer, AuthHttpError> {
-        let request = encode_request(&self.endpoint, &self.config.extra_headers, req)?;
+        let metrics = self.config.metrics.as_ref();
+        let request =
+            encode_request(&self.endpoint, &self.config.extra_headers, req).inspect_err(|e| {
+                if let Some(m) = metrics {
+                    m.error(e.reason());
+                }
+            })?;
         // A digest answers one connection's own challenge: such an answer never repeats, so caching it
         // would only push out answers that can.
         let key = req.salt.is_none().then(|| self.cache_key(req));
         if let Some(answer) = key.and_then(|key| self.cache.get(&key, Instant::now())) {
             tracing::debug!(url = %self.config.url, "auth_http answer from cache");
+            if let Some(m) = metrics {
+                m.hit.inc();
+            }
             return Ok(answer);
         }
-        let mut waits = 0;
-        let answer = loop {
-            let reply = tokio::time::timeout(self.config.timeout, self.exchange(&request))
-                .await
-                .map_err(|_| AuthHttpError::Timeout)??;
-            match reply {
-                Reply::Answer(answer) => break answer,
-                Reply::Wait(_) if waits == MAX_WAIT_ROUNDS => {
-                    return Err(AuthHttpError::BadResponse(format!(
-                        "Auth-Status: WAIT {} times in a row",
-                        waits + 1
-                    )));
-                }
-                Reply::Wait(wait) => {
-                    waits += 1;
-                    tokio::time::sleep(wait).await;
-                }
+        if let Some(m) = metrics {
+            m.miss.inc();
+        }
+        let started = Instant::now();
+        let asked = self.ask(&request).await;
+        if let Some(m) = metrics {
+            m.duration.observe(started.elapsed().as_secs_f64());
+            if let Err(e) = &asked {
+                m.error(e.reason());
             }
-        };
+        }
+        let answer = asked?;
         let ttl = match &answer {
             AuthAnswer::Ok { .. } => self.config.cache_ttl,
             AuthAnswer::Refused { .. } => self.config.negative_cache_ttl,
@@ -254,6 +330,29 @@ impl AuthHttp {
         Ok(answer)
     }
 
+    /// The service's answer, after at most [`MAX_WAIT_ROUNDS`] `WAIT`s.
+    async fn ask(&self, request: &[u8]) -> Result<AuthAnswer, AuthHttpError> {
+        let mut waits = 0;
+        loop {
+            let reply = tokio::time::timeout(self.config.timeout, self.exchange(request))
+                .await
+                .map_err(|_| AuthHttpError::Timeout)??;
+            match reply {
+                Reply::Answer(answer) => return Ok(answer),
+                Reply::Wait(_) if waits == MAX_WAIT_ROUNDS => {
+                    return Err(AuthHttpError::BadResponse(format!(
+                        "Auth-Status: WAIT {} times in a row",
+                        waits + 1
+                    )));
+                }
+                Reply::Wait(wait) => {
+                    waits += 1;
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
     /// Answers held in the cache (expired ones included until they are looked up or evicted).
     pub fn cache_len(&self) -> usize {
         self.cache.len()
@@ -264,33 +363,18 @@ impl AuthHttp {
         self.cache.clear();
     }
 
-    /// One request on a fresh connection, as nginx does (HTTP/1.0, no keep-alive).
+    /// One request on a fresh connection, as nginx does (HTTP/1.0, no keep-alive), over TLS for
+    /// `https://`.
     async fn exchange(&self, request: &[u8]) -> Result<Reply, AuthHttpError> {
-        let mut stream = self.connect().await?;
-        stream
-            .write_all(request)
-            .await
-            .map_err(|e| AuthHttpError::Connect(format!("sending the request: {e}")))?;
-        let mut head = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = stream
-                .read(&mut chunk)
-                .await
-                .map_err(|e| AuthHttpError::Connect(format!("reading the response: {e}")))?;
-            if n == 0 {
-                return Err(AuthHttpError::BadResponse(
-                    "connection closed before the end of the response headers".into(),
-                ));
-            }
-            head.extend_from_slice(&chunk[..n]);
-            if let Some(reply) = parse_response(&head).map_err(AuthHttpError::BadResponse)? {
-                return Ok(reply);
-            }
-            if head.len() > MAX_RESPONSE_HEAD {
-                return Err(AuthHttpError::BadResponse(format!(
-                    "response headers over {MAX_RESPONSE_HEAD} bytes"
-                )));
+        let tcp = self.connect().await?;
+        match &self.tls {
+            None => exchange_on(tcp, request).await,
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| AuthHttpError::Connect(format!("TLS handshake: {e}")))?;
+                exchange_on(tls, request).await
             }
         }
     }
@@ -420,11 +504,14 @@ mod tests {
                 host: "127.0.0.1".into(),
                 port: 9000,
                 host_header: "127.0.0.1".into(),
-                path: "/auth?x=1".into()
+                path: "/auth?x=1".into(),
+                tls: false,
             }
         );
         let e = parse_url("HTTP://auth.mail.svc.cluster.local").unwrap();
-        assert_eq!((e.port, e.path.as_str()), (80, "/"));
+        assert_eq!((e.port, e.path.as_str(), e.tls), (80, "/", false));
+        let e = parse_url("https://auth.mail.svc/check").unwrap();
+        assert_eq!((e.port, e.path.as_str(), e.tls), (443, "/check", true));
         let e = parse_url("http://[::1]:8080?q#frag").unwrap();
         assert_eq!(
             (
@@ -436,7 +523,7 @@ mod tests {
             ("::1", "[::1]", 8080, "/?q")
         );
         for bad in [
-            "https://auth/",
+            "ftp://auth/",
             "auth:9000/x",
             "http://user:pw@auth/",
             "http://auth:0/",
@@ -566,11 +653,13 @@ mod tests {
     fn nothing_secret_in_debug_output() {
         let config = AuthHttpConfig {
             url: "http://127.0.0.1:1/".into(),
+            tls: None,
             timeout: Duration::from_secs(1),
             cache_ttl: Duration::ZERO,
             negative_cache_ttl: Duration::ZERO,
             cache_size: 0,
             extra_headers: vec![("X-Auth-Key".into(), "shared-secret".into())],
+            metrics: None,
         };
         let client = AuthHttp::new(config).unwrap();
         let req = AuthRequest {

@@ -238,9 +238,9 @@ pub(super) fn sanitise(raw: &[u8]) -> String {
 /// Why an auth_http `url` cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
-    #[error("url must start with http://")]
+    #[error("url must start with http:// or https://")]
     NoScheme,
-    #[error("url scheme {0:?} is not supported: use http:// to a loopback or internal service")]
+    #[error("url scheme {0:?} is not supported: use http:// or https://")]
     Scheme(String),
     #[error("url path must be printable ASCII without spaces (percent-encode the rest)")]
     Path,
@@ -263,9 +263,13 @@ pub enum UrlError {
 pub(super) fn parse_url(url: &str) -> Result<Endpoint, UrlError> {
     let scheme_end = url.find("://").ok_or(UrlError::NoScheme)?;
     let scheme = &url[..scheme_end];
-    if !scheme.eq_ignore_ascii_case("http") {
+    let tls = if scheme.eq_ignore_ascii_case("https") {
+        true
+    } else if scheme.eq_ignore_ascii_case("http") {
+        false
+    } else {
         return Err(UrlError::Scheme(scheme.to_owned()));
-    }
+    };
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, target) = rest.split_at(authority_end);
@@ -303,6 +307,7 @@ pub(super) fn parse_url(url: &str) -> Result<Endpoint, UrlError> {
         return Err(UrlError::BadHost(host.to_owned()));
     }
     let port = match port {
+        None if tls => 443,
         None => 80,
         Some(p) => parse_port(p.as_bytes()).ok_or_else(|| UrlError::BadPort(p.to_owned()))?,
     };
@@ -316,6 +321,7 @@ pub(super) fn parse_url(url: &str) -> Result<Endpoint, UrlError> {
         port,
         host_header,
         path,
+        tls,
     })
 }
 
