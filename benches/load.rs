@@ -13,6 +13,9 @@
 //! the counts and seconds of the chosen profile. Nothing here asserts a timing: it prints figures.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails loudly where it stands
 
+#[path = "../tests/support/directory.rs"]
+#[allow(dead_code)]
+mod directory;
 #[path = "../tests/support/dovecot.rs"]
 #[allow(dead_code)]
 mod dovecot;
@@ -100,7 +103,100 @@ enum Variant {
     Limits,
     /// `Limits` with `cluster:` on a Redis on loopback: every limit checked fleet-wide.
     Shared,
+    /// popgate, pool on, each mailbox placed by a map file (the placement rows' fastest source).
+    Map,
+    /// Placed by OpenLDAP: the answers cached (warm after the first round) or never (`cache.size: 0`).
+    LdapWarm,
+    LdapCold,
+    /// Placed by PostgreSQL, warm or cold.
+    PgWarm,
+    PgCold,
+    /// Placed by MariaDB, warm or cold.
+    MariaWarm,
+    MariaCold,
 }
+
+/// The directories of the placement rows, each holding every login user's store.
+struct Directories {
+    slapd: directory::Slapd,
+    pg: directory::Postgres,
+    maria: directory::Mariadb,
+    map: PathBuf,
+    /// Bind and database passwords, one file each.
+    files: PathBuf,
+}
+
+impl Directories {
+    fn start(dir: &Path, store: SocketAddr) -> Self {
+        let slapd = directory::Slapd::start();
+        let pg = directory::Postgres::start();
+        let maria = directory::Mariadb::start();
+        let mut map = String::new();
+        for n in 1..=USERS {
+            let user = USER_PATTERN.replace("{n}", &n.to_string());
+            let at = store.to_string();
+            slapd.add_mailbox(&user, &at, None);
+            pg.insert(&user, &at, None);
+            maria.insert(&user, &at, None);
+            let _ = writeln!(map, "{user} {at}");
+        }
+        let files = dir.join("directories");
+        fs::create_dir_all(&files).unwrap();
+        fs::write(files.join("ldap-pw"), directory::Slapd::ROOT_PW).unwrap();
+        fs::write(files.join("pg-pw"), directory::Postgres::PASSWORD).unwrap();
+        fs::write(files.join("maria-pw"), directory::Mariadb::PASSWORD).unwrap();
+        let path = files.join("bench.map");
+        fs::write(&path, map).unwrap();
+        Self {
+            slapd,
+            pg,
+            maria,
+            map: path,
+            files,
+        }
+    }
+
+    /// The tenant's `placement:` block for `variant` (indented under the tenant).
+    fn placement(&self, variant: Variant) -> String {
+        let cache = match variant {
+            Variant::LdapCold | Variant::PgCold | Variant::MariaCold => "\n      cache: {size: 0}",
+            _ => "",
+        };
+        let files = self.files.display();
+        let source = match variant {
+            Variant::Map => format!("map: \"{}\"", self.map.display()),
+            Variant::LdapWarm | Variant::LdapCold => format!(
+                "ldap: {{urls: [\"{}\"], bind_dn: \"{}\", password_file: \"{files}/ldap-pw\", base: \"ou=people,{}\", \
+                 attribute: mailHost}}",
+                self.slapd.url(),
+                directory::Slapd::ROOT_DN,
+                directory::Slapd::SUFFIX
+            ),
+            Variant::PgWarm | Variant::PgCold => format!(
+                "sql: {{url: \"{}\", password_file: \"{files}/pg-pw\", \
+                 query: \"SELECT host FROM mailboxes WHERE address = $1\"}}",
+                self.pg.url()
+            ),
+            _ => format!(
+                "sql: {{url: \"{}\", password_file: \"{files}/maria-pw\", \
+                 query: \"SELECT host FROM mailboxes WHERE address = ?\"}}",
+                self.maria.url()
+            ),
+        };
+        format!("\n    placement:\n      {source}{cache}")
+    }
+}
+
+/// The placement rows: a label and the variant behind it.
+const PLACED: [(&str, Variant); 7] = [
+    ("place.map", Variant::Map),
+    ("place.ldap.warm", Variant::LdapWarm),
+    ("place.ldap.cold", Variant::LdapCold),
+    ("place.pg.warm", Variant::PgWarm),
+    ("place.pg.cold", Variant::PgCold),
+    ("place.maria.warm", Variant::MariaWarm),
+    ("place.maria.cold", Variant::MariaCold),
+];
 
 /// The edge limits of the shared-state rows: all on, none ever reached by the load (50 clients on one
 /// address, 100 mailboxes), so every login pays for the checks and none is refused.
@@ -127,6 +223,8 @@ struct Setup<'a> {
     store: &'a DovecotStore,
     /// The shared state's server (for `Variant::Shared`).
     redis: &'a redis::Redis,
+    /// The placement rows' directories (only when that section runs).
+    directories: Option<&'a Directories>,
 }
 
 /// One measured way to the store: a label for the figures, where to connect, and the proxy process (for CPU
@@ -138,7 +236,7 @@ struct Via<'a> {
 }
 
 /// What `--only` can pick (default: all of them).
-const SECTIONS: [&str; 4] = ["logins", "retr", "latency", "memory"];
+const SECTIONS: [&str; 5] = ["logins", "retr", "latency", "memory", "placement"];
 
 /// Per-round figures, keyed by name; medians are taken at the end.
 #[derive(Default)]
@@ -200,12 +298,14 @@ fn main() {
         .tempdir()
         .unwrap();
     let redis = redis::Redis::start();
+    let directories = runs("placement").then(|| Directories::start(work.path(), store.pop3_addr()));
     let setup = Setup {
         popgate: &popgate_bin,
         haproxy: Path::new(HAPROXY).exists(),
         dir: work.path(),
         store: &store,
         redis: &redis,
+        directories: directories.as_ref(),
     };
     let mut variants = vec![
         Variant::Pool,
@@ -215,6 +315,9 @@ fn main() {
         Variant::Limits,
         Variant::Shared,
     ];
+    if directories.is_some() {
+        variants.extend(PLACED.iter().map(|(_, v)| *v));
+    }
     if setup.haproxy {
         variants.push(Variant::Haproxy);
     }
@@ -280,6 +383,12 @@ fn main() {
     .into_iter()
     .flatten()
     .collect();
+    // Placement: domain-only routing (pool) against each source, warm and cold.
+    let placement_paths: Vec<Via<'_>> = std::iter::once(via("pool", Variant::Pool))
+        .chain(PLACED.iter().map(|&(name, v)| via(name, v)))
+        .flatten()
+        .filter(|_| directories.is_some())
+        .collect();
     // Throughput and latency: direct, popgate (pool), HAProxy.
     let session_paths: Vec<Via<'_>> = [
         Some(direct()),
@@ -291,7 +400,11 @@ fn main() {
     .collect();
 
     // Warm-up: every path once (Dovecot indexes the mailboxes on first access; pools fill).
-    for p in login_paths.iter().chain(&tls_login_paths) {
+    for p in login_paths
+        .iter()
+        .chain(&tls_login_paths)
+        .chain(&placement_paths)
+    {
         let r = rt
             .block_on(logins::run(&logins_args(p.target.clone(), 1.0)))
             .unwrap();
@@ -307,9 +420,15 @@ fn main() {
             began.elapsed().as_secs_f64()
         );
         // Each list in an order that rotates every round, so neither side always goes first.
-        for paths in [&login_paths, &tls_login_paths]
+        let lists = [
+            (&login_paths, "logins"),
+            (&tls_login_paths, "logins"),
+            (&placement_paths, "placement"),
+        ];
+        for paths in lists
             .into_iter()
-            .filter(|_| runs("logins"))
+            .filter(|(_, section)| runs(section))
+            .map(|(paths, _)| paths)
         {
             for p in rotated(paths, round) {
                 let cpu_before = p.process.map(|x| cpu_seconds(x.pid()));
@@ -696,14 +815,19 @@ impl Proxy {
         } else {
             let plain_store = format!("\"{}\"", store.pop3_addr());
             let tls_store = format!("{{address: \"{}\", tls: implicit}}", store.pop3s_addr());
+            let placement = setup
+                .directories
+                .map(|d| d.placement(variant))
+                .unwrap_or_default();
             let (backend, extra) = match variant {
                 Variant::Pool | Variant::Limits | Variant::Shared => (plain_store, ""),
                 Variant::NoPool => (plain_store, "\n    pool: {min_idle: 0}"),
                 Variant::TlsPool => (tls_store, "\n    backend_tls: {insecure_skip_verify: true}"),
-                _ => (
+                Variant::TlsNoPool => (
                     tls_store,
                     "\n    pool: {min_idle: 0}\n    backend_tls: {insecure_skip_verify: true}",
                 ),
+                _ => (plain_store, placement.as_str()),
             };
             fs::write(
                 &config,
@@ -1009,6 +1133,42 @@ impl Figures {
         out
     }
 
+    /// Each placement source against domain-only routing (the pool row) in the same run, 50 concurrent
+    /// plaintext logins over 100 mailboxes.
+    fn placement_table(&self) -> String {
+        if self.median("logins.place.map.per_s").is_none() {
+            return String::new();
+        }
+        let mut out = String::from(
+            "\n## Placement lookups against domain-only routing, same run\n\n\
+             | source | logins/s | ÷ domain-only | PASS p50 µs | ÷ domain-only | CPU s per 1,000 logins |\n\
+             |---|---|---|---|---|---|\n",
+        );
+        let show = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), figure);
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => format!("{:.2}×", a / b),
+            _ => "—".into(),
+        };
+        let base_rate = self.median("logins.pool.per_s");
+        let base_pass = self.median("logins.pool.pass_p50_us");
+        for name in std::iter::once("pool").chain(PLACED.iter().map(|(n, _)| *n)) {
+            let rate = self.median(&format!("logins.{name}.per_s"));
+            let pass = self.median(&format!("logins.{name}.pass_p50_us"));
+            let cpu = self.median(&format!("logins.{name}.cpu_s_per_1000"));
+            let label = if name == "pool" { "domain only" } else { name };
+            let _ = writeln!(
+                out,
+                "| {label} | {} | {} | {} | {} | {} |",
+                show(rate),
+                ratio(rate, base_rate),
+                show(pass),
+                ratio(pass, base_pass),
+                show(cpu)
+            );
+        }
+        out
+    }
+
     /// The markdown table of medians and ratios, then every round's values.
     fn table(&self, profile: Profile, haproxy: bool) -> String {
         let mut out = String::new();
@@ -1296,6 +1456,7 @@ impl Figures {
             );
         }
         out.push_str(&self.shared_table());
+        out.push_str(&self.placement_table());
         let _ = writeln!(out, "\n## Every round\n");
         for (k, values) in &self.0 {
             let each: Vec<String> = values.iter().map(|v| figure(*v)).collect();

@@ -631,6 +631,7 @@ pub fn status<R: Control>(runtime: &R) -> serde_json::Value {
                 "balance": crate::store::group::policy_name(cfg.value.balance),
                 "sessions": per_tenant.get(name).copied().unwrap_or(0),
                 "all_down_logins": rt.group.all_down_count(),
+                "placement": rt.placement.as_ref().map(|p| p.status()),
                 "stores": stores,
             })
         })

@@ -32,6 +32,7 @@ pub mod demo;
 pub mod listener;
 pub mod logs;
 pub mod metrics;
+pub mod placement;
 pub mod protocol;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -99,6 +99,44 @@ pub mod names {
     pub const STORE_STATE: &str = "store_state";
     /// A store's weight in force.
     pub const STORE_WEIGHT: &str = "store_weight";
+    /// Placement lookups, by tenant, source and result (found, not_found, error, refused).
+    pub const PLACEMENT_LOOKUPS: &str = "placement_lookups_total";
+    /// Time for a placement lookup that went to its directory.
+    pub const PLACEMENT_DURATION: &str = "placement_lookup_duration_seconds";
+    /// Placement answers from the cache: hit (fresh), stale (past its TTL, the directory failing), miss.
+    pub const PLACEMENT_CACHE: &str = "placement_cache_total";
+    /// Mailboxes in a placement map file now.
+    pub const PLACEMENT_MAP_ENTRIES: &str = "placement_map_entries";
+}
+
+/// Placement lookup results, as the `result` label.
+pub const PLACEMENT_RESULTS: [&str; 4] = ["found", "not_found", "error", "refused"];
+
+/// One tenant's placement series, for one source.
+#[derive(Debug, Clone)]
+pub struct PlacementMetrics {
+    /// Time for lookups that went to the directory.
+    pub duration: Histogram,
+    results: Vec<IntCounter>,
+    /// Fresh answers from the cache.
+    pub hit: IntCounter,
+    /// Stale answers served while the directory failed.
+    pub stale: IntCounter,
+    /// Lookups the cache could not answer.
+    pub miss: IntCounter,
+}
+
+impl PlacementMetrics {
+    /// A lookup's result, one of [`PLACEMENT_RESULTS`].
+    pub fn result(&self, result: &str) {
+        if let Some(c) = PLACEMENT_RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .and_then(|i| self.results.get(i))
+        {
+            c.inc();
+        }
+    }
 }
 
 pub use crate::vocab::CertificateInfo;
@@ -201,6 +239,10 @@ pub struct Metrics {
     reload_success_time: IntGauge,
     store_state: IntGaugeVec,
     store_weight: IntGaugeVec,
+    placement_lookups: IntCounterVec,
+    placement_duration: HistogramVec,
+    placement_cache: IntCounterVec,
+    placement_entries: IntGaugeVec,
     tenants: Arc<Mutex<HashMap<String, Arc<TenantMetrics>>>>,
     cluster: Arc<Mutex<Option<ClusterMetrics>>>,
 }
@@ -549,6 +591,29 @@ impl Metrics {
                 "The store's weight in force.",
                 &["store"],
             )?,
+            placement_lookups: counter(
+                names::PLACEMENT_LOOKUPS,
+                "Placement lookups, by result.",
+                &["tenant", "source", "result"],
+            )?,
+            placement_duration: histogram(
+                names::PLACEMENT_DURATION,
+                "Time for placement lookups that went to their directory.",
+                &["tenant", "source"],
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            )?,
+            placement_cache: counter(
+                names::PLACEMENT_CACHE,
+                "Placement answers from the cache: hit, stale (the directory failing) or miss.",
+                &["tenant", "source", "result"],
+            )?,
+            placement_entries: gauge(
+                names::PLACEMENT_MAP_ENTRIES,
+                "Mailboxes in a placement map file.",
+                &["tenant"],
+            )?,
             tenants: Arc::default(),
             cluster: Arc::default(),
             registry,
@@ -734,6 +799,21 @@ impl Metrics {
                 |l| drop_series(t, l),
             );
             let _ = self.auth_http_duration.remove_label_values(&[t]);
+            for family in [names::PLACEMENT_LOOKUPS, names::PLACEMENT_CACHE] {
+                let vec = if family == names::PLACEMENT_LOOKUPS {
+                    &self.placement_lookups
+                } else {
+                    &self.placement_cache
+                };
+                remove_matching(&families, family, vec, |l| drop_series(t, l));
+            }
+            remove_matching(
+                &families,
+                names::PLACEMENT_DURATION,
+                &self.placement_duration,
+                |l| drop_series(t, l),
+            );
+            let _ = self.placement_entries.remove_label_values(&[t]);
             let _ = self.tenant_stores.remove_label_values(&[t]);
             let _ = self.tenant_stores_up.remove_label_values(&[t]);
             self.remove_backend_series(&families, |l| drop_series(t, l));
@@ -951,6 +1031,29 @@ impl Metrics {
                 .map(|r| self.auth_http_errors.with_label_values(&[tenant, r]))
                 .collect(),
         }
+    }
+
+    /// A tenant's placement series for `source` (`map`, `ldap`, `sql`).
+    pub fn placement(&self, tenant: &str, source: &str) -> PlacementMetrics {
+        let cache = |r: &str| self.placement_cache.with_label_values(&[tenant, source, r]);
+        PlacementMetrics {
+            duration: self.placement_duration.with_label_values(&[tenant, source]),
+            results: PLACEMENT_RESULTS
+                .iter()
+                .map(|r| {
+                    self.placement_lookups
+                        .with_label_values(&[tenant, source, r])
+                })
+                .collect(),
+            hit: cache("hit"),
+            stale: cache("stale"),
+            miss: cache("miss"),
+        }
+    }
+
+    /// The gauge of a tenant's placement map entries.
+    pub fn placement_map_entries(&self, tenant: &str) -> IntGauge {
+        self.placement_entries.with_label_values(&[tenant])
     }
 
     /// A DNS lookup of a store name.

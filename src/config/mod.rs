@@ -7,6 +7,7 @@
 
 mod cluster;
 mod duration;
+mod placement;
 mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,6 +21,7 @@ use serde_saphyr::Spanned;
 
 pub use cluster::{ClusterConfig, ClusterMode, ClusterTls, FailPolicy, WhenUnavailable};
 pub use duration::Seconds;
+pub use placement::{LdapPlacement, NotFound, PlacementCache, PlacementConfig, SqlPlacement};
 pub use store::{
     ClientIpForwarding, DnsConfig, HealthConfig, PoolConfig, ProxyProtocolIn, StoreSpec, StoreTls,
     StoreTlsMode,
@@ -308,6 +310,10 @@ pub struct TenantConfig {
     /// and names the store (Auth-Server may be a host name). Default: none.
     #[serde(default)]
     pub auth_http: Option<AuthHttpSettings>,
+    /// Where each mailbox lives, looked up per login in a map file, LDAP or SQL before the balance policy
+    /// picks a store. Default: none (the policy alone).
+    #[serde(default)]
+    pub placement: Option<PlacementConfig>,
     /// How popgate logs in to the store: `client` (the client's own mechanism where the store offers it;
     /// default), `user_pass`, `auth_plain`, or `{master: {user: NAME, password: SECRET}}` (`mailbox*NAME`
     /// with the master password, as Dovecot accepts; only after popgate itself checked the client).
@@ -683,6 +689,7 @@ impl TenantConfig {
             mechanisms,
             secrets,
             auth_http,
+            placement,
             backend_login,
             login_case,
             max_sessions,
@@ -709,6 +716,7 @@ impl TenantConfig {
             && *mechanisms == other.mechanisms
             && *secrets == other.secrets
             && *auth_http == other.auth_http
+            && *placement == other.placement
             && *backend_login == other.backend_login
             && *login_case == other.login_case
             && *max_sessions == other.max_sessions
@@ -990,6 +998,32 @@ impl Config {
                     "at least one store is required (or auth_http, which names each login's store)"
                         .into(),
                 );
+            }
+            if let Some(p) = &t.placement {
+                for (sub, message) in p.problems() {
+                    let at = if sub.is_empty() {
+                        format!("{field}.placement")
+                    } else {
+                        format!("{field}.placement.{sub}")
+                    };
+                    push(at, line, message);
+                }
+                if t.auth_http.is_some() {
+                    push(
+                        format!("{field}.placement"),
+                        line,
+                        "auth_http already names each login's store: use one of the two".into(),
+                    );
+                }
+                if t.apop_passthrough.is_some() {
+                    push(
+                        format!("{field}.placement"),
+                        line,
+                        "apop_passthrough greets with one store's timestamp before the mailbox is known: \
+                         it cannot go with placement"
+                            .into(),
+                    );
+                }
             }
             for (i, h) in t
                 .auth_http

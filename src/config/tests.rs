@@ -324,3 +324,71 @@ fn a_cluster_block_is_checked_whole() {
     assert_eq!(cluster.when_unavailable.lockouts, FailPolicy::Open);
     assert!(parse(GOOD).unwrap().cluster.is_none());
 }
+
+#[test]
+fn a_placement_block_is_checked_whole() {
+    let tenant = |placement: &str, extra: &str| {
+        format!(
+            "listeners:\n  - name: pop3\n    bind: 127.0.0.1:1110\ntenants:\n  acme:\n    domains: [example.com]\n    \
+             backends: [\"127.0.0.1:1100\"]\n{extra}    placement:\n{placement}"
+        )
+    };
+    let cases = [
+        (
+            "      map: a.map\n      sql: {url: \"postgres://db/mail\", query: \"SELECT 1\"}\n",
+            "",
+            "exactly one source",
+        ),
+        ("      timeout: 1s\n", "", "exactly one source"),
+        (
+            "      map: a.map\n      timeout: 0s\n",
+            "",
+            "tenants.acme.placement.timeout",
+        ),
+        (
+            "      ldap: {urls: [\"http://ldap\"], base: \"dc=x\", filter: \"(objectClass=*)\", pool: 0}\n",
+            "",
+            "tenants.acme.placement.ldap.urls",
+        ),
+        (
+            "      ldap: {urls: [\"ldap://ldap\"], base: \"dc=x\", filter: \"(objectClass=*)\"}\n",
+            "",
+            "tenants.acme.placement.ldap.filter",
+        ),
+        (
+            "      ldap: {urls: [\"ldap://ldap\"], base: \"dc=x\", bind_dn: \"cn=x\"}\n",
+            "",
+            "bind_dn and password_file go together",
+        ),
+        (
+            "      sql: {url: \"sqlite://x\", query: \"SELECT 1\"}\n",
+            "",
+            "tenants.acme.placement.sql.url",
+        ),
+        (
+            "      map: a.map\n",
+            "    auth_http: {url: \"http://127.0.0.1:1/\"}\n",
+            "use one of the two",
+        ),
+        (
+            "      map: a.map\n",
+            "    apop_passthrough: {max_pending: 1, max_pending_per_ip: 1}\n",
+            "cannot go with placement",
+        ),
+    ];
+    for (placement, extra, expected) in cases {
+        let err = parse(&tenant(placement, extra)).unwrap_err().to_string();
+        assert!(err.contains(expected), "{placement}{extra}: {err}");
+    }
+    let c = parse(&tenant(
+        "      sql: {url: \"mysql://popgate@db/mail\", query: \"SELECT host FROM m WHERE a = ?\"}\n",
+        "",
+    ))
+    .unwrap();
+    let p = c.tenants["acme"].value.placement.clone().unwrap();
+    assert_eq!(p.not_found, NotFound::Balance);
+    assert_eq!(p.timeout.get(), Duration::from_secs(2));
+    assert_eq!(p.cache.ttl.get(), Duration::from_secs(300));
+    assert_eq!(p.cache.stale_for.get(), Duration::from_secs(3600));
+    assert_eq!(p.default_port, 110);
+}

@@ -9,8 +9,10 @@
 
 use tracing::{info, warn};
 
+use crate::config::NotFound;
 use crate::config::{ListenerTls, PlaintextLogin};
 use crate::context::Context;
+use crate::placement::{Lookup, Placed};
 use crate::router::Route;
 use crate::session::{ClientSession, Credentials, SessionEnd};
 use crate::store::LoggedIn;
@@ -243,6 +245,9 @@ impl Attempt<'_> {
         let (tenant_slot, tenant_lease) = self
             .tenant_gates(tenant_name, tenant, mailbox, address)
             .await?;
+        let placed = self.placed(tenant_name, tenant, mailbox).await?;
+        // A directory may name the account to use at the store.
+        let placed_login = placed.as_ref().and_then(|p| p.login.clone());
         let via_passthrough = passthrough
             .as_ref()
             .is_some_and(|p| p.tenant == route.tenant);
@@ -253,8 +258,12 @@ impl Attempt<'_> {
         let auth = match store_auth(
             rules,
             self.creds,
-            &route.store_user,
-            || self.shared.table.checked_user(route),
+            placed_login.as_deref().unwrap_or(&route.store_user),
+            || {
+                placed_login
+                    .clone()
+                    .unwrap_or_else(|| self.shared.table.checked_user(route))
+            },
             mailbox,
             via_passthrough,
         ) {
@@ -274,7 +283,7 @@ impl Attempt<'_> {
         };
         let asked = tokio::time::Instant::now();
         let (logged_in, active, store) = match self
-            .ask_store(tenant, route, &auth, session, passthrough)
+            .ask_store(tenant, route, &auth, session, passthrough, placed.as_ref())
             .await
         {
             Ok(done) => done,
@@ -367,8 +376,100 @@ impl Attempt<'_> {
         refusal
     }
 
-    /// Logs in at a store: the one shown in the greeting (APOP passthrough), the one auth_http names, or
-    /// one the tenant's group picks. Returns the session, its store slot and the store's name.
+    /// Where the tenant's directory places `mailbox`: `None` when it has none, or does not know the mailbox
+    /// and the balance policy is to pick. A mailbox it does not know is refused like a wrong password when
+    /// the tenant says so; a directory that cannot answer (and has nothing cached) gets `[SYS/TEMP]`.
+    async fn placed(
+        &self,
+        tenant_name: &str,
+        tenant: &TenantRuntime,
+        mailbox: &str,
+    ) -> Result<Option<Placed>, Refusal> {
+        let Some(placement) = &tenant.placement else {
+            return Ok(None);
+        };
+        let limit = self.shared.config.timeouts.backend_reply.get();
+        match placement.lookup(mailbox, limit).await {
+            Ok(Lookup::Found(placed)) => Ok(Some(placed)),
+            Ok(Lookup::NotFound) if placement.not_found == NotFound::Balance => Ok(None),
+            Ok(Lookup::NotFound) => {
+                info!(
+                    mechanism = self.mechanism,
+                    "login refused: placement does not know the mailbox"
+                );
+                self.counted(tenant_name, "rejected");
+                like_a_store_refusal(self.ctx, self.client.session).await;
+                let reply = self
+                    .count_failure(tenant_name, Some(mailbox), AUTH_FAILED.to_vec())
+                    .await;
+                Err(Refusal::reject(reply))
+            }
+            Err(e) => {
+                warn!(source = placement.source(), error = %e, "no placement answer");
+                self.counted(tenant_name, "unavailable");
+                Err(Refusal::unavailable(STORE_UNAVAILABLE))
+            }
+        }
+    }
+
+    /// Logs in at the store a placement answer names: one of the tenant's, or a host in the placement's
+    /// `allowed_networks`; any other answer is refused (a compromised directory must not make popgate a
+    /// relay to arbitrary hosts).
+    async fn at_placed(
+        &self,
+        tenant: &TenantRuntime,
+        placed: &Placed,
+        auth: &OwnedAuth,
+        session: &mut ClientSession,
+    ) -> Result<(LoggedIn, Option<ActiveSession>, String), GroupError> {
+        let Some(placement) = &tenant.placement else {
+            return Err(GroupError::NoStore("no placement".into()));
+        };
+        let group = &tenant.group;
+        let default_port = placement.default_port();
+        if let Some(store) = group.member_named(&placed.store, default_port) {
+            let (logged_in, active) = group
+                .login_at(&store, &auth.as_store_auth(), &self.client, session)
+                .await?;
+            return Ok((logged_in, Some(active), store.label.clone()));
+        }
+        let (host, port) = match placed.store.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')) => (
+                h.trim_matches(['[', ']']).to_string(),
+                p.parse().unwrap_or(default_port),
+            ),
+            _ => (
+                placed.store.trim_matches(['[', ']']).to_string(),
+                default_port,
+            ),
+        };
+        let target = crate::store::dns::Target::Host {
+            host: host.clone(),
+            port,
+        };
+        let endpoint = match self.shared.discovery.resolve(&target).await {
+            Ok((endpoints, _)) => endpoints
+                .into_iter()
+                .find(|e| placement.allows(e.addr.ip())),
+            Err(_) => None,
+        };
+        let Some(endpoint) = endpoint else {
+            placement.refused();
+            warn!(store = %placed.store, "placement answer names a store outside the tenant's stores and allowed networks; refused");
+            return Err(GroupError::NoStore(format!(
+                "placement named {}, which is not the tenant's",
+                placed.store
+            )));
+        };
+        let logged_in = group
+            .login_direct(&endpoint, &auth.as_store_auth(), &self.client, session)
+            .await?;
+        Ok((logged_in, None, format!("{host}:{port}")))
+    }
+
+    /// Logs in at a store: the one shown in the greeting (APOP passthrough), the one a placement answer
+    /// or auth_http names, or one the tenant's group picks. Returns the session, its store slot and the
+    /// store's name.
     async fn ask_store(
         &self,
         tenant: &TenantRuntime,
@@ -376,7 +477,11 @@ impl Attempt<'_> {
         auth: &OwnedAuth,
         session: &mut ClientSession,
         passthrough: &mut Option<Passthrough>,
+        placed: Option<&Placed>,
     ) -> Result<(LoggedIn, Option<ActiveSession>, String), GroupError> {
+        if let Some(placed) = placed {
+            return self.at_placed(tenant, placed, auth, session).await;
+        }
         if let Some(p) = passthrough.take_if(|p| p.tenant == route.tenant) {
             let Passthrough {
                 prepared, active, ..

@@ -107,6 +107,8 @@ pub struct TenantRuntime {
     pub backend_login: StoreLogin,
     /// The tenant's nginx-style auth service, when it has one.
     pub auth_http: Option<Arc<crate::auth::http::AuthHttp>>,
+    /// Where the tenant's mailboxes live, when a directory says so.
+    pub placement: Option<Arc<crate::placement::Placement>>,
     /// Logged-in sessions at once; 0 for no cap.
     pub max_sessions: usize,
     /// Minimum time between two logins of one mailbox (`-ERR [LOGIN-DELAY]`).
@@ -203,6 +205,22 @@ impl TenantRuntime {
             mechanisms,
             secrets,
             backend_login: t.backend_login.clone(),
+            placement: match &t.placement {
+                Some(p) => Some(Arc::new(
+                    crate::placement::Placement::new(
+                        p,
+                        setup.config,
+                        name,
+                        t.login_case,
+                        &setup.context.metrics,
+                    )
+                    .map_err(|source| SharedError::Placement {
+                        tenant: name.to_string(),
+                        source,
+                    })?,
+                )),
+                None => None,
+            },
             auth_http: match &t.auth_http {
                 Some(a) => Some(Arc::new(
                     auth_http_client(a, setup.config, &setup.context.metrics, name).map_err(
@@ -290,11 +308,21 @@ fn files_digest(t: &crate::config::TenantConfig, config: &Config) -> u64 {
         .iter()
         .flat_map(|a| std::iter::once(&a.ca).chain(a.headers.iter().map(|h| &h.value_file)))
         .collect();
+    // The placement map file is watched on its own; its directory's password and CA files are not.
+    let placement: Vec<&Option<std::path::PathBuf>> = t
+        .placement
+        .iter()
+        .flat_map(|p| {
+            let ldap = p.ldap.iter().flat_map(|l| [&l.ca, &l.password_file]);
+            ldap.chain(p.sql.iter().map(|s| &s.password_file))
+        })
+        .collect();
     digest_files(
         config,
         [&tls.ca, &tls.certificate, &tls.key, &t.secrets]
             .into_iter()
-            .chain(auth),
+            .chain(auth)
+            .chain(placement),
     )
 }
 
@@ -353,6 +381,14 @@ pub enum SharedError {
         tenant: String,
         /// What is wrong.
         source: crate::auth::http::AuthHttpError,
+    },
+    /// A tenant's placement source.
+    #[error("tenant {tenant}: placement: {source}")]
+    Placement {
+        /// The tenant.
+        tenant: String,
+        /// What is wrong.
+        source: crate::placement::PlacementSetupError,
     },
 }
 

@@ -355,6 +355,59 @@ impl StoreGroup {
         )
     }
 
+    /// The store a placement answer names: a store's label or id, its endpoint as `ip:port` or
+    /// `host:port` (`port` defaulting to `default_port`), or a host alone (its first store).
+    pub fn member_named(&self, name: &str, default_port: u16) -> Option<Arc<Store>> {
+        let members = self.members.load();
+        let (host, port) = match name.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') || h.ends_with(']') => {
+                (h.trim_matches(['[', ']']), p.parse::<u16>().ok())
+            }
+            _ => (name.trim_matches(['[', ']']), None),
+        };
+        let port = port.unwrap_or(default_port);
+        let by_name = members
+            .iter()
+            .find(|m| m.store.label == name || m.store.id == name);
+        let by_endpoint = || {
+            members.iter().find(|m| {
+                let e = &m.store.endpoint;
+                e.addr.port() == port
+                    && (e.host.eq_ignore_ascii_case(host) || e.addr.ip().to_string() == host)
+            })
+        };
+        by_name.or_else(by_endpoint).map(|m| m.store.clone())
+    }
+
+    /// Logs in on `store`, one of the group's (a placement answer): no other store is tried, since the
+    /// mailbox lives there. A store that is down or takes no logins (drain, maint) is no store now.
+    pub async fn login_at(
+        &self,
+        store: &Arc<Store>,
+        auth: &StoreAuth<'_>,
+        client: &ClientInfo,
+        relay: &mut impl SaslRelay,
+    ) -> Result<(LoggedIn, ActiveSession), GroupError> {
+        if !store.takes_logins() {
+            return Err(GroupError::NoStore(format!(
+                "{} takes no new logins (operator: drain or maint)",
+                store.label
+            )));
+        }
+        if !store.health.is_up() {
+            return Err(GroupError::NoStore(format!("{} is down", store.label)));
+        }
+        let Some(_waiting) = store.begin_login() else {
+            return Err(GroupError::Login(LoginError::Unavailable(format!(
+                "{} has max_logins_in_flight logins waiting",
+                store.label
+            ))));
+        };
+        let session = ActiveSession::new(store.clone());
+        let logged_in = self.login_on(store, auth, client, relay).await?;
+        Ok((logged_in, session))
+    }
+
     /// Counts a login that found every store down, logging when that starts and when it ends (one
     /// line per change, not per login).
     fn note_all_down(&self, all_down: bool) {

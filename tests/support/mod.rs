@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod auth_service;
 pub mod clients;
+pub mod directory;
 pub mod dns;
 pub mod dovecot;
 pub mod logs;
