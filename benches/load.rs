@@ -210,6 +210,8 @@ struct Proxy {
     plain: SocketAddr,
     /// popgate's implicit-TLS listener (self-signed fallback certificate).
     pop3s: SocketAddr,
+    /// popgate's STARTTLS listener.
+    stls: SocketAddr,
     /// popgate's admin HTTP listener (metrics); none for HAProxy.
     admin: Option<SocketAddr>,
     log: PathBuf,
@@ -236,7 +238,7 @@ struct Via<'a> {
 }
 
 /// What `--only` can pick (default: all of them).
-const SECTIONS: [&str; 5] = ["logins", "retr", "latency", "memory", "placement"];
+const SECTIONS: [&str; 6] = ["logins", "retr", "latency", "memory", "placement", "tls"];
 
 /// Per-round figures, keyed by name; medians are taken at the end.
 #[derive(Default)]
@@ -383,6 +385,48 @@ fn main() {
     .into_iter()
     .flatten()
     .collect();
+    // Client TLS, full handshakes and resumed sessions: Dovecot terminating TLS itself (direct), popgate on
+    // its implicit-TLS and STARTTLS listeners (the store behind it plain).
+    let resumed = |mut t: TargetArgs| {
+        t.resume = true;
+        t
+    };
+    let pool = proc_of(Variant::Pool);
+    let client_tls_paths: Vec<Via<'_>> = [
+        Some(Via {
+            name: "ctls.direct.implicit",
+            target: TargetArgs::insecure_tls(store.pop3s_addr(), TlsMode::Implicit),
+            process: None,
+        }),
+        Some(Via {
+            name: "ctls.direct.stls",
+            target: TargetArgs::insecure_tls(store.pop3_addr(), TlsMode::Stls),
+            process: None,
+        }),
+        pool.map(|p| Via {
+            name: "ctls.popgate.implicit",
+            target: TargetArgs::insecure_tls(p.pop3s, TlsMode::Implicit),
+            process: Some(p),
+        }),
+        pool.map(|p| Via {
+            name: "ctls.popgate.implicit.resumed",
+            target: resumed(TargetArgs::insecure_tls(p.pop3s, TlsMode::Implicit)),
+            process: Some(p),
+        }),
+        pool.map(|p| Via {
+            name: "ctls.popgate.stls",
+            target: TargetArgs::insecure_tls(p.stls, TlsMode::Stls),
+            process: Some(p),
+        }),
+        pool.map(|p| Via {
+            name: "ctls.popgate.stls.resumed",
+            target: resumed(TargetArgs::insecure_tls(p.stls, TlsMode::Stls)),
+            process: Some(p),
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     // Placement: domain-only routing (pool) against each source, warm and cold.
     let placement_paths: Vec<Via<'_>> = std::iter::once(via("pool", Variant::Pool))
         .chain(PLACED.iter().map(|&(name, v)| via(name, v)))
@@ -404,6 +448,7 @@ fn main() {
         .iter()
         .chain(&tls_login_paths)
         .chain(&placement_paths)
+        .chain(&client_tls_paths)
     {
         let r = rt
             .block_on(logins::run(&logins_args(p.target.clone(), 1.0)))
@@ -424,6 +469,7 @@ fn main() {
             (&login_paths, "logins"),
             (&tls_login_paths, "logins"),
             (&placement_paths, "placement"),
+            (&client_tls_paths, "tls"),
         ];
         for paths in lists
             .into_iter()
@@ -447,6 +493,12 @@ fn main() {
                 check_logins(&r, p.name);
                 let name = p.name;
                 figs.add(&format!("logins.{name}.per_s"), r.sessions_per_sec());
+                if r.tls != TlsMode::None {
+                    figs.add(
+                        &format!("logins.{name}.resumed_pct"),
+                        100.0 * r.tls_resumed as f64 / r.sessions.max(1) as f64,
+                    );
+                }
                 figs.add(&format!("logins.{name}.pass_p50_us"), us(r.pass.p50));
                 figs.add(&format!("logins.{name}.session_p50_us"), us(r.session.p50));
                 if let (Some(a), Some((h0, m0))) = (admin, pool_before) {
@@ -788,7 +840,7 @@ fn message(octets: usize, subject: &str) -> Vec<u8> {
 
 impl Proxy {
     fn start(setup: &Setup<'_>, variant: Variant, label: &str) -> Self {
-        let (plain, pop3s) = (free_port(), free_port());
+        let (plain, pop3s, stls) = (free_port(), free_port(), free_port());
         let mut admin = None;
         // Logs in a directory of their own: popgate watches its config's directory, and each log line
         // written beside the config would wake its watcher.
@@ -833,7 +885,8 @@ impl Proxy {
                 &config,
                 format!(
                     "# {label}: written by benches/load.rs\nlisteners:\n  - name: pop3\n    bind: \"{plain}\"\n    tls: none\n  \
-                     - name: pop3s\n    bind: \"{pop3s}\"\n    tls: implicit\ntenants:\n  bench:\n    domains: [example.com]\n    \
+                     - name: pop3s\n    bind: \"{pop3s}\"\n    tls: implicit\n  - name: stls\n    bind: \"{stls}\"\n    tls: starttls\n\
+                     tenants:\n  bench:\n    domains: [example.com]\n    \
                      backends: [{backend}]\n    plaintext_login: allow{extra}\n"
                 ),
             )
@@ -876,6 +929,7 @@ impl Proxy {
             child,
             plain,
             pop3s,
+            stls,
             admin,
             log,
         };
@@ -1129,6 +1183,50 @@ impl Figures {
                 "| {label} | — | {} | — | {target} |",
                 show(self.median(&format!("logins.shared.{key}")))
             );
+        }
+        out
+    }
+
+    /// Client TLS: full handshakes against Dovecot terminating TLS itself, and resumed sessions against
+    /// full ones, each on implicit TLS and STARTTLS, 50 concurrent logins.
+    fn client_tls_table(&self) -> String {
+        if self.median("logins.ctls.popgate.implicit.per_s").is_none() {
+            return String::new();
+        }
+        let mut out = String::from(
+            "\n## Client TLS: full and resumed handshakes, same run\n\n\
+             | path | logins/s | ÷ direct (full) | ÷ popgate full | resumed % | PASS p50 µs | CPU s per 1,000 logins |\n\
+             |---|---|---|---|---|---|---|\n",
+        );
+        let show = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), figure);
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => format!("{:.2}×", a / b),
+            _ => "—".into(),
+        };
+        for mode in ["implicit", "stls"] {
+            let direct = self.median(&format!("logins.ctls.direct.{mode}.per_s"));
+            let full = self.median(&format!("logins.ctls.popgate.{mode}.per_s"));
+            for name in [
+                format!("ctls.direct.{mode}"),
+                format!("ctls.popgate.{mode}"),
+                format!("ctls.popgate.{mode}.resumed"),
+            ] {
+                let rate = self.median(&format!("logins.{name}.per_s"));
+                let _ = writeln!(
+                    out,
+                    "| {name} | {} | {} | {} | {} | {} | {} |",
+                    show(rate),
+                    ratio(rate, direct),
+                    if name.starts_with("ctls.popgate") {
+                        ratio(rate, full)
+                    } else {
+                        "—".into()
+                    },
+                    show(self.median(&format!("logins.{name}.resumed_pct"))),
+                    show(self.median(&format!("logins.{name}.pass_p50_us"))),
+                    show(self.median(&format!("logins.{name}.cpu_s_per_1000"))),
+                );
+            }
         }
         out
     }
@@ -1457,6 +1555,7 @@ impl Figures {
         }
         out.push_str(&self.shared_table());
         out.push_str(&self.placement_table());
+        out.push_str(&self.client_tls_table());
         let _ = writeln!(out, "\n## Every round\n");
         for (k, values) in &self.0 {
             let each: Vec<String> = values.iter().map(|v| figure(*v)).collect();

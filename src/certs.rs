@@ -100,6 +100,31 @@ pub fn self_signed(names: Vec<String>) -> Result<Arc<CertifiedKey>, TlsError> {
     Ok(certified_key(vec![cert.der().clone()], key)?)
 }
 
+/// Why a ticket secret file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct TicketSecretError {
+    path: PathBuf,
+    reason: String,
+}
+
+/// The first line of a ticket secret file: at least 32 characters (its bytes key the tickets; never logged).
+pub fn read_ticket_secret(path: &Path) -> Result<Vec<u8>, TicketSecretError> {
+    let fail = |reason: String| TicketSecretError {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let line = text.lines().next().unwrap_or_default().trim();
+    if line.len() < 32 {
+        return Err(fail(
+            "the first line must hold at least 32 characters (e.g. `openssl rand -base64 48`)"
+                .into(),
+        ));
+    }
+    Ok(line.as_bytes().to_vec())
+}
+
 /// The system's trust anchors (a bundle may hold certificates rustls cannot use: the others count).
 pub fn system_roots() -> rustls::RootCertStore {
     let mut roots = rustls::RootCertStore::empty();

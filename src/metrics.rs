@@ -51,7 +51,7 @@ pub mod names {
     pub const BACKEND_LOGIN: &str = "backend_login_seconds";
     /// Logins that found every store of the tenant down (tried anyway).
     pub const BACKEND_ALL_DOWN: &str = "backend_all_down_total";
-    /// Client TLS handshakes, by result and version.
+    /// Client TLS handshakes, by result, version and kind (full or resumed).
     pub const TLS_HANDSHAKES: &str = "tls_handshakes_total";
     /// Refusals by the edge defences, by reason.
     pub const THROTTLED: &str = "throttled_total";
@@ -496,8 +496,8 @@ impl Metrics {
             )?,
             tls_handshakes: counter(
                 names::TLS_HANDSHAKES,
-                "Client TLS handshakes, by result and version.",
-                &["listener", "result", "version"],
+                "Client TLS handshakes, by result, version and kind (full, resumed).",
+                &["listener", "result", "version", "kind"],
             )?,
             throttled: counter(
                 names::THROTTLED,
@@ -932,11 +932,12 @@ impl Metrics {
         self.all_down.with_label_values(&[tenant]).inc();
     }
 
-    /// A client TLS handshake.
-    pub fn tls_handshake(&self, listener: &str, ok: bool, version: &str) {
+    /// A client TLS handshake: `kind` is `full`, `resumed` (a session ticket or id was accepted) or
+    /// `none` for one that failed.
+    pub fn tls_handshake(&self, listener: &str, ok: bool, version: &str, kind: &str) {
         let result = if ok { "ok" } else { "error" };
         self.tls_handshakes
-            .with_label_values(&[listener, result, version])
+            .with_label_values(&[listener, result, version, kind])
             .inc();
     }
 

@@ -35,6 +35,19 @@ impl Stream {
         v.and_then(|v| v.as_str())
     }
 
+    /// `resumed` when the client leg's handshake resumed a session, else `full` (`none` without TLS).
+    pub fn tls_handshake_kind(&self) -> &'static str {
+        let kind = match self {
+            Stream::Plain(_) => return "none",
+            Stream::ServerTls(s) => s.get_ref().1.handshake_kind(),
+            Stream::ClientTls(s) => s.get_ref().1.handshake_kind(),
+        };
+        match kind {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            _ => "full",
+        }
+    }
+
     /// The TCP socket underneath.
     pub fn tcp(&self) -> &TcpStream {
         match self {

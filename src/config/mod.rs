@@ -39,6 +39,10 @@ pub struct Config {
     /// listener needs TLS, popgate makes a self-signed certificate and warns.
     #[serde(default)]
     pub tls: Option<CertificateFiles>,
+    /// TLS session resumption for clients that come back: tickets (keys shared by replicas through a
+    /// secret file) and a bounded cache of sessions.
+    #[serde(default)]
+    pub tls_sessions: TlsSessions,
     /// How login names are split into mailbox and domain.
     #[serde(default)]
     pub routing: RoutingConfig,
@@ -237,6 +241,34 @@ pub struct Timeouts {
     pub quit_drain: Seconds,
     /// On SIGTERM, how long relayed sessions may continue before they are closed. Default 30s.
     pub shutdown_grace: Seconds,
+}
+
+/// TLS session resumption on the client leg.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSessions {
+    /// Issue session tickets (TLS 1.3 and 1.2). Default true.
+    pub tickets: bool,
+    /// A file whose first line (at least 32 characters) keys the tickets: every replica given the same file
+    /// resumes the others' sessions. Without it, each process makes its own keys (resumption then works
+    /// only on the replica that issued the ticket). Re-read at every reload.
+    pub ticket_secret_file: Option<PathBuf>,
+    /// How often the ticket key changes (derived from the secret and the time, so replicas agree without
+    /// talking); a ticket is accepted for up to two periods. Default 6h.
+    pub rotate_every: Seconds,
+    /// Sessions kept for resumption by session id (TLS 1.2 clients, or with tickets off). Default 4096.
+    pub cache_size: usize,
+}
+
+impl Default for TlsSessions {
+    fn default() -> Self {
+        Self {
+            tickets: true,
+            ticket_secret_file: None,
+            rotate_every: Seconds::from_secs(6 * 3600),
+            cache_size: 4096,
+        }
+    }
 }
 
 /// Bounds on clients.
@@ -936,6 +968,22 @@ impl Config {
                 "dns.min_ttl".into(),
                 None,
                 "must not exceed dns.max_ttl".into(),
+            );
+        }
+        if self.tls_sessions.rotate_every.get() < std::time::Duration::from_secs(60) {
+            push(
+                "tls_sessions.rotate_every".into(),
+                None,
+                "must be at least 1m (a ticket lives up to two periods)".into(),
+            );
+        }
+        if let Some(path) = &self.tls_sessions.ticket_secret_file
+            && let Err(e) = crate::certs::read_ticket_secret(&self.resolve_path(path))
+        {
+            push(
+                "tls_sessions.ticket_secret_file".into(),
+                None,
+                e.to_string(),
             );
         }
         if self.limits.max_connections == 0 {

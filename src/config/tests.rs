@@ -392,3 +392,37 @@ fn a_placement_block_is_checked_whole() {
     assert_eq!(p.cache.stale_for.get(), Duration::from_secs(3600));
     assert_eq!(p.default_port, 110);
 }
+
+#[test]
+fn tls_sessions_have_defaults_and_their_secret_is_checked() {
+    let c = parse(GOOD).unwrap();
+    assert!(c.tls_sessions.tickets);
+    assert_eq!(
+        c.tls_sessions.rotate_every.get(),
+        Duration::from_secs(6 * 3600)
+    );
+    assert_eq!(c.tls_sessions.cache_size, 4096);
+    assert_eq!(c.tls_sessions.ticket_secret_file, None);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("short"), "too short\n").unwrap();
+    let yaml = format!("{GOOD}tls_sessions:\n  ticket_secret_file: short\n  rotate_every: 10s\n");
+    let err = Config::from_yaml_str(&yaml, dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tls_sessions.rotate_every"), "{err}");
+    assert!(
+        err.contains("tls_sessions.ticket_secret_file") && err.contains("32"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("too short"),
+        "the secret reached the message: {err}"
+    );
+    std::fs::write(
+        dir.path().join("good"),
+        "0123456789abcdef0123456789abcdef-plus\n",
+    )
+    .unwrap();
+    let yaml = format!("{GOOD}tls_sessions:\n  ticket_secret_file: good\n");
+    assert!(Config::from_yaml_str(&yaml, dir.path()).is_ok());
+}

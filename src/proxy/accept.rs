@@ -111,11 +111,11 @@ async fn implicit_tls(
     let limit = timeouts.tls_handshake.get().min(timeouts.pre_login.get());
     match timeout(limit, acceptor.accept(tcp)).await {
         Err(_) => {
-            metrics.tls_handshake(&listener.name, false, "none");
+            metrics.tls_handshake(&listener.name, false, "none", "none");
             Err(SessionEnd::Tls("handshake timed out".into()))
         }
         Ok(Err(e)) => {
-            metrics.tls_handshake(&listener.name, false, "none");
+            metrics.tls_handshake(&listener.name, false, "none", "none");
             Err(SessionEnd::Tls(e.to_string()))
         }
         Ok(Ok(tls)) => {
@@ -124,7 +124,11 @@ async fn implicit_tls(
                 .protocol_version()
                 .and_then(|v| v.as_str())
                 .unwrap_or("unknown");
-            metrics.tls_handshake(&listener.name, true, version);
+            let kind = match connection.handshake_kind() {
+                Some(rustls::HandshakeKind::Resumed) => "resumed",
+                _ => "full",
+            };
+            metrics.tls_handshake(&listener.name, true, version, kind);
             let sni_tenant = connection
                 .server_name()
                 .and_then(|n| resolver.tenant_for(n));

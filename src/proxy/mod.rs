@@ -224,13 +224,16 @@ async fn credentials(
     if listener.tls == ListenerTls::Starttls && !*stls_counted {
         let metrics = &ctx.metrics;
         match (&next, session.is_tls()) {
-            (Err(SessionEnd::Tls(_)), _) => metrics.tls_handshake(&listener.name, false, "none"),
+            (Err(SessionEnd::Tls(_)), _) => {
+                metrics.tls_handshake(&listener.name, false, "none", "none");
+            }
             (_, true) => {
                 *stls_counted = true;
                 metrics.tls_handshake(
                     &listener.name,
                     true,
                     session.tls_version().unwrap_or("unknown"),
+                    session.tls_handshake_kind(),
                 );
             }
             _ => {}

@@ -382,6 +382,9 @@ pub enum SharedError {
         /// What is wrong.
         source: crate::auth::http::AuthHttpError,
     },
+    /// The session ticket secret file.
+    #[error("tls_sessions.ticket_secret_file: {0}")]
+    TicketSecret(String),
     /// A tenant's placement source.
     #[error("tenant {tenant}: placement: {source}")]
     Placement {
@@ -490,7 +493,18 @@ impl Shared {
             let resolver = Arc::new(SniResolver::from_config(&config, |name| {
                 table.tenant_by_name(name)
             })?);
-            let server = crate::tls::server_config(resolver.clone())?;
+            let secret = match &config.tls_sessions.ticket_secret_file {
+                Some(path) => Some(
+                    crate::certs::read_ticket_secret(&config.resolve_path(path))
+                        .map_err(|e| SharedError::TicketSecret(e.to_string()))?,
+                ),
+                None => None,
+            };
+            let server = crate::tls::server_config(
+                resolver.clone(),
+                &config.tls_sessions,
+                secret.as_deref(),
+            )?;
             Some((server, resolver))
         } else {
             None

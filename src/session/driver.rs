@@ -114,6 +114,13 @@ impl ClientSession {
         self.stream.as_ref().and_then(Stream::tls_version)
     }
 
+    /// How the client leg's TLS handshake went: `full`, `resumed`, or `none` before TLS.
+    pub fn tls_handshake_kind(&self) -> &'static str {
+        self.stream
+            .as_ref()
+            .map_or("none", Stream::tls_handshake_kind)
+    }
+
     /// True once the client sent `UTF8` (RFC 6856).
     pub fn utf8_enabled(&self) -> bool {
         self.machine.utf8_enabled()

@@ -115,6 +115,8 @@ pub struct Connector {
     pub server_name: ServerName<'static>,
     /// Limit on each connect, handshake, read and write.
     pub io_timeout: Duration,
+    /// TLS handshakes that resumed a session (with `--resume`).
+    pub resumed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A connected POP3 session (after the greeting, and after STLS when asked).
@@ -209,6 +211,10 @@ impl Connector {
                 after: self.io_timeout,
             })?
             .map_err(ClientError::Tls)?;
+        if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            self.resumed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(Stream::ClientTls(Box::new(tls)))
     }
 }

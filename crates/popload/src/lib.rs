@@ -80,6 +80,11 @@ pub struct TargetArgs {
     /// Limit in seconds on each connect, TLS handshake, read and write.
     #[arg(long, default_value_t = 10.0)]
     pub io_timeout: f64,
+    /// Keep TLS sessions and resume them on the next connections, as clients that poll a mailbox every
+    /// few minutes do (the clients share one session cache: rustls keeps the newest tickets per server
+    /// name, and each handshake brings new ones). Default: every connection a full handshake.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// Which mailboxes to log in to. Session `i` uses account `i mod N`.
@@ -210,6 +215,7 @@ impl TargetArgs {
             ca: None,
             server_name: "localhost".into(),
             io_timeout: 10.0,
+            resume: false,
         }
     }
 
@@ -243,6 +249,7 @@ impl TargetArgs {
             tls_config,
             server_name,
             io_timeout: Duration::from_secs_f64(self.io_timeout),
+            resumed: Arc::default(),
         })
     }
 
@@ -266,8 +273,13 @@ impl TargetArgs {
                 ));
             }
         };
-        // Each session stands for a different client: no resumption, every login pays a full handshake.
-        config.resumption = rustls::client::Resumption::disabled();
+        config.resumption = if self.resume {
+            // One server name here; rustls keeps up to 8 tickets for it, and each handshake brings new ones.
+            rustls::client::Resumption::in_memory_sessions(64)
+        } else {
+            // Each session stands for a different client: every login pays a full handshake.
+            rustls::client::Resumption::disabled()
+        };
         Ok(Arc::new(config))
     }
 }

@@ -62,6 +62,8 @@ pub struct LoginsReport {
     pub session: Summary,
     /// PASS round trip.
     pub pass: Summary,
+    /// TLS handshakes that resumed a session (`--resume`).
+    pub tls_resumed: u64,
 }
 
 struct Worker {
@@ -130,6 +132,7 @@ pub async fn run(args: &LoginsArgs) -> Result<LoginsReport, LoadError> {
         error_samples: total.error_samples,
         session: total.session.summary(),
         pass: total.pass.summary(),
+        tls_resumed: connector.resumed.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
 
@@ -189,7 +192,7 @@ impl LoginsReport {
 
     pub(crate) fn text(&self) -> String {
         format!(
-            "logins {} (tls {}), {} concurrent, {:.1} s\n  sessions {}  errors {}  {:.0} sessions/s\n  session: {}\n  PASS:    {}\n{}",
+            "logins {} (tls {}), {} concurrent, {:.1} s\n  sessions {}  errors {}  {:.0} sessions/s  TLS resumed {}\n  session: {}\n  PASS:    {}\n{}",
             self.target,
             self.tls.as_str(),
             self.concurrency,
@@ -197,6 +200,7 @@ impl LoginsReport {
             self.sessions,
             self.errors,
             self.sessions_per_sec(),
+            self.tls_resumed,
             summary_line(&self.session),
             summary_line(&self.pass),
             error_lines(&self.error_samples)
@@ -213,6 +217,7 @@ impl LoginsReport {
             .int("sessions", self.sessions)
             .int("errors", self.errors)
             .num("sessions_per_s", self.sessions_per_sec())
+            .int("tls_resumed", self.tls_resumed)
             .summary_us("session", &self.session)
             .summary_us("pass", &self.pass)
             .strs("error_samples", &self.error_samples)
