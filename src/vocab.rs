@@ -195,6 +195,18 @@ pub fn normalize_domain_pattern(pattern: &str) -> Result<String, BadDomain> {
     Ok(if wild { format!("*.{norm}") } else { norm })
 }
 
+/// `host`, `host:port`, `[v6]` or `[v6]:port` as `(host without brackets, port)`; `default_port` when none
+/// is given (a bare IPv6 address counts as a host without a port).
+pub fn split_host_port(text: &str, default_port: u16) -> (&str, u16) {
+    if let Some((host, port)) = text.rsplit_once(':')
+        && (!host.contains(':') || host.ends_with(']'))
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return (host.trim_matches(['[', ']']), port);
+    }
+    (text.trim_matches(['[', ']']), default_port)
+}
+
 /// What an operator's filter looks at in a logged-in session.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionFacts<'a> {
@@ -288,4 +300,32 @@ pub struct CertificateInfo {
     pub certificate: String,
     /// notAfter, Unix seconds.
     pub not_after: i64,
+}
+
+#[cfg(test)]
+mod host_port_tests {
+    use super::split_host_port;
+
+    #[test]
+    fn hosts_ports_and_ipv6_split() {
+        assert_eq!(
+            split_host_port("mail1.internal", 110),
+            ("mail1.internal", 110)
+        );
+        assert_eq!(
+            split_host_port("mail1.internal:995", 110),
+            ("mail1.internal", 995)
+        );
+        assert_eq!(split_host_port("10.0.0.1:2110", 110), ("10.0.0.1", 2110));
+        assert_eq!(
+            split_host_port("[2001:db8::1]:995", 110),
+            ("2001:db8::1", 995)
+        );
+        assert_eq!(split_host_port("2001:db8::1", 110), ("2001:db8::1", 110));
+        assert_eq!(split_host_port("[2001:db8::1]", 110), ("2001:db8::1", 110));
+        assert_eq!(
+            split_host_port("host:notaport", 110),
+            ("host:notaport", 110)
+        );
+    }
 }

@@ -74,6 +74,7 @@ const ALLOWED: &[(&str, &str)] = &[
     ("proxy", "stream"),
     ("proxy", "throttle"),
     ("proxy", "tls"),
+    ("proxy", "vocab"),
     ("proxy", "store"),
     ("relay", "metrics"),
     ("relay", "stream"),

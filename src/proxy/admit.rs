@@ -433,18 +433,9 @@ impl Attempt<'_> {
                 .await?;
             return Ok((logged_in, Some(active), store.label.clone()));
         }
-        let (host, port) = match placed.store.rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')) => (
-                h.trim_matches(['[', ']']).to_string(),
-                p.parse().unwrap_or(default_port),
-            ),
-            _ => (
-                placed.store.trim_matches(['[', ']']).to_string(),
-                default_port,
-            ),
-        };
+        let (host, port) = crate::vocab::split_host_port(&placed.store, default_port);
         let target = crate::store::dns::Target::Host {
-            host: host.clone(),
+            host: host.to_string(),
             port,
         };
         let endpoint = match self.shared.discovery.resolve(&target).await {

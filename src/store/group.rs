@@ -359,13 +359,7 @@ impl StoreGroup {
     /// `host:port` (`port` defaulting to `default_port`), or a host alone (its first store).
     pub fn member_named(&self, name: &str, default_port: u16) -> Option<Arc<Store>> {
         let members = self.members.load();
-        let (host, port) = match name.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') || h.ends_with(']') => {
-                (h.trim_matches(['[', ']']), p.parse::<u16>().ok())
-            }
-            _ => (name.trim_matches(['[', ']']), None),
-        };
-        let port = port.unwrap_or(default_port);
+        let (host, port) = crate::vocab::split_host_port(name, default_port);
         let by_name = members
             .iter()
             .find(|m| m.store.label == name || m.store.id == name);

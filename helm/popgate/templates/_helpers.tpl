@@ -31,6 +31,15 @@
 {{- end }}
 {{- end }}
 
+{{/* The Secret keying TLS session tickets: the one named in values, else the chart's own, else none. */}}
+{{- define "popgate.ticketSecret" -}}
+{{- if .Values.tlsSessions.ticketSecret.name }}
+{{- .Values.tlsSessions.ticketSecret.name }}
+{{- else if .Values.tlsSessions.createTicketSecret }}
+{{- printf "%s-tls-tickets" (include "popgate.fullname" . | trunc 50 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
 {{- define "popgate.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -134,6 +143,14 @@ The popgate config file: .Values.config plus
 {{- $_ := set $admin "hosts" (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns)) }}
 {{- end }}
 {{- $_ := set $cfg "admin" $admin }}
+{{- /* Every replica keys its session tickets with the same Secret, so a client resumes on any of them. */}}
+{{- if include "popgate.ticketSecret" . }}
+{{- $sessions := deepCopy (get $cfg "tls_sessions" | default dict) }}
+{{- if not (hasKey $sessions "ticket_secret_file") }}
+{{- $_ := set $sessions "ticket_secret_file" "/etc/popgate/tls-tickets/secret" }}
+{{- end }}
+{{- $_ := set $cfg "tls_sessions" $sessions }}
+{{- end }}
 {{- with .Values.cluster }}
 {{- if .servers }}
 {{- if hasKey $cfg "cluster" }}
