@@ -81,10 +81,12 @@ tenants:
     domains: [example.com]
     backends: ["{com_store}"]
     plaintext_login: allow
+    client_ip: none   # the demo's in-process stores do not speak XCLIENT
   example-net:
     domains: [example.net]
     backends: ["{net_store}"]
     plaintext_login: allow
+    client_ip: none
 admin:
   bind: "127.0.0.1:9110"
 "#

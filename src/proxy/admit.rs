@@ -389,7 +389,9 @@ impl Attempt<'_> {
             return Ok(None);
         };
         let limit = self.shared.config.timeouts.backend_reply.get();
-        match placement.lookup(mailbox, limit).await {
+        // Boxed: a directory client's futures are large, and every connection's task would carry their size
+        // from its first byte if they were inline.
+        match Box::pin(placement.lookup(mailbox, limit)).await {
             Ok(Lookup::Found(placed)) => Ok(Some(placed)),
             Ok(Lookup::NotFound) if placement.not_found == NotFound::Balance => Ok(None),
             Ok(Lookup::NotFound) => {
@@ -471,7 +473,7 @@ impl Attempt<'_> {
         placed: Option<&Placed>,
     ) -> Result<(LoggedIn, Option<ActiveSession>, String), GroupError> {
         if let Some(placed) = placed {
-            return self.at_placed(tenant, placed, auth, session).await;
+            return Box::pin(self.at_placed(tenant, placed, auth, session)).await;
         }
         if let Some(p) = passthrough.take_if(|p| p.tenant == route.tenant) {
             let Passthrough {
