@@ -114,6 +114,58 @@ enum Variant {
     /// Placed by MariaDB, warm or cold.
     MariaWarm,
     MariaCold,
+    /// popgate, pool on, the store 0.5 ms away (each chunk held 0.5 ms per direction by `Delay`).
+    DelayPool,
+    /// The same with `pool: {min_idle: 0}`: every login connects, greets and asks CAPA across the delay.
+    DelayNoPool,
+}
+
+/// A store 0.5 ms away: a loopback forwarder that holds every chunk 0.5 ms in each direction (this kernel
+/// has no `netem`). Two threads per connection, for as long as the bench runs.
+struct Delay {
+    addr: SocketAddr,
+}
+
+/// How long the forwarder holds each chunk, per direction.
+const DELAY: Duration = Duration::from_micros(500);
+
+impl Delay {
+    fn start(to: SocketAddr) -> Self {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(store) = TcpStream::connect(to) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = store.set_nodelay(true);
+                for (from, into) in [
+                    (client.try_clone(), store.try_clone()),
+                    (store.try_clone(), client.try_clone()),
+                ] {
+                    let (Ok(mut from), Ok(mut into)) = (from, into) else {
+                        continue;
+                    };
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match std::io::Read::read(&mut from, &mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            std::thread::sleep(DELAY);
+                            if into.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = into.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Self { addr }
+    }
 }
 
 /// The directories of the placement rows, each holding every login user's store.
@@ -227,6 +279,8 @@ struct Setup<'a> {
     redis: &'a redis::Redis,
     /// The placement rows' directories (only when that section runs).
     directories: Option<&'a Directories>,
+    /// The store 0.5 ms away (only when the `delay` section runs).
+    delayed: Option<SocketAddr>,
 }
 
 /// One measured way to the store: a label for the figures, where to connect, and the proxy process (for CPU
@@ -238,7 +292,15 @@ struct Via<'a> {
 }
 
 /// What `--only` can pick (default: all of them).
-const SECTIONS: [&str; 6] = ["logins", "retr", "latency", "memory", "placement", "tls"];
+const SECTIONS: [&str; 7] = [
+    "logins",
+    "retr",
+    "latency",
+    "memory",
+    "placement",
+    "tls",
+    "delay",
+];
 
 /// Per-round figures, keyed by name; medians are taken at the end.
 #[derive(Default)]
@@ -301,6 +363,7 @@ fn main() {
         .unwrap();
     let redis = redis::Redis::start();
     let directories = runs("placement").then(|| Directories::start(work.path(), store.pop3_addr()));
+    let delay = runs("delay").then(|| Delay::start(store.pop3_addr()));
     let setup = Setup {
         popgate: &popgate_bin,
         haproxy: Path::new(HAPROXY).exists(),
@@ -308,6 +371,7 @@ fn main() {
         store: &store,
         redis: &redis,
         directories: directories.as_ref(),
+        delayed: delay.as_ref().map(|d| d.addr),
     };
     let mut variants = vec![
         Variant::Pool,
@@ -319,6 +383,9 @@ fn main() {
     ];
     if directories.is_some() {
         variants.extend(PLACED.iter().map(|(_, v)| *v));
+    }
+    if delay.is_some() {
+        variants.extend([Variant::DelayPool, Variant::DelayNoPool]);
     }
     if setup.haproxy {
         variants.push(Variant::Haproxy);
@@ -427,6 +494,19 @@ fn main() {
     .into_iter()
     .flatten()
     .collect();
+    // A store 0.5 ms away: direct through the same delay, popgate with and without the pool.
+    let delay_paths: Vec<Via<'_>> = [
+        delay.as_ref().map(|d| Via {
+            name: "delay.direct",
+            target: TargetArgs::plain(d.addr),
+            process: None,
+        }),
+        via("delay.pool", Variant::DelayPool),
+        via("delay.nopool", Variant::DelayNoPool),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     // Placement: domain-only routing (pool) against each source, warm and cold.
     let placement_paths: Vec<Via<'_>> = std::iter::once(via("pool", Variant::Pool))
         .chain(PLACED.iter().map(|&(name, v)| via(name, v)))
@@ -449,6 +529,7 @@ fn main() {
         .chain(&tls_login_paths)
         .chain(&placement_paths)
         .chain(&client_tls_paths)
+        .chain(&delay_paths)
     {
         let r = rt
             .block_on(logins::run(&logins_args(p.target.clone(), 1.0)))
@@ -470,6 +551,7 @@ fn main() {
             (&tls_login_paths, "logins"),
             (&placement_paths, "placement"),
             (&client_tls_paths, "tls"),
+            (&delay_paths, "delay"),
         ];
         for paths in lists
             .into_iter()
@@ -866,6 +948,10 @@ impl Proxy {
             c
         } else {
             let plain_store = format!("\"{}\"", store.pop3_addr());
+            let delayed_store = setup
+                .delayed
+                .map(|a| format!("\"{a}\""))
+                .unwrap_or_default();
             let tls_store = format!("{{address: \"{}\", tls: implicit}}", store.pop3s_addr());
             let placement = setup
                 .directories
@@ -873,6 +959,8 @@ impl Proxy {
                 .unwrap_or_default();
             let (backend, extra) = match variant {
                 Variant::Pool | Variant::Limits | Variant::Shared => (plain_store, ""),
+                Variant::DelayPool => (delayed_store, ""),
+                Variant::DelayNoPool => (delayed_store, "\n    pool: {min_idle: 0}"),
                 Variant::NoPool => (plain_store, "\n    pool: {min_idle: 0}"),
                 Variant::TlsPool => (tls_store, "\n    backend_tls: {insecure_skip_verify: true}"),
                 Variant::TlsNoPool => (
@@ -1182,6 +1270,38 @@ impl Figures {
                 out,
                 "| {label} | — | {} | — | {target} |",
                 show(self.median(&format!("logins.shared.{key}")))
+            );
+        }
+        out
+    }
+
+    /// A store 0.5 ms away: popgate with and without its pool against a direct connection through the same
+    /// delay.
+    fn delay_table(&self) -> String {
+        if self.median("logins.delay.direct.per_s").is_none() {
+            return String::new();
+        }
+        let mut out = String::from(
+            "\n## A store 0.5 ms away (user-space delay, each chunk held 0.5 ms per direction), same run\n\n\
+             | path | logins/s | ÷ direct | PASS p50 µs | ÷ direct | session p50 µs | ÷ direct |\n|---|---|---|---|---|---|---|\n",
+        );
+        let show = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), figure);
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => format!("{:.2}×", a / b),
+            _ => "—".into(),
+        };
+        let base = |k: &str| self.median(&format!("logins.delay.direct.{k}"));
+        for name in ["delay.direct", "delay.pool", "delay.nopool"] {
+            let get = |k: &str| self.median(&format!("logins.{name}.{k}"));
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} | {} | {} | {} |",
+                show(get("per_s")),
+                ratio(get("per_s"), base("per_s")),
+                show(get("pass_p50_us")),
+                ratio(get("pass_p50_us"), base("pass_p50_us")),
+                show(get("session_p50_us")),
+                ratio(get("session_p50_us"), base("session_p50_us")),
             );
         }
         out
@@ -1556,6 +1676,7 @@ impl Figures {
         out.push_str(&self.shared_table());
         out.push_str(&self.placement_table());
         out.push_str(&self.client_tls_table());
+        out.push_str(&self.delay_table());
         let _ = writeln!(out, "\n## Every round\n");
         for (k, values) in &self.0 {
             let each: Vec<String> = values.iter().map(|v| figure(*v)).collect();
