@@ -99,18 +99,6 @@ fn replace_file(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// Polls `cond` every 20 ms until it holds; panics naming `what` after `limit`.
-fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 #[cfg_attr(
     not(feature = "external-tools"),
@@ -187,14 +175,14 @@ fn a_map_file_places_mailboxes_reloads_and_refuses_what_is_not_the_tenants() {
         c
     });
     replace_file(&map, &format!("alice@example.com {}\n", b.pop3_addr()));
-    eventually(Duration::from_secs(10), "alice to move to b", || {
+    pg.wait_until(Duration::from_secs(10), "alice to move to b", |_| {
         listed(pop3, "alice@example.com") == Ok(2)
     });
     replace_file(&map, "this line has no store\n");
     assert_eq!(status(&pg)["tenants"][0]["placement"]["source"], "map");
-    eventually(Duration::from_secs(10), "the bad map to be read", || {
+    pg.wait_until(Duration::from_secs(10), "the bad map to be read", |pg| {
         // The refused file leaves the running map (one mailbox) in place.
-        status(&pg)["tenants"][0]["placement"]["mailboxes"] == 1
+        status(pg)["tenants"][0]["placement"]["mailboxes"] == 1
     });
     assert_eq!(listed(pop3, "alice@example.com"), Ok(2));
     pg.rt.block_on(async {
@@ -434,7 +422,7 @@ fn a_directory_places_mailboxes(
 
     // Back: lookups resume without a restart.
     directory.restart();
-    eventually(Duration::from_secs(30), "lookups to resume", || {
+    pg.wait_until(Duration::from_secs(30), "lookups to resume", |_| {
         listed(pop3, "dave@example.com") == Ok(1)
     });
     assert_eq!(status(&pg)["tenants"][0]["placement"]["failing"], false);
