@@ -118,6 +118,9 @@ enum Variant {
     DelayPool,
     /// The same with `pool: {min_idle: 0}`: every login connects, greets and asks CAPA across the delay.
     DelayNoPool,
+    /// popgate, pool on, serving clients an RSA-2048 certificate (the others serve the self-signed ECDSA
+    /// P-256 fallback): the `tls` section's certificate-kind rows.
+    Rsa,
 }
 
 /// A store 0.5 ms away: a loopback forwarder that holds every chunk 0.5 ms in each direction (this kernel
@@ -387,6 +390,9 @@ fn main() {
     if delay.is_some() {
         variants.extend([Variant::DelayPool, Variant::DelayNoPool]);
     }
+    if runs("tls") {
+        variants.push(Variant::Rsa);
+    }
     if setup.haproxy {
         variants.push(Variant::Haproxy);
     }
@@ -488,6 +494,16 @@ fn main() {
         pool.map(|p| Via {
             name: "ctls.popgate.stls.resumed",
             target: resumed(TargetArgs::insecure_tls(p.stls, TlsMode::Stls)),
+            process: Some(p),
+        }),
+        proc_of(Variant::Rsa).map(|p| Via {
+            name: "ctls.rsa.implicit",
+            target: TargetArgs::insecure_tls(p.pop3s, TlsMode::Implicit),
+            process: Some(p),
+        }),
+        proc_of(Variant::Rsa).map(|p| Via {
+            name: "ctls.rsa.implicit.resumed",
+            target: resumed(TargetArgs::insecure_tls(p.pop3s, TlsMode::Implicit)),
             process: Some(p),
         }),
     ]
@@ -635,7 +651,12 @@ fn main() {
         }
         // One client at a time: latency-bound, not CPU-bound, so each login's own path shows (a stall
         // in the store login is invisible at 50 concurrent clients on two CPUs, not here).
-        for p in rotated(&login_paths, round).filter(|_| runs("logins")) {
+        // The same for the store 0.5 ms away: there the pool's head start (connect, greeting, CAPA: two
+        // round trips across the delay) is on every login's own path.
+        let one_at_a_time = rotated(&login_paths, round)
+            .filter(|_| runs("logins"))
+            .chain(rotated(&delay_paths, round).filter(|_| runs("delay")));
+        for p in one_at_a_time {
             let r = rt
                 .block_on(logins::run(&LoginsArgs {
                     concurrency: 1,
@@ -646,6 +667,7 @@ fn main() {
             let name = p.name;
             figs.add(&format!("logins1.{name}.per_s"), r.sessions_per_sec());
             figs.add(&format!("logins1.{name}.pass_p50_us"), us(r.pass.p50));
+            figs.add(&format!("logins1.{name}.session_p50_us"), us(r.session.p50));
             println!(
                 "  logins1 {name:<11} {:>6.0}/s  PASS p50 {:>6.0} µs  session p50 {:>6.0} µs",
                 r.sessions_per_sec(),
@@ -961,6 +983,7 @@ impl Proxy {
                 Variant::Pool | Variant::Limits | Variant::Shared => (plain_store, ""),
                 Variant::DelayPool => (delayed_store, ""),
                 Variant::DelayNoPool => (delayed_store, "\n    pool: {min_idle: 0}"),
+                Variant::Rsa => (plain_store, ""),
                 Variant::NoPool => (plain_store, "\n    pool: {min_idle: 0}"),
                 Variant::TlsPool => (tls_store, "\n    backend_tls: {insecure_skip_verify: true}"),
                 Variant::TlsNoPool => (
@@ -995,6 +1018,10 @@ impl Proxy {
                     )
                 }
                 _ => String::new(),
+            };
+            let extra = match variant {
+                Variant::Rsa => format!("{extra}{}", rsa_certificate(setup.dir)),
+                _ => extra,
             };
             let yaml = fs::read_to_string(&config).unwrap();
             fs::write(&config, format!("{yaml}{extra}")).unwrap();
@@ -1120,6 +1147,39 @@ fn cluster_round_trips(admin: SocketAddr) -> (f64, f64) {
         }
     }
     (awaited, released)
+}
+
+/// A self-signed RSA-2048 certificate for localhost (rcgen on ring cannot make RSA keys; `openssl` is on
+/// every Debian machine with ca-certificates, and scripts/bench installs it otherwise), as popgate's
+/// top-level `tls:` block.
+fn rsa_certificate(dir: &Path) -> String {
+    let (cert, key) = (dir.join("rsa.crt"), dir.join("rsa.key"));
+    if !cert.exists() {
+        let status = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args([
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl (Debian's openssl package) makes the RSA certificate");
+        assert!(status.success(), "openssl req failed");
+    }
+    format!(
+        "tls:\n  certificate: {}\n  key: {}\n",
+        cert.display(),
+        key.display()
+    )
 }
 
 fn free_port() -> SocketAddr {
@@ -1290,19 +1350,22 @@ impl Figures {
             (Some(a), Some(b)) => format!("{:.2}×", a / b),
             _ => "—".into(),
         };
-        let base = |k: &str| self.median(&format!("logins.delay.direct.{k}"));
-        for name in ["delay.direct", "delay.pool", "delay.nopool"] {
-            let get = |k: &str| self.median(&format!("logins.{name}.{k}"));
-            let _ = writeln!(
-                out,
-                "| {name} | {} | {} | {} | {} | {} | {} |",
-                show(get("per_s")),
-                ratio(get("per_s"), base("per_s")),
-                show(get("pass_p50_us")),
-                ratio(get("pass_p50_us"), base("pass_p50_us")),
-                show(get("session_p50_us")),
-                ratio(get("session_p50_us"), base("session_p50_us")),
-            );
+        // 50 concurrent clients (`logins.`), then one at a time (`logins1.`).
+        for (kind, clients) in [("logins", "50 concurrent"), ("logins1", "1 client")] {
+            let base = |k: &str| self.median(&format!("{kind}.delay.direct.{k}"));
+            for name in ["delay.direct", "delay.pool", "delay.nopool"] {
+                let get = |k: &str| self.median(&format!("{kind}.{name}.{k}"));
+                let _ = writeln!(
+                    out,
+                    "| {name}, {clients} | {} | {} | {} | {} | {} | {} |",
+                    show(get("per_s")),
+                    ratio(get("per_s"), base("per_s")),
+                    show(get("pass_p50_us")),
+                    ratio(get("pass_p50_us"), base("pass_p50_us")),
+                    show(get("session_p50_us")),
+                    ratio(get("session_p50_us"), base("session_p50_us")),
+                );
+            }
         }
         out
     }
@@ -1325,19 +1388,30 @@ impl Figures {
         };
         for mode in ["implicit", "stls"] {
             let direct = self.median(&format!("logins.ctls.direct.{mode}.per_s"));
-            let full = self.median(&format!("logins.ctls.popgate.{mode}.per_s"));
-            for name in [
+            // popgate with its ECDSA P-256 certificate, then (implicit TLS only) with RSA-2048.
+            let mut names = vec![
                 format!("ctls.direct.{mode}"),
                 format!("ctls.popgate.{mode}"),
                 format!("ctls.popgate.{mode}.resumed"),
-            ] {
+            ];
+            if mode == "implicit" {
+                names.extend([
+                    "ctls.rsa.implicit".to_owned(),
+                    "ctls.rsa.implicit.resumed".to_owned(),
+                ]);
+            }
+            for name in names {
+                let full = self.median(&format!(
+                    "logins.{}.per_s",
+                    name.trim_end_matches(".resumed")
+                ));
                 let rate = self.median(&format!("logins.{name}.per_s"));
                 let _ = writeln!(
                     out,
                     "| {name} | {} | {} | {} | {} | {} | {} |",
                     show(rate),
                     ratio(rate, direct),
-                    if name.starts_with("ctls.popgate") {
+                    if !name.starts_with("ctls.direct") {
                         ratio(rate, full)
                     } else {
                         "—".into()

@@ -3,8 +3,9 @@
 //! no stage, so the config's validation can load certificates without depending on the TLS stage.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -36,9 +37,58 @@ pub enum TlsError {
     SelfSigned(#[from] rcgen::Error),
 }
 
-/// The crypto provider used everywhere (one provider only, so aws-lc-rs is not built).
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// The crypto provider of every TLS configuration popgate builds: aws-lc-rs (the default feature), or ring
+/// in a build without default features. Made once, and installed as the process default too, so that a
+/// library that builds its own configuration (ldap3 for an `ldaps://` URL without `ca`) uses the same one.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            let chosen = chosen_provider();
+            // Refused only when something installed a default first; popgate's own configurations still
+            // name this provider.
+            let _ = chosen.clone().install_default();
+            Arc::new(chosen)
+        })
+        .clone()
+}
+
+/// Which provider [`provider`] is, for the version line and the logs.
+pub const PROVIDER_NAME: &str = if cfg!(feature = "aws-lc-rs") {
+    "aws-lc-rs"
+} else {
+    "ring"
+};
+
+/// The provider's own rotating ticketer (a fresh random key per process, rotated by rustls).
+pub fn process_ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
+    chosen::ticketer()
+}
+
+fn chosen_provider() -> CryptoProvider {
+    chosen::provider()
+}
+
+#[cfg(feature = "aws-lc-rs")]
+mod chosen {
+    pub use rustls::crypto::aws_lc_rs::Ticketer;
+    pub use rustls::crypto::aws_lc_rs::default_provider as provider;
+
+    pub fn ticketer() -> Result<std::sync::Arc<dyn rustls::server::ProducesTickets>, rustls::Error>
+    {
+        Ticketer::new()
+    }
+}
+
+#[cfg(not(feature = "aws-lc-rs"))]
+mod chosen {
+    pub use rustls::crypto::ring::Ticketer;
+    pub use rustls::crypto::ring::default_provider as provider;
+
+    pub fn ticketer() -> Result<std::sync::Arc<dyn rustls::server::ProducesTickets>, rustls::Error>
+    {
+        Ticketer::new()
+    }
 }
 
 /// Loads a certificate chain and its private key.

@@ -46,6 +46,7 @@ pub mod stream;
 pub mod throttle;
 pub mod tls;
 pub mod vocab;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

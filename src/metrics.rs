@@ -624,10 +624,12 @@ impl Metrics {
                 "Always 1; the labels say which build runs.",
             )
             .namespace("popgate"),
-            &["version"],
+            &["version", "tls_provider"],
         )?;
         m.registry.register(Box::new(build.clone()))?;
-        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::certs::PROVIDER_NAME])
+            .set(1);
         // Both reload results exist from the start, so alerts on `increase()` see the first failure.
         m.config_reloads.with_label_values(&["ok"]);
         m.config_reloads.with_label_values(&["error"]);

@@ -576,91 +576,43 @@ impl Runtime {
     }
 }
 
-/// What the config watcher saw, least to most far-reaching.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-enum Change {
-    /// The config file itself was written, created or removed.
-    File,
-    /// A `..data`-style volume swap: any file of the mount may be new.
-    Volume,
-}
+use crate::watch::Change;
 
 /// How long the config directory must be quiet after a change before it is reloaded.
 const CONFIG_SETTLE: Duration = Duration::from_millis(500);
 
 /// Reloads when the config file's directory changes (debounced). Watching the directory rather than the file
-/// catches editors that replace files and Kubernetes, which swaps a ConfigMap's `..data` symlink.
+/// catches editors that replace files and Kubernetes, which swaps a ConfigMap's `..data` symlink; a volume
+/// swap also reloads the certificates beside the config.
 pub fn watch_config_dir(runtime: &Arc<Runtime>) -> Result<(), WatchError> {
-    use notify::{EventKind, RecursiveMode, Watcher};
     let Some(path) = runtime.config_path() else {
         return Err(WatchError::NoConfigFile);
     };
     let path = path.to_path_buf();
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let file_name = path.file_name().map(std::ffi::OsStr::to_os_string);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        // Reads (ours included: every reload opens the file) are not changes. Only the config file itself,
-        // or Kubernetes' `..data` swap, is a reason to reload; other files in the directory (logs, editors'
-        // swap files) are not.
-        if !matches!(
-            event.kind,
-            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-        ) {
-            return;
-        }
-        for p in &event.paths {
-            let name = p.file_name();
-            if name.is_some_and(|n| n.to_string_lossy().starts_with("..")) {
-                // A mounted volume was swapped: files beside the config (certificates) may have changed too.
-                let _ = tx.send(Change::Volume);
-            } else if name == file_name.as_deref() {
-                let _ = tx.send(Change::File);
-            }
-        }
-    })
-    .map_err(|source| WatchError::Notify {
-        dir: dir.clone(),
+    let mut watch = crate::watch::watch_file(&path).map_err(|source| WatchError::Notify {
+        dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
         source,
     })?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|source| WatchError::Notify {
-            dir: dir.clone(),
-            source,
-        })?;
     // What the file held when last loaded: a change event that leaves the bytes as they were (a touch, an
     // editor's save without edits) is not worth a reload. Read before the watch task runs, so an edit made
     // right after this call is seen as one.
     let mut loaded = std::fs::read(&path).ok();
     let runtime = runtime.clone();
     tokio::spawn(async move {
-        // The watcher stops when dropped: keep it for the task's life.
-        let _watcher = watcher;
         loop {
-            tokio::select! {
+            let change = tokio::select! {
                 () = runtime.context.stop.cancelled() => break,
-                got = rx.recv() => {
-                    let Some(mut change) = got else { break };
-                    // Debounce: an editor or a ConfigMap swap is several events; act once they stop.
-                    while let Ok(Some(more)) = tokio::time::timeout(CONFIG_SETTLE, rx.recv()).await {
-                        change = change.max(more);
-                    }
-                    let now = tokio::fs::read(&path).await.ok();
-                    if change == Change::File && now.is_some() && now == loaded {
-                        debug!(file = %path.display(), "config file touched but unchanged; not reloading");
-                        continue;
-                    }
-                    info!(dir = %dir.display(), "config directory changed; reloading");
-                    let _ = runtime.reload().await;
-                    loaded = now;
-                }
+                change = watch.settled(CONFIG_SETTLE) => change,
+            };
+            let Some(change) = change else { break };
+            let now = tokio::fs::read(&path).await.ok();
+            if change == Change::File && now.is_some() && now == loaded {
+                debug!(file = %path.display(), "config file touched but unchanged; not reloading");
+                continue;
             }
+            info!(dir = %watch.dir.display(), "config directory changed; reloading");
+            let _ = runtime.reload().await;
+            loaded = now;
         }
     });
     Ok(())

@@ -2,7 +2,7 @@
 //! (exact name, then the longest wildcard, then the default).
 //!
 //! rustls' own `ResolvesServerCertUsingSni` matches exact names only, hence the small resolver here.
-//! Only TLS 1.2 and 1.3 are enabled, with the ring provider.
+//! Only TLS 1.2 and 1.3 are enabled, with the provider `certs::provider` names (aws-lc-rs by default).
 
 use std::collections::HashMap;
 
@@ -171,7 +171,7 @@ pub fn server_config(
     if sessions.tickets {
         config.ticketer = match ticket_secret {
             Some(secret) => Arc::new(SharedTicketer::new(secret, sessions.rotate_every.get())),
-            None => rustls::crypto::ring::Ticketer::new()?,
+            None => crate::certs::process_ticketer()?,
         };
     }
     Ok(Arc::new(config))

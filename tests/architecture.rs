@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// `from -> to` edges that may exist. The intended shape: `vocab`, `certs` and `secret` are leaves;
+/// `from -> to` edges that may exist. The intended shape: `vocab`, `certs`, `secret` and `watch` are leaves;
 /// `config` is data and reaches no stage; `protocol` and `router` do no I/O; `session` never reaches
 /// router, store or relay; `store` and `relay` never reach session or router; nothing reaches
 /// `admin`, `listener` or `runtime` but the process setup (`runtime`).
@@ -51,12 +51,15 @@ const ALLOWED: &[(&str, &str)] = &[
     ("listener", "context"),
     ("listener", "metrics"),
     ("listener", "proxy"),
+    ("metrics", "certs"),
     ("metrics", "vocab"),
     ("placement", "certs"),
     ("placement", "config"),
     ("placement", "metrics"),
     ("placement", "secret"),
     ("placement", "vocab"),
+    // The map file and the config are watched the same way (`watch`, a leaf).
+    ("placement", "watch"),
     ("protocol", "secret"),
     // The composition: the one module that sees every stage.
     ("proxy", "auth"),
@@ -89,6 +92,7 @@ const ALLOWED: &[(&str, &str)] = &[
     ("runtime", "metrics"),
     ("runtime", "proxy"),
     ("runtime", "throttle"),
+    ("runtime", "watch"),
     // The secrets and token files key mailboxes as logins are keyed: a leaf reading a leaf.
     ("secret", "vocab"),
     ("session", "protocol"),

@@ -76,7 +76,8 @@ async fn admin_endpoints_metrics_and_promtool() {
         assert!(m.contains(needle), "missing {needle} in\n{m}");
     }
     let build = format!(
-        "popgate_build_info{{version=\"{}\"}} 1",
+        "popgate_build_info{{tls_provider=\"{}\",version=\"{}\"}} 1",
+        popgate::certs::PROVIDER_NAME,
         env!("CARGO_PKG_VERSION")
     );
     assert!(m.contains(&build), "missing {build} in\n{m}");

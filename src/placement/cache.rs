@@ -2,11 +2,12 @@
 //! time for as long as the directory cannot be asked (stale-while-error), and asked once however many
 //! logins of one mailbox arrive together (single-flight).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use hashlink::LinkedHashMap;
 use tokio::sync::OnceCell;
 
 use super::Lookup;
@@ -38,21 +39,14 @@ pub enum Cached {
 pub struct Cache {
     capacity: usize,
     lifetimes: Lifetimes,
-    state: Mutex<State>,
+    /// Oldest insert first: a re-insert moves its mailbox to the back.
+    entries: Mutex<LinkedHashMap<String, Entry>>,
     /// Lookups under way, one per mailbox: later logins of the mailbox wait for its answer.
     inflight: Mutex<HashMap<String, Flight>>,
 }
 
 /// One lookup under way, shared by every login waiting on it.
 type Flight = Arc<OnceCell<Result<Lookup, String>>>;
-
-#[derive(Debug, Default)]
-struct State {
-    entries: HashMap<String, Entry>,
-    /// Insertion order; an item whose sequence number no longer matches its entry is gone.
-    order: VecDeque<(String, u64)>,
-    next_seq: u64,
-}
 
 #[derive(Debug)]
 struct Entry {
@@ -61,7 +55,6 @@ struct Entry {
     fresh_until: Instant,
     /// Usable while the directory fails until then.
     stale_until: Instant,
-    seq: u64,
 }
 
 impl Cache {
@@ -70,20 +63,20 @@ impl Cache {
         Self {
             capacity,
             lifetimes,
-            state: Mutex::default(),
+            entries: Mutex::default(),
             inflight: Mutex::default(),
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    fn entries(&self) -> MutexGuard<'_, LinkedHashMap<String, Entry>> {
         // A poisoned cache only lost an insert half-way: keep using it.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// What is kept for `key` at `now`; an entry past its stale time is dropped.
     pub fn get(&self, key: &str, now: Instant) -> Cached {
-        let mut state = self.state();
-        let Some(entry) = state.entries.get(key) else {
+        let mut entries = self.entries();
+        let Some(entry) = entries.get(key) else {
             return Cached::Missing;
         };
         if now < entry.fresh_until {
@@ -92,7 +85,7 @@ impl Cache {
         if now < entry.stale_until {
             return Cached::Stale(entry.lookup.clone());
         }
-        state.entries.remove(key);
+        entries.remove(key);
         Cached::Missing
     }
 
@@ -111,38 +104,23 @@ impl Cache {
         ) else {
             return;
         };
-        let mut state = self.state();
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        state.entries.insert(
+        let mut entries = self.entries();
+        entries.insert(
             key.to_string(),
             Entry {
                 lookup,
                 fresh_until,
                 stale_until,
-                seq,
             },
         );
-        state.order.push_back((key.to_string(), seq));
-        while state.entries.len() > self.capacity {
-            let Some((old, old_seq)) = state.order.pop_front() else {
-                break;
-            };
-            if state.entries.get(&old).is_some_and(|e| e.seq == old_seq) {
-                state.entries.remove(&old);
-            }
-        }
-        // Replaced and expired entries leave stale items behind: drop them before the queue outgrows
-        // the map.
-        if state.order.len() > 2 * self.capacity + 16 {
-            let State { entries, order, .. } = &mut *state;
-            order.retain(|(k, s)| entries.get(k).is_some_and(|e| e.seq == *s));
+        while entries.len() > self.capacity {
+            entries.pop_front();
         }
     }
 
     /// Mailboxes kept now.
     pub fn len(&self) -> usize {
-        self.state().entries.len()
+        self.entries().len()
     }
 
     /// True when nothing is kept.

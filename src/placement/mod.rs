@@ -15,7 +15,7 @@ pub mod ldap;
 pub mod map;
 pub mod sql;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -356,56 +356,31 @@ fn watch_map(
     tenant: &str,
     stop: CancellationToken,
 ) -> Result<(), notify::Error> {
-    use notify::{EventKind, RecursiveMode, Watcher};
-    let dir = map
-        .path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let name = map.path.file_name().map(std::ffi::OsStr::to_os_string);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if !matches!(
-            event.kind,
-            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-        ) {
-            return;
-        }
-        let ours = event.paths.iter().any(|p| {
-            let n = p.file_name();
-            n == name.as_deref() || n.is_some_and(|n| n.to_string_lossy().starts_with(".."))
-        });
-        if ours {
-            let _ = tx.send(());
-        }
-    })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let mut watch = crate::watch::watch_file(&map.path)?;
     let map = map.clone();
     let tenant = tenant.to_string();
     tokio::spawn(async move {
-        let _watcher = watcher;
         loop {
-            tokio::select! {
+            let change = tokio::select! {
                 () = stop.cancelled() => break,
-                got = rx.recv() => {
-                    if got.is_none() {
-                        break;
-                    }
-                    while let Ok(Some(())) = tokio::time::timeout(MAP_SETTLE, rx.recv()).await {}
-                    let (path, case) = (map.path.clone(), map.case);
-                    let loaded = tokio::task::spawn_blocking(move || MapIndex::load(&path, case)).await;
-                    match loaded {
-                        Ok(Ok(index)) => {
-                            map.entries.set(i64::try_from(index.len()).unwrap_or(i64::MAX));
-                            info!(tenant = %tenant, mailboxes = index.len(), bytes = index.heap_bytes(), "placement map reloaded");
-                            map.index.store(Arc::new(index));
-                        }
-                        Ok(Err(e)) => warn!(tenant = %tenant, error = %e, "placement map refused; the running map stays"),
-                        Err(e) => warn!(tenant = %tenant, error = %e, "placement map reload failed"),
-                    }
+                change = watch.settled(MAP_SETTLE) => change,
+            };
+            if change.is_none() {
+                break;
+            }
+            let (path, case) = (map.path.clone(), map.case);
+            let loaded = tokio::task::spawn_blocking(move || MapIndex::load(&path, case)).await;
+            match loaded {
+                Ok(Ok(index)) => {
+                    map.entries
+                        .set(i64::try_from(index.len()).unwrap_or(i64::MAX));
+                    info!(tenant = %tenant, mailboxes = index.len(), bytes = index.heap_bytes(), "placement map reloaded");
+                    map.index.store(Arc::new(index));
                 }
+                Ok(Err(e)) => {
+                    warn!(tenant = %tenant, error = %e, "placement map refused; the running map stays")
+                }
+                Err(e) => warn!(tenant = %tenant, error = %e, "placement map reload failed"),
             }
         }
     });
