@@ -1268,6 +1268,19 @@ fn figure(v: f64) -> String {
     }
 }
 
+/// A figure, or a dash when it was not measured.
+fn shown(v: Option<f64>) -> String {
+    v.map_or_else(|| "—".to_owned(), figure)
+}
+
+/// `a ÷ b` as `1.23×`, or a dash when either was not measured.
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}×", a / b),
+        _ => "—".into(),
+    }
+}
+
 impl Figures {
     fn add(&mut self, key: &str, value: f64) {
         match self.0.iter_mut().find(|(k, _)| k == key) {
@@ -1289,7 +1302,6 @@ impl Figures {
             "\n## Shared state (`cluster:` on a Redis on loopback) against off, same limits\n\n\
              | figure | off | on | on ÷ off | target |\n|---|---|---|---|---|\n",
         );
-        let show = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), figure);
         for (label, key, target) in [
             ("logins/s, 50 concurrent", "per_s", "≥ 0.90×"),
             ("popgate CPU s per 1,000 logins", "cpu_s_per_1000", ""),
@@ -1298,15 +1310,12 @@ impl Figures {
         ] {
             let off = self.median(&format!("logins.limits.{key}"));
             let on = self.median(&format!("logins.shared.{key}"));
-            let ratio = match (on, off) {
-                (Some(a), Some(b)) => format!("{:.2}×", a / b),
-                _ => "—".into(),
-            };
+            let ratio = ratio(on, off);
             let _ = writeln!(
                 out,
                 "| {label} | {} | {} | {ratio} | {target} |",
-                show(off),
-                show(on)
+                shown(off),
+                shown(on)
             );
         }
         for (label, key, target) in [
@@ -1329,7 +1338,7 @@ impl Figures {
             let _ = writeln!(
                 out,
                 "| {label} | — | {} | — | {target} |",
-                show(self.median(&format!("logins.shared.{key}")))
+                shown(self.median(&format!("logins.shared.{key}")))
             );
         }
         out
@@ -1345,11 +1354,6 @@ impl Figures {
             "\n## A store 0.5 ms away (user-space delay, each chunk held 0.5 ms per direction), same run\n\n\
              | path | logins/s | ÷ direct | PASS p50 µs | ÷ direct | session p50 µs | ÷ direct |\n|---|---|---|---|---|---|---|\n",
         );
-        let show = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), figure);
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) => format!("{:.2}×", a / b),
-            _ => "—".into(),
-        };
         // 50 concurrent clients (`logins.`), then one at a time (`logins1.`).
         for (kind, clients) in [("logins", "50 concurrent"), ("logins1", "1 client")] {
             let base = |k: &str| self.median(&format!("{kind}.delay.direct.{k}"));
@@ -1358,11 +1362,11 @@ impl Figures {
                 let _ = writeln!(
                     out,
                     "| {name}, {clients} | {} | {} | {} | {} | {} | {} |",
-                    show(get("per_s")),
+                    shown(get("per_s")),
                     ratio(get("per_s"), base("per_s")),
-                    show(get("pass_p50_us")),
+                    shown(get("pass_p50_us")),
                     ratio(get("pass_p50_us"), base("pass_p50_us")),
-                    show(get("session_p50_us")),
+                    shown(get("session_p50_us")),
                     ratio(get("session_p50_us"), base("session_p50_us")),
                 );
             }
@@ -1381,11 +1385,6 @@ impl Figures {
              | path | logins/s | ÷ direct (full) | ÷ popgate full | resumed % | PASS p50 µs | CPU s per 1,000 logins |\n\
              |---|---|---|---|---|---|---|\n",
         );
-        let show = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), figure);
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) => format!("{:.2}×", a / b),
-            _ => "—".into(),
-        };
         for mode in ["implicit", "stls"] {
             let direct = self.median(&format!("logins.ctls.direct.{mode}.per_s"));
             // popgate with its ECDSA P-256 certificate, then (implicit TLS only) with RSA-2048.
@@ -1409,16 +1408,16 @@ impl Figures {
                 let _ = writeln!(
                     out,
                     "| {name} | {} | {} | {} | {} | {} | {} |",
-                    show(rate),
+                    shown(rate),
                     ratio(rate, direct),
                     if !name.starts_with("ctls.direct") {
                         ratio(rate, full)
                     } else {
                         "—".into()
                     },
-                    show(self.median(&format!("logins.{name}.resumed_pct"))),
-                    show(self.median(&format!("logins.{name}.pass_p50_us"))),
-                    show(self.median(&format!("logins.{name}.cpu_s_per_1000"))),
+                    shown(self.median(&format!("logins.{name}.resumed_pct"))),
+                    shown(self.median(&format!("logins.{name}.pass_p50_us"))),
+                    shown(self.median(&format!("logins.{name}.cpu_s_per_1000"))),
                 );
             }
         }
@@ -1436,11 +1435,6 @@ impl Figures {
              | source | logins/s | ÷ domain-only | PASS p50 µs | ÷ domain-only | CPU s per 1,000 logins |\n\
              |---|---|---|---|---|---|\n",
         );
-        let show = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), figure);
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) => format!("{:.2}×", a / b),
-            _ => "—".into(),
-        };
         let base_rate = self.median("logins.pool.per_s");
         let base_pass = self.median("logins.pool.pass_p50_us");
         for name in std::iter::once("pool").chain(PLACED.iter().map(|(n, _)| *n)) {
@@ -1451,11 +1445,11 @@ impl Figures {
             let _ = writeln!(
                 out,
                 "| {label} | {} | {} | {} | {} | {} |",
-                show(rate),
+                shown(rate),
                 ratio(rate, base_rate),
-                show(pass),
+                shown(pass),
                 ratio(pass, base_pass),
-                show(cpu)
+                shown(cpu)
             );
         }
         out
@@ -1482,8 +1476,7 @@ impl Figures {
             let d = direct.and_then(|k| self.median(k));
             let g = self.median(gate);
             let h = reference.filter(|_| haproxy).and_then(|k| self.median(k));
-            let show = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), figure);
-            let ratio = |x: Option<f64>| match (x, d) {
+            let to_direct = |x: Option<f64>| match (x, d) {
                 (Some(x), Some(d)) => format!("{:.2}×", x / d),
                 (Some(x), None) => figure(x),
                 _ => "—".into(),
@@ -1491,10 +1484,14 @@ impl Figures {
             let _ = writeln!(
                 out,
                 "| {label} | {} | {} | {} | {} | {target} |",
-                show(d),
-                show(g),
-                if d.is_some() { ratio(g) } else { "—".into() },
-                ratio(h)
+                shown(d),
+                shown(g),
+                if d.is_some() {
+                    to_direct(g)
+                } else {
+                    "—".into()
+                },
+                to_direct(h)
             );
         };
         let d = Some("logins.direct.per_s");

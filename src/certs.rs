@@ -44,7 +44,7 @@ pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
         .get_or_init(|| {
-            let chosen = chosen_provider();
+            let chosen = chosen::default_provider();
             // Refused only when something installed a default first; popgate's own configurations still
             // name this provider.
             let _ = chosen.clone().install_default();
@@ -53,42 +53,25 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
-/// Which provider [`provider`] is, for the version line and the logs.
-pub const PROVIDER_NAME: &str = if cfg!(feature = "aws-lc-rs") {
-    "aws-lc-rs"
-} else {
-    "ring"
-};
+/// Which provider [`provider`] is, for `popgate_build_info`.
+pub const PROVIDER_NAME: &str = chosen::NAME;
 
 /// The provider's own rotating ticketer (a fresh random key per process, rotated by rustls).
 pub fn process_ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
-    chosen::ticketer()
+    chosen::Ticketer::new()
 }
 
-fn chosen_provider() -> CryptoProvider {
-    chosen::provider()
-}
-
+/// The one place the Cargo feature chooses the provider.
 #[cfg(feature = "aws-lc-rs")]
 mod chosen {
-    pub use rustls::crypto::aws_lc_rs::Ticketer;
-    pub use rustls::crypto::aws_lc_rs::default_provider as provider;
-
-    pub fn ticketer() -> Result<std::sync::Arc<dyn rustls::server::ProducesTickets>, rustls::Error>
-    {
-        Ticketer::new()
-    }
+    pub use rustls::crypto::aws_lc_rs::{Ticketer, default_provider};
+    pub const NAME: &str = "aws-lc-rs";
 }
 
 #[cfg(not(feature = "aws-lc-rs"))]
 mod chosen {
-    pub use rustls::crypto::ring::Ticketer;
-    pub use rustls::crypto::ring::default_provider as provider;
-
-    pub fn ticketer() -> Result<std::sync::Arc<dyn rustls::server::ProducesTickets>, rustls::Error>
-    {
-        Ticketer::new()
-    }
+    pub use rustls::crypto::ring::{Ticketer, default_provider};
+    pub const NAME: &str = "ring";
 }
 
 /// Loads a certificate chain and its private key.

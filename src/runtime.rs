@@ -576,8 +576,6 @@ impl Runtime {
     }
 }
 
-use crate::watch::Change;
-
 /// How long the config directory must be quiet after a change before it is reloaded.
 const CONFIG_SETTLE: Duration = Duration::from_millis(500);
 
@@ -590,7 +588,7 @@ pub fn watch_config_dir(runtime: &Arc<Runtime>) -> Result<(), WatchError> {
     };
     let path = path.to_path_buf();
     let mut watch = crate::watch::watch_file(&path).map_err(|source| WatchError::Notify {
-        dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        dir: crate::watch::watched_dir(&path),
         source,
     })?;
     // What the file held when last loaded: a change event that leaves the bytes as they were (a touch, an
@@ -606,7 +604,7 @@ pub fn watch_config_dir(runtime: &Arc<Runtime>) -> Result<(), WatchError> {
             };
             let Some(change) = change else { break };
             let now = tokio::fs::read(&path).await.ok();
-            if change == Change::File && now.is_some() && now == loaded {
+            if change == crate::watch::Change::File && now.is_some() && now == loaded {
                 debug!(file = %path.display(), "config file touched but unchanged; not reloading");
                 continue;
             }

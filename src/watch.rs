@@ -29,13 +29,17 @@ pub struct FileWatch {
     _watcher: RecommendedWatcher,
 }
 
-/// Starts watching `path` through its directory.
-pub fn watch_file(path: &Path) -> Result<FileWatch, notify::Error> {
-    let dir = path
-        .parent()
+/// The directory watched for `path`: its parent, or `.` for a bare file name.
+pub fn watched_dir(path: &Path) -> PathBuf {
+    path.parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
-        .to_path_buf();
+        .to_path_buf()
+}
+
+/// Starts watching `path` through its directory.
+pub fn watch_file(path: &Path) -> Result<FileWatch, notify::Error> {
+    let dir = watched_dir(path);
     let name: Option<OsString> = path.file_name().map(std::ffi::OsStr::to_os_string);
     let (tx, changes) = unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
