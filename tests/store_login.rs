@@ -1,8 +1,14 @@
-//! How popgate logs in to a store that offers PIPELINING: XCLIENT and USER may share a write, but the
-//! command carrying the credentials (PASS, AUTH) goes only after every earlier reply. Pipelined behind an
-//! unanswered command, its reply (sent after the store's credential lookup) waits for popgate's delayed
-//! ACK under the store's Nagle algorithm: 42 ms per login with Dovecot 2.3 on a fresh connection. The
-//! scripted store below records what each of its reads returned, so the test checks the writes, not time.
+//! How popgate logs in to a store.
+//!
+//! - A name and password (USER/PASS, AUTH PLAIN or AUTH LOGIN from the client) go to a store that offers
+//!   SASL PLAIN as one `AUTH PLAIN` with an initial response: one round trip, where USER/PASS takes two.
+//!   `backend_login: user_pass` keeps USER/PASS; a store without PLAIN gets USER/PASS; credentials too long
+//!   for the 255-octet AUTH line (RFC 5034 §4) go after the store's empty challenge.
+//! - To a store that offers PIPELINING, XCLIENT and USER may share a write, but the command carrying the
+//!   credentials (PASS, AUTH) goes only after every earlier reply. Pipelined behind an unanswered command,
+//!   its reply (sent after the store's credential lookup) waits for popgate's delayed ACK under the store's
+//!   Nagle algorithm: 42 ms per login with Dovecot 2.3 on a fresh connection. The recording store below
+//!   records what each of its reads returned, so the tests check the writes, not time.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly where it stands
 
 mod support;
@@ -66,6 +72,8 @@ async fn recording_store() -> (SocketAddr, Reads) {
                             "CAPA" => {
                                 b"+OK\r\nUSER\r\nSASL PLAIN\r\nPIPELINING\r\n.\r\n".as_slice()
                             }
+                            // RFC 5034: AUTH without an initial response gets an empty challenge.
+                            "AUTH" if line.trim_end().len() == "AUTH PLAIN".len() => b"+ \r\n",
                             "STAT" => b"+OK 0 0\r\n",
                             "QUIT" => {
                                 quit = true;
@@ -84,43 +92,133 @@ async fn recording_store() -> (SocketAddr, Reads) {
     (addr, reads)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn credentials_go_only_after_every_earlier_reply() {
-    let (store, reads) = recording_store().await;
+/// popgate with tenant `acme` (example.com, the default `backend_login`) and tenant `legacy` (example.net,
+/// `backend_login: user_pass`), both on `store`, without a pool (each login opens its own connection).
+async fn proxy_for(store: SocketAddr) -> popgate::Running {
     let yaml = format!(
         "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\ntenants:\n  acme:\n    \
          domains: [example.com]\n    backends: [\"{store}\"]\n    plaintext_login: allow\n    \
-         pool: {{min_idle: 0}}\n"
+         pool: {{min_idle: 0}}\n  legacy:\n    domains: [example.net]\n    backends: [\"{store}\"]\n    \
+         plaintext_login: allow\n    pool: {{min_idle: 0}}\n    backend_login: user_pass\n"
     );
     let config = popgate::Config::from_yaml_str(&yaml, Path::new(".")).unwrap();
-    let pg = popgate::start(config, CancellationToken::new())
+    popgate::start(config, CancellationToken::new())
         .await
-        .unwrap();
-    let addr = pg.local_addr("pop3").unwrap();
+        .unwrap()
+}
 
-    // USER/PASS from the client: XCLIENT + USER to the store, then PASS.
+fn b64(raw: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(raw)
+}
+
+/// One client session through popgate: USER/PASS, STAT, QUIT.
+async fn session(addr: SocketAddr, user: &str, password: &str) {
     let mut c = Pop3::greeted(addr).await;
-    c.login("alice@example.com", "secret-one").await;
+    c.login(user, password).await;
     c.ok("STAT").await;
     c.ok("QUIT").await;
-    // AUTH PLAIN from the client: the store gets XCLIENT, then AUTH PLAIN.
-    let plain = base64::engine::general_purpose::STANDARD.encode(b"\0bob@example.com\0secret-two");
+}
+
+/// The store connections that carried credentials (a PASS or an AUTH).
+fn logins(reads: &Reads) -> Vec<Vec<String>> {
+    reads
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.iter().any(|c| c.contains("PASS ") || c.contains("AUTH ")))
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_login_is_one_auth_plain_where_the_store_offers_it() {
+    let (store, reads) = recording_store().await;
+    let pg = proxy_for(store).await;
+    let addr = pg.local_addr("pop3").unwrap();
+
+    // USER/PASS, AUTH PLAIN and AUTH LOGIN from the client, for the default tenant.
+    session(addr, "alice@example.com", "secret-one").await;
     let mut c = Pop3::greeted(addr).await;
+    let plain = b64(b"\0bob@example.com\0secret-two");
     assert!(
         c.cmd(&format!("AUTH PLAIN {plain}"))
             .await
             .starts_with("+OK")
     );
-    c.ok("STAT").await;
+    c.ok("QUIT").await;
+    let mut c = Pop3::greeted(addr).await;
+    assert!(c.cmd("AUTH LOGIN").await.starts_with('+'));
+    assert!(c.cmd(&b64(b"carol@example.com")).await.starts_with('+'));
+    assert!(c.cmd(&b64(b"secret-three")).await.starts_with("+OK"));
     c.ok("QUIT").await;
     pg.shutdown();
 
-    let reads = reads.lock().unwrap().clone();
-    let logins: Vec<&Vec<String>> = reads
+    let logins = logins(&reads);
+    let sent: Vec<String> = logins
         .iter()
-        .filter(|r| r.iter().any(|c| c.contains("PASS ") || c.contains("AUTH ")))
+        .map(|conn| {
+            conn.iter()
+                .flat_map(|r| r.split_inclusive("\r\n"))
+                .filter(|l| !l.starts_with("XCLIENT ") && !l.starts_with("CAPA"))
+                .take_while(|l| !l.starts_with("STAT") && !l.starts_with("QUIT"))
+                .collect()
+        })
         .collect();
-    assert_eq!(logins.len(), 2, "two store logins: {reads:?}");
+    assert_eq!(
+        sent,
+        [
+            format!("AUTH PLAIN {}\r\n", b64(b"\0alice@example.com\0secret-one")),
+            format!("AUTH PLAIN {plain}\r\n"),
+            format!(
+                "AUTH PLAIN {}\r\n",
+                b64(b"\0carol@example.com\0secret-three")
+            ),
+        ],
+        "{logins:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_too_long_for_the_auth_line_go_after_the_challenge() {
+    let (store, reads) = recording_store().await;
+    let pg = proxy_for(store).await;
+    let addr = pg.local_addr("pop3").unwrap();
+    // 180 octets of password: the base64 of the PLAIN message alone is over 255 octets.
+    let password = "p".repeat(180);
+    let mut c = Pop3::greeted(addr).await;
+    c.login("alice@example.com", &password).await;
+    c.ok("QUIT").await;
+    pg.shutdown();
+
+    let logins = logins(&reads);
+    assert_eq!(logins.len(), 1, "{logins:?}");
+    let lines: Vec<&str> = logins[0]
+        .iter()
+        .flat_map(|r| r.split_inclusive("\r\n"))
+        .collect();
+    let auth = lines.iter().position(|l| l.starts_with("AUTH")).unwrap();
+    let message = b64(format!("\0alice@example.com\0{password}").as_bytes());
+    assert_eq!(
+        &lines[auth..auth + 2],
+        ["AUTH PLAIN\r\n".to_string(), format!("{message}\r\n")],
+        "{lines:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_go_only_after_every_earlier_reply() {
+    let (store, reads) = recording_store().await;
+    let pg = proxy_for(store).await;
+    let addr = pg.local_addr("pop3").unwrap();
+
+    // The default tenant: XCLIENT, then AUTH PLAIN.
+    session(addr, "alice@example.com", "secret-one").await;
+    // `backend_login: user_pass`: XCLIENT + USER to the store, then PASS.
+    session(addr, "bob@example.net", "secret-two").await;
+    pg.shutdown();
+
+    let logins = logins(&reads);
+    assert_eq!(logins.len(), 2, "two store logins: {logins:?}");
     for conn in &logins {
         // The read with the credentials holds that one command and nothing else.
         let credentials = conn
@@ -145,8 +243,38 @@ async fn credentials_go_only_after_every_earlier_reply() {
     assert!(
         user_pass
             .iter()
-            .any(|r| r.starts_with("XCLIENT ") && r.contains("\r\nUSER alice@example.com\r\n")),
+            .any(|r| r.starts_with("XCLIENT ") && r.contains("\r\nUSER bob@example.net\r\n")),
         "XCLIENT and USER pipelined in one write: {user_pass:?}"
+    );
+    assert!(
+        logins
+            .iter()
+            .any(|c| c.iter().any(|r| r.starts_with("AUTH PLAIN "))),
+        "{logins:?}"
+    );
+}
+
+/// A store that does not offer SASL PLAIN gets USER/PASS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_without_plain_gets_user_and_pass() {
+    let store = support::store::ScriptedStore::start(support::store::Script {
+        capa: vec!["USER".into(), "PIPELINING".into()],
+        ..Default::default()
+    })
+    .await;
+    let tenant = support::popgate::tenant("acme", "example.com", store.addr, "");
+    let pg =
+        support::popgate::start(&support::popgate::plain_config("", &tenant), Path::new(".")).await;
+    let mut c = Pop3::greeted(pg.local_addr("pop3").unwrap()).await;
+    c.login("alice@example.com", "pw").await;
+    c.ok("QUIT").await;
+    pg.shutdown();
+    let lines = store.lines();
+    assert!(
+        lines.contains(&"USER alice@example.com\r\n".to_string())
+            && lines.contains(&"PASS pw\r\n".to_string())
+            && !lines.iter().any(|l| l.starts_with("AUTH")),
+        "{lines:?}"
     );
 }
 

@@ -146,11 +146,9 @@ pub fn store_auth(
             user: store_user.to_string(),
             password: creds.password.clone(),
             authzid: creds.authzid.clone(),
-            plain: match rules.backend_login {
-                StoreLogin::AuthPlain => true,
-                StoreLogin::UserPass => false,
-                _ => creds.mechanism == Mechanism::Plain,
-            },
+            // USER/PASS, PLAIN and LOGIN all carry a name and a password: AUTH PLAIN, where the store
+            // offers it, hands them over in one round trip instead of USER/PASS's two.
+            plain: !matches!(rules.backend_login, StoreLogin::UserPass),
         },
     })
 }
@@ -305,11 +303,8 @@ mod tests {
                         } else if relayed {
                             format!("sasl {}", mechanism.sasl_name().unwrap())
                         } else {
-                            let plain = match login {
-                                StoreLogin::AuthPlain => true,
-                                StoreLogin::UserPass => false,
-                                _ => mechanism == Mechanism::Plain,
-                            };
+                            // Only `user_pass` keeps USER/PASS for a password login.
+                            let plain = !matches!(login, StoreLogin::UserPass);
                             let pw = if right { SECRET } else { "wrong" };
                             format!("password user={TYPED} plain={plain} pw={pw}")
                         };

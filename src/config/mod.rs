@@ -346,9 +346,11 @@ pub struct TenantConfig {
     /// picks a store. Default: none (the policy alone).
     #[serde(default)]
     pub placement: Option<PlacementConfig>,
-    /// How popgate logs in to the store: `client` (the client's own mechanism where the store offers it;
-    /// default), `user_pass`, `auth_plain`, or `{master: {user: NAME, password: SECRET}}` (`mailbox*NAME`
-    /// with the master password, as Dovecot accepts; only after popgate itself checked the client).
+    /// How popgate logs in to the store: `client` (default: a name and password as AUTH PLAIN where the
+    /// store offers it, else USER/PASS; SASL relays and digests as the client sent them), `user_pass`,
+    /// `auth_plain` (the same as `client`, kept for existing configs), or `{master: {user: NAME, password:
+    /// SECRET}}` (`mailbox*NAME` with the master password, as Dovecot accepts; only after popgate itself
+    /// checked the client).
     #[serde(default)]
     pub backend_login: StoreLogin,
     /// How the case of the local part is treated: `insensitive` (default: `John` and `john` are one
@@ -526,12 +528,14 @@ fn default_auth_cache_size() -> usize {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreLogin {
-    /// The client's mechanism where the store offers it, else USER/PASS.
+    /// A name and password (USER/PASS, AUTH PLAIN, AUTH LOGIN) as AUTH PLAIN where the store offers it
+    /// (one round trip), else USER/PASS; SASL relays and digests as the client's mechanism says.
     #[default]
     Client,
-    /// Always USER/PASS.
+    /// Always USER/PASS for a name and password.
     UserPass,
-    /// Always AUTH PLAIN.
+    /// The same as `Client`: AUTH PLAIN where the store offers it, else USER/PASS. Kept so existing configs
+    /// still load.
     AuthPlain,
     /// A master user: `mailbox*user` with the master password.
     Master(MasterUser),

@@ -2,6 +2,7 @@
 //! to send a store lives in `crate::auth::decision`.
 
 use crate::auth::decision::OwnedAuth;
+use crate::config::StoreLogin;
 use crate::secret::Secret;
 use crate::session::{ClientSession, Credentials, Mechanism};
 use crate::store::LoginError;
@@ -68,12 +69,17 @@ pub(super) async fn auth_http_login(
         }
     };
     let user = user.unwrap_or_else(|| store_user.to_string());
+    // As for the tenant's own stores: AUTH PLAIN where offered (one round trip), unless `user_pass`.
+    let plain = matches!(
+        tenant.backend_login,
+        StoreLogin::Client | StoreLogin::AuthPlain
+    );
     let store_auth = match (&pass, auth) {
         (Some(p), _) => StoreAuth::Password {
             user: &user,
             password: p,
             authzid: None,
-            plain: false,
+            plain,
         },
         // A digest cannot be replayed to another store: nginx requires Auth-Pass for these methods.
         (None, _) if matches!(creds.mechanism, Mechanism::Apop | Mechanism::CramMd5) => {
@@ -86,7 +92,7 @@ pub(super) async fn auth_http_login(
             user: &user,
             password: &creds.password,
             authzid: None,
-            plain: false,
+            plain,
         },
     };
     let endpoint = crate::store::dns::Endpoint {

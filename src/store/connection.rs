@@ -561,10 +561,7 @@ async fn send_credentials(
             plain,
         } => {
             if *plain && conn.caps.sasl.iter().any(|m| m == "PLAIN") {
-                let b64 = sasl::encode_plain(*authzid, user, password);
-                preamble.settle(conn).await?;
-                conn.queue(format!("AUTH PLAIN {b64}\r\n").as_bytes());
-                conn.status().await?
+                auth_plain(conn, preamble, sasl::encode_plain(*authzid, user, password)).await?
             } else {
                 user_pass(conn, preamble, user, password).await?
             }
@@ -641,6 +638,32 @@ impl Preamble {
             conn.status().await?;
         }
         Ok(())
+    }
+}
+
+/// RFC 5034 §4: a client must not send an AUTH command with its initial response when that makes the line
+/// longer than 255 octets; it sends the response after the server's empty challenge instead.
+const AUTH_LINE_LIMIT: usize = 255;
+
+/// AUTH PLAIN: the credentials in the command itself, one round trip (USER/PASS takes two), or after the
+/// store's empty challenge when the line would be too long for the initial response.
+async fn auth_plain(
+    conn: &mut Prepared,
+    preamble: &mut Preamble,
+    b64: String,
+) -> Result<(Status, Vec<u8>), LoginError> {
+    preamble.settle(conn).await?;
+    if "AUTH PLAIN ".len() + b64.len() + 2 <= AUTH_LINE_LIMIT {
+        conn.queue(format!("AUTH PLAIN {b64}\r\n").as_bytes());
+        return conn.status().await;
+    }
+    conn.queue(b"AUTH PLAIN\r\n");
+    match conn.status().await? {
+        (Status::Continue, _) => {
+            conn.queue(format!("{b64}\r\n").as_bytes());
+            conn.status().await
+        }
+        done => Ok(done),
     }
 }
 

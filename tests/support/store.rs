@@ -108,6 +108,39 @@ impl ScriptedStore {
             .cloned()
             .collect()
     }
+
+    /// The login name of every login any connection made, as the store saw it: the argument of USER, or
+    /// the authentication identity of AUTH PLAIN (its initial response, or the response line after it).
+    pub fn logins(&self) -> Vec<String> {
+        let seen = self.seen.lock().unwrap();
+        let mut names = Vec::new();
+        for conn in seen.iter() {
+            let mut lines = conn.iter().map(|l| l.trim_end_matches(['\r', '\n']));
+            while let Some(line) = lines.next() {
+                if let Some(user) = line.strip_prefix("USER ") {
+                    names.push(user.to_string());
+                } else if let Some(rest) = line.strip_prefix("AUTH PLAIN") {
+                    let b64 = match rest.strip_prefix(' ') {
+                        Some(initial) => initial,
+                        None => lines.next().unwrap_or_default(),
+                    };
+                    names.push(plain_authcid(b64));
+                }
+            }
+        }
+        names
+    }
+}
+
+/// The authentication identity in a base64 SASL PLAIN message (`authzid NUL authcid NUL password`).
+fn plain_authcid(b64: &str) -> String {
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap_or_default();
+    let fields: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
+    assert_eq!(fields.len(), 3, "not a PLAIN message: {b64}");
+    String::from_utf8_lossy(fields[1]).into_owned()
 }
 
 async fn serve(mut tcp: tokio::net::TcpStream, script: &Script, record: &Mutex<Vec<Vec<String>>>) {
