@@ -92,9 +92,11 @@ async fn recording_store() -> (SocketAddr, Reads) {
     (addr, reads)
 }
 
-/// popgate with tenant `acme` (example.com, the default `backend_login`) and tenant `legacy` (example.net,
-/// `backend_login: user_pass`), both on `store`, without a pool (each login opens its own connection).
-async fn proxy_for(store: SocketAddr) -> popgate::Running {
+/// A recording store, and popgate in front of it with tenant `acme` (example.com, the default
+/// `backend_login`) and tenant `legacy` (example.net, `backend_login: user_pass`), without a pool (each
+/// login opens its own connection); popgate's plain listener.
+async fn proxy() -> (popgate::Running, SocketAddr, Reads) {
+    let (store, reads) = recording_store().await;
     let yaml = format!(
         "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\ntenants:\n  acme:\n    \
          domains: [example.com]\n    backends: [\"{store}\"]\n    plaintext_login: allow\n    \
@@ -102,9 +104,18 @@ async fn proxy_for(store: SocketAddr) -> popgate::Running {
          plaintext_login: allow\n    pool: {{min_idle: 0}}\n    backend_login: user_pass\n"
     );
     let config = popgate::Config::from_yaml_str(&yaml, Path::new(".")).unwrap();
-    popgate::start(config, CancellationToken::new())
+    let pg = popgate::start(config, CancellationToken::new())
         .await
-        .unwrap()
+        .unwrap();
+    let addr = pg.local_addr("pop3").unwrap();
+    (pg, addr, reads)
+}
+
+/// The lines one store connection received, in order, CRLF included.
+fn lines_of(conn: &[String]) -> Vec<&str> {
+    conn.iter()
+        .flat_map(|r| r.split_inclusive("\r\n"))
+        .collect()
 }
 
 fn b64(raw: &[u8]) -> String {
@@ -132,9 +143,7 @@ fn logins(reads: &Reads) -> Vec<Vec<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_login_is_one_auth_plain_where_the_store_offers_it() {
-    let (store, reads) = recording_store().await;
-    let pg = proxy_for(store).await;
-    let addr = pg.local_addr("pop3").unwrap();
+    let (pg, addr, reads) = proxy().await;
 
     // USER/PASS, AUTH PLAIN and AUTH LOGIN from the client, for the default tenant.
     session(addr, "alice@example.com", "secret-one").await;
@@ -157,8 +166,8 @@ async fn a_password_login_is_one_auth_plain_where_the_store_offers_it() {
     let sent: Vec<String> = logins
         .iter()
         .map(|conn| {
-            conn.iter()
-                .flat_map(|r| r.split_inclusive("\r\n"))
+            lines_of(conn)
+                .into_iter()
                 .filter(|l| !l.starts_with("XCLIENT ") && !l.starts_with("CAPA"))
                 .take_while(|l| !l.starts_with("STAT") && !l.starts_with("QUIT"))
                 .collect()
@@ -180,9 +189,7 @@ async fn a_password_login_is_one_auth_plain_where_the_store_offers_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_too_long_for_the_auth_line_go_after_the_challenge() {
-    let (store, reads) = recording_store().await;
-    let pg = proxy_for(store).await;
-    let addr = pg.local_addr("pop3").unwrap();
+    let (pg, addr, reads) = proxy().await;
     // 180 octets of password: the base64 of the PLAIN message alone is over 255 octets.
     let password = "p".repeat(180);
     let mut c = Pop3::greeted(addr).await;
@@ -192,10 +199,7 @@ async fn credentials_too_long_for_the_auth_line_go_after_the_challenge() {
 
     let logins = logins(&reads);
     assert_eq!(logins.len(), 1, "{logins:?}");
-    let lines: Vec<&str> = logins[0]
-        .iter()
-        .flat_map(|r| r.split_inclusive("\r\n"))
-        .collect();
+    let lines = lines_of(&logins[0]);
     let auth = lines.iter().position(|l| l.starts_with("AUTH")).unwrap();
     let message = b64(format!("\0alice@example.com\0{password}").as_bytes());
     assert_eq!(
@@ -207,9 +211,7 @@ async fn credentials_too_long_for_the_auth_line_go_after_the_challenge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_go_only_after_every_earlier_reply() {
-    let (store, reads) = recording_store().await;
-    let pg = proxy_for(store).await;
-    let addr = pg.local_addr("pop3").unwrap();
+    let (pg, addr, reads) = proxy().await;
 
     // The default tenant: XCLIENT, then AUTH PLAIN.
     session(addr, "alice@example.com", "secret-one").await;

@@ -146,11 +146,16 @@ pub fn store_auth(
             user: store_user.to_string(),
             password: creds.password.clone(),
             authzid: creds.authzid.clone(),
-            // USER/PASS, PLAIN and LOGIN all carry a name and a password: AUTH PLAIN, where the store
-            // offers it, hands them over in one round trip instead of USER/PASS's two.
-            plain: !matches!(rules.backend_login, StoreLogin::UserPass),
+            plain: password_as_plain(rules.backend_login),
         },
     })
+}
+
+/// Whether a name and password (USER/PASS, PLAIN or LOGIN from the client; or an auth_http answer's) go to
+/// the store as AUTH PLAIN where it offers PLAIN: one round trip, where USER/PASS takes two. Only
+/// `user_pass` keeps USER/PASS; a master login is USER/PASS by its own rule.
+pub fn password_as_plain(backend_login: &StoreLogin) -> bool {
+    matches!(backend_login, StoreLogin::Client | StoreLogin::AuthPlain)
 }
 
 #[cfg(test)]

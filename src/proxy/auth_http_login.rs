@@ -1,8 +1,7 @@
 //! nginx-style auth_http login: ask the service, then log in at the store it names. The decision of what
 //! to send a store lives in `crate::auth::decision`.
 
-use crate::auth::decision::OwnedAuth;
-use crate::config::StoreLogin;
+use crate::auth::decision::{OwnedAuth, password_as_plain};
 use crate::secret::Secret;
 use crate::session::{ClientSession, Credentials, Mechanism};
 use crate::store::LoginError;
@@ -69,11 +68,7 @@ pub(super) async fn auth_http_login(
         }
     };
     let user = user.unwrap_or_else(|| store_user.to_string());
-    // As for the tenant's own stores: AUTH PLAIN where offered (one round trip), unless `user_pass`.
-    let plain = matches!(
-        tenant.backend_login,
-        StoreLogin::Client | StoreLogin::AuthPlain
-    );
+    let plain = password_as_plain(&tenant.backend_login);
     let store_auth = match (&pass, auth) {
         (Some(p), _) => StoreAuth::Password {
             user: &user,

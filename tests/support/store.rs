@@ -124,23 +124,14 @@ impl ScriptedStore {
                         Some(initial) => initial,
                         None => lines.next().unwrap_or_default(),
                     };
-                    names.push(plain_authcid(b64));
+                    let plain = popgate::protocol::sasl::decode_plain(b64.as_bytes())
+                        .unwrap_or_else(|e| panic!("not a PLAIN message ({e}): {b64}"));
+                    names.push(plain.authcid);
                 }
             }
         }
         names
     }
-}
-
-/// The authentication identity in a base64 SASL PLAIN message (`authzid NUL authcid NUL password`).
-fn plain_authcid(b64: &str) -> String {
-    use base64::Engine as _;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap_or_default();
-    let fields: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
-    assert_eq!(fields.len(), 3, "not a PLAIN message: {b64}");
-    String::from_utf8_lossy(fields[1]).into_owned()
 }
 
 async fn serve(mut tcp: tokio::net::TcpStream, script: &Script, record: &Mutex<Vec<Vec<String>>>) {
