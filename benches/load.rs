@@ -118,6 +118,8 @@ enum Variant {
     DelayPool,
     /// The same with `pool: {min_idle: 0}`: every login connects, greets and asks CAPA across the delay.
     DelayNoPool,
+    /// `DelayPool` with `pool: {xclient_at_user: true}`: XCLIENT goes at the client's USER.
+    DelayEarly,
     /// popgate, pool on, serving clients an RSA-2048 certificate (the others serve the self-signed ECDSA
     /// P-256 fallback): the `tls` section's certificate-kind rows.
     Rsa,
@@ -132,8 +134,13 @@ struct Delay {
 /// How long the forwarder holds each chunk, per direction.
 const DELAY: Duration = Duration::from_micros(500);
 
+/// How long the forwarder between a distant client and its server holds each chunk, per direction: a
+/// client on the ISP's access network, its round trip (4 ms) well above the store's.
+const CLIENT_DELAY: Duration = Duration::from_millis(2);
+
 impl Delay {
-    fn start(to: SocketAddr) -> Self {
+    /// A forwarder to `to` holding each chunk `hold` in each direction.
+    fn start(to: SocketAddr, hold: Duration) -> Self {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || {
@@ -157,7 +164,7 @@ impl Delay {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n,
                             };
-                            std::thread::sleep(DELAY);
+                            std::thread::sleep(hold);
                             if into.write_all(&buf[..n]).is_err() {
                                 break;
                             }
@@ -366,7 +373,7 @@ fn main() {
         .unwrap();
     let redis = redis::Redis::start();
     let directories = runs("placement").then(|| Directories::start(work.path(), store.pop3_addr()));
-    let delay = runs("delay").then(|| Delay::start(store.pop3_addr()));
+    let delay = runs("delay").then(|| Delay::start(store.pop3_addr(), DELAY));
     let setup = Setup {
         popgate: &popgate_bin,
         haproxy: Path::new(HAPROXY).exists(),
@@ -388,7 +395,11 @@ fn main() {
         variants.extend(PLACED.iter().map(|(_, v)| *v));
     }
     if delay.is_some() {
-        variants.extend([Variant::DelayPool, Variant::DelayNoPool]);
+        variants.extend([
+            Variant::DelayPool,
+            Variant::DelayNoPool,
+            Variant::DelayEarly,
+        ]);
     }
     if runs("tls") {
         variants.push(Variant::Rsa);
@@ -523,6 +534,33 @@ fn main() {
     .into_iter()
     .flatten()
     .collect();
+    // A client 2 ms away (one at a time only): to the store directly, or to popgate with the store 0.5 ms
+    // behind it. The client's own round trip between USER and PASS is where popgate's XCLIENT goes.
+    let client_delays: Vec<(&'static str, Delay, Option<&Proxy>)> = delay
+        .as_ref()
+        .map(|_| {
+            let mut v = vec![(
+                "far.direct",
+                Delay::start(store.pop3_addr(), CLIENT_DELAY),
+                None,
+            )];
+            if let Some(p) = proc_of(Variant::DelayPool) {
+                v.push(("far.pool", Delay::start(p.plain, CLIENT_DELAY), Some(p)));
+            }
+            if let Some(p) = proc_of(Variant::DelayEarly) {
+                v.push(("far.early", Delay::start(p.plain, CLIENT_DELAY), Some(p)));
+            }
+            v
+        })
+        .unwrap_or_default();
+    let far_paths: Vec<Via<'_>> = client_delays
+        .iter()
+        .map(|(name, d, p)| Via {
+            name,
+            target: TargetArgs::plain(d.addr),
+            process: *p,
+        })
+        .collect();
     // Placement: domain-only routing (pool) against each source, warm and cold.
     let placement_paths: Vec<Via<'_>> = std::iter::once(via("pool", Variant::Pool))
         .chain(PLACED.iter().map(|&(name, v)| via(name, v)))
@@ -546,6 +584,7 @@ fn main() {
         .chain(&placement_paths)
         .chain(&client_tls_paths)
         .chain(&delay_paths)
+        .chain(&far_paths)
     {
         let r = rt
             .block_on(logins::run(&logins_args(p.target.clone(), 1.0)))
@@ -655,7 +694,8 @@ fn main() {
         // round trips across the delay) is on every login's own path.
         let one_at_a_time = rotated(&login_paths, round)
             .filter(|_| runs("logins"))
-            .chain(rotated(&delay_paths, round).filter(|_| runs("delay")));
+            .chain(rotated(&delay_paths, round).filter(|_| runs("delay")))
+            .chain(rotated(&far_paths, round).filter(|_| runs("delay")));
         for p in one_at_a_time {
             let r = rt
                 .block_on(logins::run(&LoginsArgs {
@@ -983,6 +1023,7 @@ impl Proxy {
                 Variant::Pool | Variant::Limits | Variant::Shared => (plain_store, ""),
                 Variant::DelayPool => (delayed_store, ""),
                 Variant::DelayNoPool => (delayed_store, "\n    pool: {min_idle: 0}"),
+                Variant::DelayEarly => (delayed_store, "\n    pool: {xclient_at_user: true}"),
                 Variant::Rsa => (plain_store, ""),
                 Variant::NoPool => (plain_store, "\n    pool: {min_idle: 0}"),
                 Variant::TlsPool => (tls_store, "\n    backend_tls: {insecure_skip_verify: true}"),
@@ -1356,22 +1397,36 @@ impl Figures {
         );
         // 50 concurrent clients (`logins.`), then one at a time (`logins1.`).
         for (kind, clients) in [("logins", "50 concurrent"), ("logins1", "1 client")] {
-            let base = |k: &str| self.median(&format!("{kind}.delay.direct.{k}"));
             for name in ["delay.direct", "delay.pool", "delay.nopool"] {
-                let get = |k: &str| self.median(&format!("{kind}.{name}.{k}"));
-                let _ = writeln!(
-                    out,
-                    "| {name}, {clients} | {} | {} | {} | {} | {} | {} |",
-                    shown(get("per_s")),
-                    ratio(get("per_s"), base("per_s")),
-                    shown(get("pass_p50_us")),
-                    ratio(get("pass_p50_us"), base("pass_p50_us")),
-                    shown(get("session_p50_us")),
-                    ratio(get("session_p50_us"), base("session_p50_us")),
-                );
+                self.path_row(&mut out, kind, name, "delay.direct", clients);
+            }
+        }
+        if self.median("logins1.far.direct.per_s").is_some() {
+            out.push_str(
+                "\nThe client 2 ms away (one at a time), to the store directly or to popgate with the store 0.5 ms \
+                 behind it (`far.early`: `pool.xclient_at_user`):\n\n| path | logins/s | ÷ direct | PASS p50 µs | ÷ direct | session p50 µs | ÷ direct |\n\
+                 |---|---|---|---|---|---|---|\n",
+            );
+            for name in ["far.direct", "far.pool", "far.early"] {
+                self.path_row(&mut out, "logins1", name, "far.direct", "1 client");
             }
         }
         out
+    }
+
+    /// One row of a login table: logins/s, PASS p50 and session p50 of `name`, each with its ratio to `base`.
+    fn path_row(&self, out: &mut String, kind: &str, name: &str, base: &str, clients: &str) {
+        let get = |n: &str, k: &str| self.median(&format!("{kind}.{n}.{k}"));
+        let _ = writeln!(
+            out,
+            "| {name}, {clients} | {} | {} | {} | {} | {} | {} |",
+            shown(get(name, "per_s")),
+            ratio(get(name, "per_s"), get(base, "per_s")),
+            shown(get(name, "pass_p50_us")),
+            ratio(get(name, "pass_p50_us"), get(base, "pass_p50_us")),
+            shown(get(name, "session_p50_us")),
+            ratio(get(name, "session_p50_us"), get(base, "session_p50_us")),
+        );
     }
 
     /// Client TLS: full handshakes against Dovecot terminating TLS itself, and resumed sessions against

@@ -298,6 +298,7 @@ tenants:
     plaintext_login: allow
     backends: ["{}"]
     client_ip: xclient
+    pool: {{xclient_at_user: true}}
   p:
     domains: [p.test]
     plaintext_login: allow
@@ -325,6 +326,32 @@ tenants:
     assert!(
         log.lines()
             .any(|l| l.contains("user=<u@x.test>") && l.contains("rip=203.0.113.7")),
+        "{log}"
+    );
+    // With a pooled connection ready, XCLIENT goes at the client's USER and Dovecot answers it while the
+    // client sends its password; the login that follows still carries the client's address.
+    pg.wait_until(Duration::from_secs(10), "a pooled connection", |pg| {
+        pg.running
+            .stores()
+            .iter()
+            .any(|(t, stores)| t == "x" && stores.iter().any(|s| s.pool_idle > 0))
+    });
+    pg.rt.block_on(async {
+        let header = popgate::proxy_protocol::encode(2, "203.0.113.8:5556".parse().unwrap(), lb);
+        let mut c = Pop3::connect(lb).await;
+        c.send_raw(&header).await;
+        assert!(c.line().await.starts_with("+OK"));
+        c.ok("USER u@x.test").await;
+        // CAPA's answer comes after popgate sent XCLIENT for the USER before it.
+        c.multiline("CAPA").await;
+        c.ok("PASS pw").await;
+        c.ok("STAT").await;
+        c.ok("QUIT").await;
+    });
+    let log = store.wait_for_log("rip=203.0.113.8", Duration::from_secs(10));
+    assert!(
+        log.lines()
+            .any(|l| l.contains("user=<u@x.test>") && l.contains("rip=203.0.113.8")),
         "{log}"
     );
     // PROXY v2 out, to Dovecot's haproxy listener.

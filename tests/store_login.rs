@@ -16,6 +16,7 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use base64::Engine as _;
 use support::pop3::Pop3;
@@ -23,8 +24,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Per store connection, the text of each read, in order.
+/// Per store connection, the text of each read, in order; [`CLOSED`] once popgate closed it.
 type Reads = Arc<Mutex<Vec<Vec<String>>>>;
+
+/// What the recording store records when popgate closes a connection.
+const CLOSED: &str = "<closed by popgate>";
 
 /// A store that greets with `[XCLIENT]`, offers PIPELINING and SASL PLAIN, accepts every command and
 /// answers all the lines of one read in one write.
@@ -53,7 +57,10 @@ async fn recording_store() -> (SocketAddr, Reads) {
                 let mut pending = String::new();
                 loop {
                     let n = match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
+                        Ok(0) | Err(_) => {
+                            record.lock().unwrap()[index].push(CLOSED.to_string());
+                            return;
+                        }
                         Ok(n) => n,
                     };
                     let chunk = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -109,6 +116,51 @@ async fn proxy() -> (popgate::Running, SocketAddr, Reads) {
         .unwrap();
     let addr = pg.local_addr("pop3").unwrap();
     (pg, addr, reads)
+}
+
+/// A recording store, and popgate in front of it with tenant `acme` (example.com) whose pool keeps
+/// `idle` connections ready and sends XCLIENT at the client's USER (`pool.xclient_at_user`); returns once
+/// the connections are ready.
+async fn pooled_proxy(idle: usize) -> (popgate::Running, SocketAddr, Reads) {
+    let (store, reads) = recording_store().await;
+    let yaml = format!(
+        "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\ntenants:\n  acme:\n    \
+         domains: [example.com]\n    backends: [\"{store}\"]\n    plaintext_login: allow\n    \
+         pool: {{min_idle: {idle}, xclient_at_user: true}}\n"
+    );
+    let config = popgate::Config::from_yaml_str(&yaml, Path::new(".")).unwrap();
+    let pg = popgate::start(config, CancellationToken::new())
+        .await
+        .unwrap();
+    support::popgate::eventually(Duration::from_secs(10), "the pool to fill", || {
+        pg.stores()
+            .iter()
+            .flat_map(|(_, stores)| stores)
+            .any(|s| s.pool_idle >= idle)
+    })
+    .await;
+    let addr = pg.local_addr("pop3").unwrap();
+    (pg, addr, reads)
+}
+
+/// The indexes of the store connections that have received an XCLIENT.
+fn introduced(reads: &Reads) -> Vec<usize> {
+    let reads = reads.lock().unwrap();
+    (0..reads.len())
+        .filter(|&i| reads[i].iter().any(|r| r.contains("XCLIENT ")))
+        .collect()
+}
+
+/// A client greeted by popgate that has sent `USER alice@example.com`, and the store connection that
+/// received the XCLIENT for it (waited for: the test fails if none comes).
+async fn named_alice(addr: SocketAddr, reads: &Reads) -> (Pop3, usize) {
+    let mut c = Pop3::greeted(addr).await;
+    c.ok("USER alice@example.com").await;
+    support::popgate::eventually(Duration::from_secs(5), "XCLIENT at USER", || {
+        introduced(reads).len() == 1
+    })
+    .await;
+    (c, introduced(reads)[0])
 }
 
 /// The lines one store connection received, in order, CRLF included.
@@ -311,4 +363,104 @@ async fn a_store_without_xclient_is_warned_about_once() {
         "{warnings:?}"
     );
     pg.shutdown();
+}
+
+/// The client's USER already gets a pooled store connection ready: XCLIENT goes out then, and the
+/// client's PASS waits for one store round trip (the login), not two (XCLIENT, then the login). The
+/// credentials still go in a write of their own, after XCLIENT's reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xclient_goes_at_the_clients_user_and_the_password_after_its_reply() {
+    let (pg, addr, reads) = pooled_proxy(1).await;
+    let (mut c, conn) = named_alice(addr, &reads).await;
+    let before_pass = reads.lock().unwrap()[conn].clone();
+    assert!(
+        !before_pass
+            .iter()
+            .any(|r| r.contains("AUTH ") || r.contains("PASS ")),
+        "{before_pass:?}"
+    );
+    c.ok("PASS secret-one").await;
+    c.ok("STAT").await;
+    c.ok("QUIT").await;
+    pg.shutdown();
+
+    let reads = reads.lock().unwrap();
+    let lines = lines_of(&reads[conn]);
+    let xclient: Vec<&&str> = lines.iter().filter(|l| l.starts_with("XCLIENT ")).collect();
+    assert_eq!(xclient.len(), 1, "one XCLIENT: {lines:?}");
+    assert!(
+        xclient[0].starts_with("XCLIENT ADDR=127.0.0.1 PORT=")
+            && xclient[0].contains(" SESSION=popgate-"),
+        "{lines:?}"
+    );
+    let auth = reads[conn]
+        .iter()
+        .position(|r| r.contains("AUTH "))
+        .expect("the login went on the introduced connection");
+    assert_eq!(
+        reads[conn][auth],
+        format!("AUTH PLAIN {}\r\n", b64(b"\0alice@example.com\0secret-one")),
+        "the credentials alone in their write: {:?}",
+        reads[conn]
+    );
+    let carried: Vec<usize> = (0..reads.len())
+        .filter(|&i| {
+            reads[i]
+                .iter()
+                .any(|r| r.contains("AUTH ") || r.contains("PASS "))
+        })
+        .collect();
+    assert_eq!(carried, [conn], "{reads:?}");
+}
+
+/// A client that leaves after USER leaves the store connection made ready for it closed, never sent QUIT
+/// (QUIT would be the client's word, which it did not give).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_after_user_closes_its_store_connection_without_quit() {
+    let (pg, addr, reads) = pooled_proxy(1).await;
+    let (mut c, conn) = named_alice(addr, &reads).await;
+    c.ok("QUIT").await;
+    support::popgate::eventually(
+        Duration::from_secs(5),
+        "the store connection closed",
+        || reads.lock().unwrap()[conn].last().map(String::as_str) == Some(CLOSED),
+    )
+    .await;
+    let got = reads.lock().unwrap()[conn].clone();
+    assert!(!got.iter().any(|r| r.contains("QUIT")), "{got:?}");
+    pg.shutdown();
+}
+
+/// One store connection is made ready per login attempt, however often the client repeats USER: a client
+/// cannot make popgate churn a store's pool by naming itself over and over. A name other than the one
+/// made ready logs in as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_user_makes_one_connection_ready_per_attempt() {
+    let (pg, addr, reads) = pooled_proxy(4).await;
+    let mut c = Pop3::greeted(addr).await;
+    for name in ["alice", "bob", "carol", "dave"] {
+        c.ok(&format!("USER {name}@example.com")).await;
+    }
+    // CAPA's answer comes after popgate has acted on every USER before it.
+    c.multiline("CAPA").await;
+    c.ok("PASS secret").await;
+    c.ok("STAT").await;
+    c.ok("QUIT").await;
+    pg.shutdown();
+
+    let ready = introduced(&reads);
+    let reads = reads.lock().unwrap();
+    // alice's, made ready and closed unused, and the connection dave logged in on.
+    assert_eq!(ready.len(), 2, "{reads:?}");
+    let logged_in: Vec<&usize> = ready
+        .iter()
+        .filter(|&&i| reads[i].iter().any(|r| r.contains("AUTH ")))
+        .collect();
+    assert_eq!(logged_in.len(), 1, "{reads:?}");
+    assert!(
+        reads[*logged_in[0]]
+            .iter()
+            .any(|r| *r == format!("AUTH PLAIN {}\r\n", b64(b"\0dave@example.com\0secret"))),
+        "{reads:?}"
+    );
 }

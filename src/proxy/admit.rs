@@ -18,8 +18,9 @@ use crate::session::{ClientSession, Credentials, SessionEnd};
 use crate::store::LoggedIn;
 use crate::store::LoginError;
 use crate::store::connection::ClientInfo;
-use crate::store::group::{ActiveSession, GroupError};
+use crate::store::group::{ActiveSession, GroupError, Introduced};
 use crate::throttle::{Failure, MailboxGuard, TenantGuard, Verdict};
+use crate::vocab::{Mechanism, TenantId};
 
 use super::auth_http_login::{AuthHttpLogin, AuthHttpOutcome, auth_http_login};
 use super::fleet;
@@ -100,6 +101,52 @@ impl Refusal {
     }
 }
 
+/// A pooled store connection made ready at the client's USER for the login its PASS asks for.
+pub(super) struct Introduction {
+    tenant: TenantId,
+    mailbox: String,
+    held: Introduced,
+}
+
+/// At the client's USER: where the name routes to a tenant whose group picks the store (no placement
+/// directory, no auth_http, no APOP passthrough), holds a pooled connection to the store the login will
+/// go to and sends it XCLIENT now ([`crate::store::group::StoreGroup::introduce`]), so the PASS waits for
+/// one store round trip instead of two. Nothing for a name that does not route, or whose login would be
+/// refused before a store is asked (TLS required, no USER/PASS for the tenant, a locked-out address or
+/// mailbox).
+pub(super) async fn introduce(
+    ctx: &Context,
+    shared: &Shared,
+    listener: &ListenerInfo,
+    session: &ClientSession,
+    client: &ClientInfo,
+    passthrough: Option<&Passthrough>,
+    name: &str,
+) -> Option<Introduction> {
+    let bound = listener.tenant.or(session.sni_tenant());
+    let route = shared.table.route(name, bound).ok()?;
+    let tenant = shared.tenant(route.tenant)?;
+    let refused_before_store = (!session.is_tls()
+        && tenant.plaintext == PlaintextLogin::RequireTls)
+        || !tenant.mechanisms.contains(&Mechanism::UserPass)
+        || matches!(
+            ctx.throttle.check_login(client.peer.ip(), &route.key),
+            Verdict::LockedOut { .. }
+        );
+    let elsewhere = tenant.placement.is_some()
+        || tenant.auth_http.is_some()
+        || passthrough.is_some_and(|p| p.tenant == route.tenant);
+    if refused_before_store || elsewhere {
+        return None;
+    }
+    let held = tenant.group.introduce(&route.key, client).await?;
+    Some(Introduction {
+        tenant: route.tenant,
+        mailbox: route.key,
+        held,
+    })
+}
+
 /// One login attempt of `session`'s client. `routed` is set to the tenant once the name routes to one
 /// (for the session's summary).
 #[allow(clippy::too_many_arguments)] // the session's facts, each used; a struct would only rename them
@@ -114,6 +161,7 @@ pub(super) async fn admit(
     number: u32,
     routed: &mut Option<String>,
     address: &mut fleet::AddressSlot,
+    mut introduced: Option<Introduction>,
 ) -> Admission {
     let attempt = Attempt {
         number,
@@ -146,7 +194,14 @@ pub(super) async fn admit(
         return Admission::Closed(SessionEnd::Policy);
     };
     match attempt
-        .at_tenant(tenant_name, tenant, &route, session, passthrough, address)
+        .at_tenant(
+            tenant_name,
+            tenant,
+            &route,
+            session,
+            (passthrough, &mut introduced),
+            address,
+        )
         .await
     {
         Ok(admitted) => Admission::Admitted(Box::new(admitted)),
@@ -238,7 +293,7 @@ impl Attempt<'_> {
         tenant: &TenantRuntime,
         route: &Route,
         session: &mut ClientSession,
-        passthrough: &mut Option<Passthrough>,
+        (passthrough, introduced): (&mut Option<Passthrough>, &mut Option<Introduction>),
         address: &mut fleet::AddressSlot,
     ) -> Result<Admitted, Refusal> {
         let mailbox = route.key.as_str();
@@ -283,7 +338,14 @@ impl Attempt<'_> {
         };
         let asked = tokio::time::Instant::now();
         let (logged_in, active, store) = match self
-            .ask_store(tenant, route, &auth, session, passthrough, placed.as_ref())
+            .ask_store(
+                tenant,
+                route,
+                &auth,
+                session,
+                (passthrough, introduced),
+                placed.as_ref(),
+            )
             .await
         {
             Ok(done) => done,
@@ -469,7 +531,7 @@ impl Attempt<'_> {
         route: &Route,
         auth: &OwnedAuth,
         session: &mut ClientSession,
-        passthrough: &mut Option<Passthrough>,
+        (passthrough, introduced): (&mut Option<Passthrough>, &mut Option<Introduction>),
         placed: Option<&Placed>,
     ) -> Result<(LoggedIn, Option<ActiveSession>, String), GroupError> {
         if let Some(placed) = placed {
@@ -493,10 +555,24 @@ impl Attempt<'_> {
             return Ok((logged_in, Some(active), store));
         }
         let Some(service) = &tenant.auth_http else {
-            let (logged_in, active) = tenant
-                .group
-                .login(&route.key, &auth.as_store_auth(), &self.client, session)
-                .await?;
+            // The connection made ready at this name's USER, when the name is the one now logging in.
+            let ready = introduced
+                .take()
+                .filter(|i| i.tenant == route.tenant && i.mailbox == route.key);
+            let group = &tenant.group;
+            let store_auth = auth.as_store_auth();
+            let (logged_in, active) = match ready {
+                Some(i) => {
+                    group
+                        .login_introduced(i.held, &route.key, &store_auth, &self.client, session)
+                        .await?
+                }
+                None => {
+                    group
+                        .login(&route.key, &store_auth, &self.client, session)
+                        .await?
+                }
+            };
             let store = active.store().label.clone();
             return Ok((logged_in, Some(active), store));
         };

@@ -27,7 +27,7 @@ use tracing::{Instrument, info, info_span};
 
 use crate::config::ListenerTls;
 use crate::context::Context;
-use crate::session::{ClientSession, Credentials, SessionEnd};
+use crate::session::{ClientSession, SessionEnd, Step};
 
 use self::admit::Admission;
 use self::handover::{Handover, Relayed};
@@ -153,11 +153,33 @@ async fn greeted<'c>(
     let mut attempts: u32 = 0;
     // The fleet's per-address limits, checked on the first attempt that reaches a tenant.
     let mut address = fleet::AddressSlot::default();
+    // A store connection made ready at the client's USER, for the login its PASS asks for: one per login
+    // attempt at most, so a client repeating USER cannot churn the stores' pools.
+    let mut introduced = None;
+    let mut may_introduce = shared.xclient_at_user;
+    session.report_names(shared.xclient_at_user);
     loop {
         let creds = match credentials(ctx, listener, &mut session, &mut stls_counted).await {
-            Ok(creds) => creds,
+            Ok(Step::Login(creds)) => creds,
+            Ok(Step::Named(name)) => {
+                if std::mem::take(&mut may_introduce) {
+                    let passthrough = passthrough.as_ref();
+                    introduced = admit::introduce(
+                        ctx,
+                        shared,
+                        listener,
+                        &session,
+                        &client,
+                        passthrough,
+                        &name,
+                    )
+                    .await;
+                }
+                continue;
+            }
             Err(end) => return Summary::NoLogin(routed, end),
         };
+        may_introduce = shared.xclient_at_user;
         attempts = attempts.saturating_add(1);
         let asked = Instant::now();
         let admission = admit::admit(
@@ -171,6 +193,7 @@ async fn greeted<'c>(
             attempts,
             &mut routed,
             &mut address,
+            introduced.take(),
         )
         .await;
         match admission {
@@ -206,16 +229,16 @@ async fn greeted<'c>(
     }
 }
 
-/// The client's next credentials, or how the session ended; a shutdown ends it with `-ERR [SYS/TEMP]`.
+/// The client's next credentials or USER name, or how the session ended; a shutdown ends it with `-ERR [SYS/TEMP]`.
 /// An STLS handshake on a STARTTLS listener is counted once.
 async fn credentials(
     ctx: &Context,
     listener: &ListenerInfo,
     session: &mut ClientSession,
     stls_counted: &mut bool,
-) -> Result<Credentials, SessionEnd> {
+) -> Result<Step, SessionEnd> {
     let next = tokio::select! {
-        r = session.next_login() => r,
+        r = session.next_step() => r,
         () = ctx.draining.cancelled() => {
             session.shutting_down().await;
             return Err(SessionEnd::Shutdown);

@@ -39,6 +39,9 @@ pub struct Shared {
     /// Some tenant sends PROXY headers to its stores, which name the address the client connected to:
     /// only then is it asked of the socket (`getsockname(2)`) on every connection.
     pub(super) proxy_headers_out: bool,
+    /// Some tenant sends XCLIENT at the client's USER (`pool.xclient_at_user`): only then does a session
+    /// report its USER names (`session::Step::Named`).
+    pub(super) xclient_at_user: bool,
     /// popgate's resolver (`dns:`), for names given at run time (auth_http's `Auth-Server`).
     pub(super) discovery: Arc<Discovery>,
 }
@@ -533,6 +536,9 @@ impl Shared {
                 ClientIpForwarding::ProxyV1 | ClientIpForwarding::ProxyV2
             )
         });
+        let xclient_at_user = config.tenants.values().any(|t| {
+            t.value.client_ip == ClientIpForwarding::Xclient && t.value.pool.xclient_at_user
+        });
         Ok(Self {
             config,
             table,
@@ -542,6 +548,7 @@ impl Shared {
             listeners,
             unbound,
             proxy_headers_out,
+            xclient_at_user,
             discovery,
         })
     }

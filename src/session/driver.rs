@@ -59,6 +59,15 @@ impl SessionEnd {
     }
 }
 
+/// What the client did that its driver's caller acts on.
+#[derive(Debug)]
+pub enum Step {
+    /// Sent USER with this name (answered `+OK`); its password is still to come.
+    Named(String),
+    /// Presented credentials: log in.
+    Login(Credentials),
+}
+
 /// TLS material for STLS on this connection.
 #[derive(Clone, Debug)]
 pub struct StartTls {
@@ -81,6 +90,8 @@ pub struct ClientSession {
     deadline: Instant,
     sni_tenant: Option<TenantId>,
     out: Vec<u8>,
+    /// Whether [`ClientSession::next_step`] reports a USER ([`Step::Named`]).
+    names: bool,
 }
 
 impl ClientSession {
@@ -101,7 +112,13 @@ impl ClientSession {
             deadline,
             sni_tenant,
             out: Vec::new(),
+            names: false,
         }
+    }
+
+    /// Whether [`Self::next_step`] reports each USER as [`Step::Named`] (off: it returns credentials only).
+    pub fn report_names(&mut self, on: bool) {
+        self.names = on;
     }
 
     /// The tenant named by SNI, if the client's TLS server name selected a tenant certificate.
@@ -137,8 +154,9 @@ impl ClientSession {
         self.flush().await
     }
 
-    /// Reads and answers commands until the client presents credentials, or the session ends.
-    pub async fn next_login(&mut self) -> Result<Credentials, SessionEnd> {
+    /// Reads and answers commands until the client presents credentials or, when asked to report names,
+    /// names itself with USER (its `+OK` sent), or the session ends.
+    pub async fn next_step(&mut self) -> Result<Step, SessionEnd> {
         loop {
             while !self.machine.is_waiting() {
                 // AUTH lines may carry long initial responses (OAuth tokens), like SASL continuations.
@@ -153,7 +171,13 @@ impl ClientSession {
                     None => break,
                 };
                 if let Some(creds) = self.perform(actions).await? {
-                    return Ok(creds);
+                    return Ok(Step::Login(creds));
+                }
+                if let Some(name) = self.machine.take_named()
+                    && self.names
+                {
+                    self.flush().await?;
+                    return Ok(Step::Named(name));
                 }
             }
             self.flush().await?;

@@ -4,5 +4,5 @@
 pub mod driver;
 pub mod state;
 
-pub use driver::{ClientSession, SessionEnd};
+pub use driver::{ClientSession, SessionEnd, Step};
 pub use state::{Action, Authorization, Credentials, Mechanism, Offer, Transport};

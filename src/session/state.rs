@@ -113,6 +113,8 @@ pub struct Authorization {
     failed_logins: u32,
     quit: bool,
     utf8: bool,
+    /// The name of a USER just accepted, until the driver takes it ([`Authorization::take_named`]).
+    named: Option<String>,
 }
 
 impl Authorization {
@@ -132,6 +134,7 @@ impl Authorization {
             failed_logins: 0,
             quit: false,
             utf8: false,
+            named: None,
         }
     }
 
@@ -203,6 +206,12 @@ impl Authorization {
         self.transport.stls_offered && !self.transport.tls
     }
 
+    /// The name of the USER the last line was, once: the driver may get the store ready for it while the
+    /// client sends its password.
+    pub fn take_named(&mut self) -> Option<String> {
+        self.named.take()
+    }
+
     /// Handles one complete client line (CRLF removed).
     pub fn on_line(&mut self, line: &[u8]) -> Vec<Action> {
         match std::mem::replace(&mut self.phase, Phase::Idle) {
@@ -257,6 +266,7 @@ impl Authorization {
             Command::User(name) if !name.is_ascii() && !self.utf8 => self.needs_utf8(),
             Command::User(name) => {
                 // +OK whatever the name: refusing here would let anyone probe for names and domains.
+                self.named = Some(name.clone());
                 self.phase = Phase::HaveUser(name);
                 vec![Action::Send(b"+OK\r\n".to_vec())]
             }

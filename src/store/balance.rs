@@ -69,6 +69,27 @@ impl Balancer {
     /// Ranks `candidates` for one session. `mailbox` is the normalised mailbox (`local@domain`, lowercased
     /// domain) and is used only by [`Policy::ConsistentHash`].
     pub fn choose(&self, candidates: &[Candidate<'_>], mailbox: &str) -> Choice {
+        let turn = match self.policy {
+            Policy::ConsistentHash => 0,
+            Policy::RoundRobin | Policy::LeastConnections => {
+                self.turn.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        self.rank_at(candidates, mailbox, turn)
+    }
+
+    /// What [`Self::choose`] would answer now, without taking a round-robin turn ([`Self::take_turn`]
+    /// takes it when the answer is acted on).
+    pub fn peek(&self, candidates: &[Candidate<'_>], mailbox: &str) -> Choice {
+        self.rank_at(candidates, mailbox, self.turn.load(Ordering::Relaxed))
+    }
+
+    /// Takes the round-robin turn a [`Self::peek`] answer was for.
+    pub fn take_turn(&self) {
+        self.turn.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn rank_at(&self, candidates: &[Candidate<'_>], mailbox: &str, turn: usize) -> Choice {
         let all_down = !candidates.iter().any(|c| c.healthy);
         let order = match self.policy {
             // Health is deliberately ignored in the ranking: a flapping store must not remap its mailboxes
@@ -86,7 +107,6 @@ impl Balancer {
                 let eligible: Vec<usize> = (0..candidates.len())
                     .filter(|&i| all_down || candidates[i].healthy)
                     .collect();
-                let turn = self.turn.fetch_add(1, Ordering::Relaxed);
                 let mut order = Vec::with_capacity(eligible.len());
                 for group in priority_groups(candidates, &eligible) {
                     self.order_group(candidates, &group, turn, &mut order);
@@ -280,6 +300,20 @@ mod tests {
         all.sort_unstable();
         assert_eq!(all, [0, 1, 2]);
         assert!(!choice.all_down);
+    }
+
+    /// A peek answers what the next choice will be without taking its turn; taking the turn moves on.
+    #[test]
+    fn peek_takes_no_turn_until_it_is_taken() {
+        let b = Balancer::new(Policy::RoundRobin);
+        let c = [store("a"), store("b"), store("c")];
+        let peeked = b.peek(&c, "").order;
+        assert_eq!(b.peek(&c, "").order, peeked);
+        assert_eq!(b.choose(&c, "").order, peeked);
+        let next = b.peek(&c, "").order;
+        assert_ne!(next, peeked);
+        b.take_turn();
+        assert_ne!(b.choose(&c, "").order[0], next[0]);
     }
 
     #[test]

@@ -111,6 +111,8 @@ pub struct KnownCaps {
     slot: Mutex<Option<(Instant, Arc<Capabilities>)>>,
     /// Whether the store's missing XCLIENT was logged (once until it offers it again).
     xclient_warned: std::sync::atomic::AtomicBool,
+    /// Whether the store's last greeting to popgate offered XCLIENT (with `client_ip: xclient`).
+    xclient_offered: std::sync::atomic::AtomicBool,
 }
 
 impl KnownCaps {
@@ -132,6 +134,7 @@ impl KnownCaps {
     /// sees every client as popgate, and throttles and logs them as one), and again after it offered it.
     fn note_xclient(&self, offered: bool, endpoint: &Endpoint) {
         use std::sync::atomic::Ordering;
+        self.xclient_offered.store(offered, Ordering::Relaxed);
         if offered {
             self.xclient_warned.store(false, Ordering::Relaxed);
         } else if !self.xclient_warned.swap(true, Ordering::Relaxed) {
@@ -142,6 +145,12 @@ impl KnownCaps {
                  (docs/dovecot.md)"
             );
         }
+    }
+
+    /// Whether the store's last greeting to popgate offered XCLIENT (known with `client_ip: xclient` only).
+    pub fn offers_xclient(&self) -> bool {
+        self.xclient_offered
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Forgets the answer (the store failed a probe: it may come back as another version).
@@ -172,6 +181,8 @@ pub struct Prepared {
     reply_timeout: Duration,
     caps: Arc<Capabilities>,
     xclient: bool,
+    /// XCLIENT went out at the client's USER ([`Prepared::introduce`]); its reply is still to be read.
+    introduced: bool,
     greeting: Vec<u8>,
     timestamp: Option<String>,
 }
@@ -260,6 +271,7 @@ impl Connector {
             reply_timeout: self.timeouts.reply,
             caps: Arc::default(),
             xclient: false,
+            introduced: false,
             greeting: Vec::new(),
             timestamp: None,
         };
@@ -384,6 +396,21 @@ impl Prepared {
     /// The store's APOP timestamp, when its greeting has one.
     pub fn timestamp(&self) -> Option<&str> {
         self.timestamp.as_deref()
+    }
+
+    /// Whether the store's greeting offered XCLIENT to popgate.
+    pub fn offers_xclient(&self) -> bool {
+        self.xclient
+    }
+
+    /// Sends XCLIENT for `client` now, ahead of the credentials (at the client's USER, while the client is
+    /// still to send its password). Its reply is read when the login goes (`login`), by which time it has
+    /// usually arrived, so the store login is one round trip instead of two.
+    pub async fn introduce(&mut self, client: &ClientInfo) -> Result<(), LoginError> {
+        self.queue(xclient_line(client).as_bytes());
+        self.flush_queued().await?;
+        self.introduced = true;
+        Ok(())
     }
 
     async fn read_line(&mut self) -> Result<Vec<u8>, LoginError> {
@@ -525,14 +552,14 @@ async fn send_preamble(
         xclient: false,
         utf8: false,
     };
-    if let (ClientIpForwarding::Xclient, true, Some(client)) = (forwarding, conn.xclient, client) {
-        let cmd = format!(
-            "XCLIENT ADDR={} PORT={} SESSION=popgate-{}\r\n",
-            client.peer.ip(),
-            client.peer.port(),
-            client.session
-        );
-        conn.queue(cmd.as_bytes());
+    if std::mem::take(&mut conn.introduced) {
+        // Sent at the client's USER (`Prepared::introduce`); only its reply is owed.
+        preamble.xclient = true;
+        preamble.settle_unless_pipelining(conn).await?;
+    } else if let (ClientIpForwarding::Xclient, true, Some(client)) =
+        (forwarding, conn.xclient, client)
+    {
+        conn.queue(xclient_line(client).as_bytes());
         preamble.xclient = true;
         preamble.settle_unless_pipelining(conn).await?;
     }
@@ -543,6 +570,16 @@ async fn send_preamble(
         preamble.settle_unless_pipelining(conn).await?;
     }
     Ok(preamble)
+}
+
+/// `XCLIENT` with the client's address and popgate's session id (so store and proxy logs can be joined).
+fn xclient_line(client: &ClientInfo) -> String {
+    format!(
+        "XCLIENT ADDR={} PORT={} SESSION=popgate-{}\r\n",
+        client.peer.ip(),
+        client.peer.port(),
+        client.session
+    )
 }
 
 /// The command that carries the credentials (and, for SASL, the round trips the store asks for); the

@@ -17,8 +17,8 @@ use super::connection::{
     self, AskCapa, ClientInfo, LoggedIn, LoginError, Prepared, SaslRelay, StoreAuth,
 };
 use super::dns::{DnsError, DnsSettings, Endpoint, Target};
-use super::registry::{NameWatch, Profile, Registry, Store};
-use crate::config::{StoreSpec, StoreTlsMode, TenantConfig};
+use super::registry::{IntroductionSlot, NameWatch, Profile, Registry, Store};
+use crate::config::{ClientIpForwarding, StoreSpec, StoreTlsMode, TenantConfig};
 use crate::metrics::Metrics;
 
 /// One of a tenant's stores: the shared store and the tenant's own weight and priority for it.
@@ -52,6 +52,14 @@ impl Drop for ActiveSession {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A pooled connection held for one client between its USER and PASS, XCLIENT already sent
+/// ([`StoreGroup::introduce`]).
+#[derive(Debug)]
+pub struct Introduced {
+    prepared: Prepared,
+    slot: IntroductionSlot,
 }
 
 /// A store as shown by status pages and tests.
@@ -270,17 +278,7 @@ impl StoreGroup {
         if members.is_empty() {
             return Err(GroupError::NoStore("the group has no stores".into()));
         }
-        let candidates: Vec<Candidate<'_>> = members
-            .iter()
-            .map(|m| Candidate {
-                id: &m.store.id,
-                weight: m.store.weight().unwrap_or(m.weight),
-                priority: m.priority,
-                // A store the operator drains or maintains counts as down, and is then left out below.
-                healthy: m.store.health.is_up() && m.store.takes_logins(),
-                active: m.store.active(),
-            })
-            .collect();
+        let candidates = candidates(&members);
         let mut choice = self.balancer.choose(&candidates, mailbox);
         self.note_all_down(choice.all_down);
         let closed = |i: &usize| members.get(*i).is_some_and(|m| !m.store.takes_logins());
@@ -345,6 +343,79 @@ impl StoreGroup {
             || GroupError::NoStore("no store could be tried".into()),
             GroupError::from,
         ))
+    }
+
+    /// Takes an idle pooled connection on the store a login for `mailbox` would go to now and sends it
+    /// XCLIENT for `client`: done at the client's USER, the client's PASS then costs one store round trip
+    /// instead of two. None where the tenant did not ask for it (`pool.xclient_at_user`), or where that gains
+    /// nothing or costs a connection of its own: `client_ip` is not `xclient` or the store does not offer it, the store has no idle pooled connection, is down or takes
+    /// no logins, every store is down, or the store's introduction slots are all held (see
+    /// [`Store::hold_for_introduction`]).
+    pub async fn introduce(&self, mailbox: &str, client: &ClientInfo) -> Option<Introduced> {
+        if !self.profile.pool.xclient_at_user
+            || self.profile.connector.client_ip != ClientIpForwarding::Xclient
+        {
+            return None;
+        }
+        let members = self.members.load_full();
+        // The login that uses the connection will not choose again: the round-robin turn is taken only
+        // once the connection is.
+        let choice = self.balancer.peek(&candidates(&members), mailbox);
+        if choice.all_down {
+            return None;
+        }
+        let store = &members.get(*choice.order.first()?)?.store;
+        let pool = store.pool.as_ref()?;
+        let ready = store.health.is_up() && store.takes_logins() && store.caps.offers_xclient();
+        if !ready || pool.idle() == 0 {
+            return None;
+        }
+        let slot = store.hold_for_introduction()?;
+        let mut prepared = pool.take().await?;
+        self.balancer.take_turn();
+        store.metrics.checkout(true);
+        // A connection whose greeting did not offer XCLIENT is still this client's to log in on.
+        if prepared.offers_xclient() && prepared.introduce(client).await.is_err() {
+            return None;
+        }
+        Some(Introduced { prepared, slot })
+    }
+
+    /// Logs in on the connection [`Self::introduce`] prepared when its store is still one of the group's,
+    /// up and taking logins; otherwise, or when the store closed that connection meanwhile, as
+    /// [`Self::login`] does.
+    pub async fn login_introduced(
+        &self,
+        introduced: Introduced,
+        mailbox: &str,
+        auth: &StoreAuth<'_>,
+        client: &ClientInfo,
+        relay: &mut impl SaslRelay,
+    ) -> Result<(LoggedIn, ActiveSession), GroupError> {
+        let Introduced { prepared, slot } = introduced;
+        let store = slot.store().clone();
+        drop(slot);
+        let member = self
+            .members
+            .load()
+            .iter()
+            .any(|m| Arc::ptr_eq(&m.store, &store));
+        if member
+            && store.health.is_up()
+            && store.takes_logins()
+            && let Some(_waiting) = store.begin_login()
+        {
+            let session = ActiveSession::new(store.clone());
+            match self
+                .timed_login(&store, prepared, auth, client, relay)
+                .await
+            {
+                // Closed while the client typed its password: a fresh connection decides, as in `login_on`.
+                Err(LoginError::Dropped(_)) => {}
+                other => return Ok((other?, session)),
+            }
+        }
+        self.login(mailbox, auth, client, relay).await
     }
 
     /// Whether the group places mailboxes by consistent hashing (a user's mail is on one store).
@@ -565,6 +636,21 @@ impl StoreGroup {
 fn is_sys_temp(line: &[u8]) -> bool {
     matches!(crate::protocol::reply::Status::parse(line.strip_suffix(b"\r\n").unwrap_or(line)),
         Ok(crate::protocol::reply::Status::Err { code: Some(c) }) if c == "SYS/TEMP")
+}
+
+/// The balancer's view of the members: a store the operator drains or maintains counts as down (and
+/// [`StoreGroup::login`] then leaves it out).
+fn candidates(members: &[Member]) -> Vec<Candidate<'_>> {
+    members
+        .iter()
+        .map(|m| Candidate {
+            id: &m.store.id,
+            weight: m.store.weight().unwrap_or(m.weight),
+            priority: m.priority,
+            healthy: m.store.health.is_up() && m.store.takes_logins(),
+            active: m.store.active(),
+        })
+        .collect()
 }
 
 /// The policy a group uses, for logs.

@@ -72,6 +72,8 @@ pub struct Store {
     pub(super) active: AtomicUsize,
     /// Logins waiting on the store now (connect, greeting, login answer).
     in_flight: AtomicUsize,
+    /// Pooled connections held for clients between their USER and PASS ([`Store::hold_for_introduction`]).
+    introductions: AtomicUsize,
     /// The operator's runtime state (a [`StoreState`] as u8), held until the next reload.
     state: AtomicU8,
     /// The operator's runtime weight for every tenant listing the store (0: the configured weights).
@@ -136,7 +138,37 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// A client's hold on one of a store's introduction slots; released on drop.
+#[derive(Debug)]
+pub struct IntroductionSlot(Arc<Store>);
+
+impl IntroductionSlot {
+    /// The store the slot is on.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.0
+    }
+}
+
+impl Drop for IntroductionSlot {
+    fn drop(&mut self) {
+        self.0.introductions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Store {
+    /// A slot to hold a pooled connection for a client between its USER and PASS, unless the store's
+    /// pool's `max_idle` slots are held already: clients that send USER and never PASS hold at most that
+    /// many of a store's connections, and a login without a slot is only one round trip slower.
+    pub fn hold_for_introduction(self: &Arc<Self>) -> Option<IntroductionSlot> {
+        let cap = self.profile.pool.max_idle;
+        self.introductions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()?;
+        Some(IntroductionSlot(self.clone()))
+    }
+
     /// Counts a login as waiting on this store, unless `max_logins_in_flight` (when set) is reached.
     pub fn begin_login(&self) -> Option<InFlight<'_>> {
         let cap = self.profile.pool.max_logins_in_flight;
@@ -599,6 +631,7 @@ impl Registry {
             caps,
             active: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            introductions: AtomicUsize::new(0),
             state: AtomicU8::new(StoreState::Ready as u8),
             weight: AtomicU32::new(0),
             bytes: [AtomicU64::new(0), AtomicU64::new(0)],

@@ -73,6 +73,24 @@ fn user_pass_produces_credentials_and_user_never_probes() {
     assert!(m.is_waiting());
 }
 
+/// Each accepted USER names the client once, for the driver to get a store ready; a USER refused before
+/// TLS, a PASS or another command names nobody.
+#[test]
+fn an_accepted_user_names_the_client_once() {
+    let mut m = plain_port(false);
+    m.on_line(b"USER alice@example.com");
+    assert_eq!(m.take_named(), None, "refused: TLS required");
+    let mut m = plain_port(true);
+    m.on_line(b"USER alice@example.com");
+    assert_eq!(m.take_named().as_deref(), Some("alice@example.com"));
+    assert_eq!(m.take_named(), None);
+    m.on_line(b"CAPA");
+    assert_eq!(m.take_named(), None);
+    m.on_line(b"USER bob@example.com");
+    m.on_line(b"PASS secret");
+    assert_eq!(m.take_named().as_deref(), Some("bob@example.com"));
+}
+
 #[test]
 fn rejected_login_allows_retry_then_closes_at_the_bound() {
     let mut m = plain_port(true);
