@@ -153,11 +153,12 @@ async fn greeted<'c>(
     let mut attempts: u32 = 0;
     // The fleet's per-address limits, checked on the first attempt that reaches a tenant.
     let mut address = fleet::AddressSlot::default();
-    // A store connection made ready at the client's USER, for the login its PASS asks for: one per login
-    // attempt at most, so a client repeating USER cannot churn the stores' pools.
-    let mut introduced = None;
-    let mut may_introduce = shared.xclient_at_user;
+    // A store connection made ready at the client's USER (only reported where a tenant sets
+    // `pool.xclient_at_user`), for the login its PASS asks for: one per login attempt at most, so a client
+    // repeating USER cannot churn the stores' pools.
     session.report_names(shared.xclient_at_user);
+    let mut introduced = None;
+    let mut may_introduce = true;
     loop {
         let creds = match credentials(ctx, listener, &mut session, &mut stls_counted).await {
             Ok(Step::Login(creds)) => creds,
@@ -179,7 +180,7 @@ async fn greeted<'c>(
             }
             Err(end) => return Summary::NoLogin(routed, end),
         };
-        may_introduce = shared.xclient_at_user;
+        may_introduce = true;
         attempts = attempts.saturating_add(1);
         let asked = Instant::now();
         let admission = admit::admit(
@@ -229,8 +230,8 @@ async fn greeted<'c>(
     }
 }
 
-/// The client's next credentials or USER name, or how the session ended; a shutdown ends it with `-ERR [SYS/TEMP]`.
-/// An STLS handshake on a STARTTLS listener is counted once.
+/// The client's next credentials or USER name, or how the session ended; a shutdown ends it with
+/// `-ERR [SYS/TEMP]`. An STLS handshake on a STARTTLS listener is counted once.
 async fn credentials(
     ctx: &Context,
     listener: &ListenerInfo,

@@ -347,10 +347,10 @@ impl StoreGroup {
 
     /// Takes an idle pooled connection on the store a login for `mailbox` would go to now and sends it
     /// XCLIENT for `client`: done at the client's USER, the client's PASS then costs one store round trip
-    /// instead of two. None where the tenant did not ask for it (`pool.xclient_at_user`), or where that gains
-    /// nothing or costs a connection of its own: `client_ip` is not `xclient` or the store does not offer it, the store has no idle pooled connection, is down or takes
-    /// no logins, every store is down, or the store's introduction slots are all held (see
-    /// [`Store::hold_for_introduction`]).
+    /// instead of two. None where the tenant did not ask for it (`pool.xclient_at_user`), or where that
+    /// gains nothing or costs a connection of its own: `client_ip` is not `xclient` or the store does not
+    /// offer it, the store has no idle pooled connection, is down or takes no logins, every store is down,
+    /// or the store's introduction slots are all held (see [`Store::hold_for_introduction`]).
     pub async fn introduce(&self, mailbox: &str, client: &ClientInfo) -> Option<Introduced> {
         if !self.profile.pool.xclient_at_user
             || self.profile.connector.client_ip != ClientIpForwarding::Xclient
