@@ -215,8 +215,8 @@ pub struct PoolConfig {
     pub max_logins_in_flight: usize,
     /// With `client_ip: xclient`: at a client's USER, hold an idle pooled connection to the store its login
     /// will use and send XCLIENT on it, so that its PASS waits for one store round trip instead of two
-    /// (worth it when the stores are far from popgate; on loopback it cost popgate up to 7–12 % more CPU
-    /// per login in some runs, BENCHMARKS.md). Default false.
+    /// (one store round trip off the PASS; no measurable CPU, BENCHMARKS.md). Default false: the store
+    /// then hears of a client, its address included, before the client has given a password.
     pub xclient_at_user: bool,
 }
 
