@@ -875,7 +875,7 @@ async fn raw_cmd(tcp: &mut TcpStream, cmd: &str) -> String {
     raw_line(tcp).await.unwrap_or_else(|e| e)
 }
 
-/// 20,000+ connection attempts against `limits.max_connections: 5000`, in waves that each hold
+/// 30,000 connection attempts against `limits.max_connections: 5000`, in waves that each hold
 /// 5,000 admitted connections open while 1,000 more try to get in (100 at a time). The client side keeps at most
 /// 6,000 sockets open, so with popgate's own 6,000 the process stays well under its 20,000 fds.
 #[test]
@@ -887,7 +887,7 @@ fn connection_storm_against_the_cap_is_refused_cleanly_and_leaves_nothing_behind
     let _x = exclusive_blocking();
     const CAP: usize = 5000;
     const EXTRA: usize = 1000;
-    const WAVES: usize = 4;
+    const WAVES: usize = 5;
     const SAMPLED: usize = 20;
     const TOO_MANY: &str = "-ERR [SYS/TEMP] Too many connections, try again later";
     let started = Instant::now();
@@ -1030,13 +1030,23 @@ fn connection_storm_against_the_cap_is_refused_cleanly_and_leaves_nothing_behind
     );
     assert!(attempts >= 20_000);
     assert!(took < Duration::from_secs(600), "the storm took {took:?}");
-    // Memory: the first wave grows the allocator's arenas and tokio's pools to their working size, and
+    // Memory: the first waves grow the allocator's arenas and tokio's pools to their working size, and
     // glibc keeps freed memory in its arenas rather than returning it, so the process never drops back
-    // to its cold size; the baseline is the size after the first wave, and later waves must reuse it.
-    // A leak of even 1 KiB per connection attempt would add 18 MiB over the three later waves, beyond
-    // this bound (measured here: +4 to +5 MiB in all, shrinking from wave to wave: 2.0, 1.5, 0.5 MiB).
+    // to its cold size. How much each later wave still adds depends on how busy the machine is, in
+    // bumps: measured per wave after the first, 2.0, 1.5, 0.5 MiB on a quiet machine; 10.3, 4.0, 1.5 MiB
+    // beside a release build; 7.5, 0.4, 1.4, 4.2 MiB beside two busy loops. A leak adds the same at every
+    // wave instead: 1 KiB per connection attempt is 5.9 MiB per wave of 6,000. So some wave after the
+    // first must add under 3 MiB, and all of them together stay bounded.
+    let growth_mib: Vec<f64> = rss_after_wave
+        .windows(2)
+        .map(|w| (w[1] as f64 - w[0] as f64) / MIB)
+        .collect();
     assert!(
-        rss_end <= rss_warm + (12 << 20),
+        growth_mib.iter().any(|&g| g < 3.0),
+        "every wave after the first grew RSS by 3 MiB or more (MiB per wave: {growth_mib:.1?})"
+    );
+    assert!(
+        rss_end <= rss_warm + (32 << 20),
         "RSS grew from {:.1} MiB after the first wave to {:.1} MiB after the last",
         rss_warm as f64 / MIB,
         rss_end as f64 / MIB
