@@ -12,6 +12,7 @@ use std::time::Duration;
 use maildrop::{Maildrop, Settings};
 use popgate::protocol::sasl::encode_b64;
 use support::pop3::Pop3;
+use support::popgate::Process;
 
 const BIN: &str = env!("CARGO_BIN_EXE_popgate");
 
@@ -135,16 +136,18 @@ fn run_logs_sessions_but_never_secrets() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "-c"])
-        .arg(&config)
-        .env("POPGATE_LOG", "debug")
-        .env_remove("NO_COLOR")
-        .env_remove("MALLOC_ARENA_MAX")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Process(
+        Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&config)
+            .env("POPGATE_LOG", "debug")
+            .env_remove("NO_COLOR")
+            .env_remove("MALLOC_ARENA_MAX")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = mpsc::channel::<String>();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -259,14 +262,16 @@ fn a_trace_log_beside_the_config_does_not_log_other_files_events() {
     std::fs::write(&config, yaml).unwrap();
     let log_path = dir.path().join("popgate.log");
     let log_file = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--log-format", "json", "run", "-c"])
-        .arg(&config)
-        .env("POPGATE_LOG", "trace")
-        .stderr(Stdio::from(log_file))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Process(
+        Command::new(BIN)
+            .args(["--log-format", "json", "run", "-c"])
+            .arg(&config)
+            .env("POPGATE_LOG", "trace")
+            .stderr(Stdio::from(log_file))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let wait_for = |what: &str| {
         let start = std::time::Instant::now();

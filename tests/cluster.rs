@@ -552,14 +552,16 @@ async fn a_killed_replica_frees_its_sessions_within_the_lease_ttl() {
     );
     let path = dir.path().join("popgate.yaml");
     std::fs::write(&path, &yaml).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_popgate"))
-        .args(["run", "-c"])
-        .arg(&path)
-        .env("POPGATE_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = support::popgate::Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_popgate"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("POPGATE_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {

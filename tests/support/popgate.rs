@@ -68,6 +68,31 @@ impl Drop for Popgate {
 
 /// A config with one plain listener named `pop3` on 127.0.0.1, the extra top-level YAML `extra`, and
 /// `tenants` (YAML under `tenants:`, e.g. from [`tenant`]).
+/// The `popgate` binary run as a process of its own, killed and reaped when dropped: a test that fails
+/// before it stops the process does not leave it running, holding its ports, after the test binary ends.
+pub struct Process(pub std::process::Child);
+
+impl std::ops::Deref for Process {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Both fail harmlessly when the test already stopped it.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn plain_config(extra: &str, tenants: &str) -> String {
     format!(
         "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\n{extra}\ntenants:\n{tenants}"
