@@ -66,8 +66,6 @@ impl Drop for Popgate {
     }
 }
 
-/// A config with one plain listener named `pop3` on 127.0.0.1, the extra top-level YAML `extra`, and
-/// `tenants` (YAML under `tenants:`, e.g. from [`tenant`]).
 /// The `popgate` binary run as a process of its own, killed and reaped when dropped: a test that fails
 /// before it stops the process does not leave it running, holding its ports, after the test binary ends.
 pub struct Process(pub std::process::Child);
@@ -93,6 +91,8 @@ impl Drop for Process {
     }
 }
 
+/// A config with one plain listener named `pop3` on 127.0.0.1, the extra top-level YAML `extra`, and
+/// `tenants` (YAML under `tenants:`, e.g. from [`tenant`]).
 pub fn plain_config(extra: &str, tenants: &str) -> String {
     format!(
         "listeners:\n  - name: pop3\n    bind: 127.0.0.1:0\n    tls: none\n{extra}\ntenants:\n{tenants}"
